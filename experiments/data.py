@@ -1,0 +1,142 @@
+"""Training data: examples as (prompt, response) pairs, tokenized, batched deterministically.
+
+Sources (``conf/data/``):
+
+- ``mmlu_reserve`` (offline default): the 456 MMLU questions reserved for training by
+  experiments/mmlu_data.py (8 per subject, fixed seed, never evaluated), each written in
+  lm-eval's 0-shot MMLU format with its answer letter as the response.
+- ``alpaca``: tatsu-lab/alpaca through ``datasets`` (needs network), with the Alpaca
+  prompt template used by the QLoRA and QA-LoRA papers.
+
+``train_on_prompt`` decides whether the loss covers the prompt tokens (as language
+modelling) or the response only (QLoRA's default for instruction data). Padding is
+never in the loss and never counted as a trained token.
+
+Batches depend only on (seed, step): each epoch is a permutation drawn from
+``seed + epoch``, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from experiments.errors import ConfigError
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{input_clause}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+DATA_SOURCES = ("mmlu_reserve", "alpaca")
+
+
+def mmlu_reserve_examples(mmlu_file: str | None = None) -> list[tuple[str, str]]:
+    from experiments import mmlu_data
+
+    split = mmlu_data.load_split(mmlu_file)
+    return [
+        (mmlu_data.subject_header(q.subject) + mmlu_data.question_text(q), " " + q.answer)
+        for subject in sorted(split.train)
+        for q in split.train[subject]
+    ]
+
+
+def alpaca_examples(dataset_name: str, limit: int | None) -> list[tuple[str, str]]:
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset(dataset_name, split="train")
+    except Exception as error:  # noqa: BLE001 - any failure here is "data not reachable"
+        raise ConfigError(
+            f"data=alpaca could not load {dataset_name!r} ({type(error).__name__}: {error}); "
+            "it needs network access to the Hugging Face Hub. Offline, use data=mmlu_reserve."
+        ) from None
+    examples = []
+    for row in rows:
+        has_input = bool(row["input"].strip())
+        prompt = ALPACA_PROMPT.format(
+            input_clause=", paired with an input that provides further context" if has_input else "",
+            instruction=row["instruction"],
+            input_block=f"### Input:\n{row['input']}\n\n" if has_input else "",
+        )
+        examples.append((prompt, row["output"]))
+        if limit and len(examples) >= limit:
+            break
+    return examples
+
+
+def load_examples(cfg, mmlu_file: str | None = None) -> list[tuple[str, str]]:
+    source = cfg.get("source")
+    if source == "mmlu_reserve":
+        examples = mmlu_reserve_examples(mmlu_file)
+    elif source == "alpaca":
+        examples = alpaca_examples(cfg.get("dataset", "tatsu-lab/alpaca"), cfg.get("limit"))
+    else:
+        raise ConfigError(f"data.source={source!r} is not one of {', '.join(DATA_SOURCES)}")
+    if not examples:
+        raise ConfigError(f"data.source={source}: no training examples")
+    return examples
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_examples(examples, tokenizer, max_length: int, train_on_prompt: bool,
+                      vocab_size: int | None = None) -> list[TokenizedExample]:
+    tokenized = []
+    for prompt, response in examples:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        input_ids = (prompt_ids + response_ids)[-max_length:]  # keep the response if too long
+        n_prompt = max(0, len(input_ids) - len(response_ids))
+        labels = list(input_ids) if train_on_prompt else [-100] * n_prompt + input_ids[n_prompt:]
+        if vocab_size is not None:  # synthetic models: fold ids into their vocabulary
+            input_ids = [t % vocab_size for t in input_ids]
+            labels = [t if t == -100 else t % vocab_size for t in labels]
+        tokenized.append(TokenizedExample(input_ids, labels))
+    return tokenized
+
+
+class BatchSource:
+    """Deterministic micro-batches: ``micro_batch(i)`` depends only on the seed and i."""
+
+    def __init__(self, examples: list[TokenizedExample], batch_size: int, pad_id: int, seed: int):
+        if len(examples) < batch_size:
+            raise ConfigError(f"train.batch_size={batch_size} is larger than the {len(examples)} training examples")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.seed = seed
+        self.batches_per_epoch = len(examples) // batch_size
+        self._order: dict[int, list[int]] = {}
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._order:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = {epoch: torch.randperm(len(self.examples), generator=generator).tolist()}
+        return self._order[epoch]
+
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(index, self.batches_per_epoch)
+        order = self._epoch_order(epoch)
+        rows = [self.examples[i] for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
+        return collate(rows, self.pad_id)
+
+
+def collate(rows: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padding gets attention 0 and label -100."""
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        input_ids[i, :n] = torch.tensor(row.input_ids)
+        labels[i, :n] = torch.tensor(row.labels)
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -1,0 +1,263 @@
+"""MMLU accuracy and held-out perplexity: the harness's own evaluator.
+
+MMLU (Hendrycks et al., ICLR 2021) scored the way lm-eval scores its ``mmlu`` task
+(``output_type: multiple_choice``, metric ``acc``): the prediction is the answer letter
+whose continuation " A" ... " D" has the highest log-likelihood after the prompt. When
+each letter is one token, those four log-likelihoods are read off the same next-token
+distribution, so one forward pass per question gives exactly lm-eval's four.
+
+Speed, without changing a prediction:
+
+- the prompt of every question in a subject starts with the same tokens (the subject
+  header and, for k-shot, the k solved examples). We tokenize each full prompt exactly
+  as lm-eval does (the whole context at once, so no token boundary moves), take the
+  longest token prefix all of a subject's prompts share, run it through the model
+  once, and reuse its KV cache for the subject's questions;
+- questions are batched by length (right padding, positions continuing after the
+  prefix), and only the last position's logits are kept.
+
+The cache lives for one subject at a time. A prompt longer than the model's context is
+truncated from the left as lm-eval does (and counted); such a prompt is scored alone,
+without the shared cache. If a letter is not a single token after the prompt, the
+first token of its continuation is scored and the result says so.
+
+lm-eval itself stays available as a second backend (experiments/lm_eval_backend.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from experiments import mmlu_data
+from experiments.mmlu_data import LETTERS
+
+BACKEND_NAME = "harness"
+BACKEND_VERSION = "1"
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def letter_token_ids(tokenizer, context: str) -> tuple[list[int], bool]:
+    """Token id of " A".." D" after ``context``, split as lm-eval splits a continuation.
+
+    Returns (ids, single_token); single_token is False when some letter needs more than
+    one token, in which case its first token is used.
+    """
+    context_ids = _encode(tokenizer, context)
+    ids, single = [], True
+    for letter in LETTERS:
+        whole = _encode(tokenizer, context + " " + letter)
+        continuation = whole[len(context_ids):]
+        if whole[:len(context_ids)] != context_ids or len(continuation) != 1:
+            single = False
+        ids.append(continuation[0] if continuation else whole[-1])
+    return ids, single
+
+
+def model_max_length(model, default: int = 2048) -> int:
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):  # lm-eval HFLM's order
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for seq in sequences[1:]:
+        i = 0
+        while i < length and seq[i] == first[i]:
+            i += 1
+        length = i
+    return length
+
+
+def _expand_cache(cache, batch: int):
+    """A fresh DynamicCache holding the prefix for ``batch`` rows (the prefix itself is not modified)."""
+    from transformers import DynamicCache
+
+    fresh = DynamicCache()
+    for layer_index, layer in enumerate(cache.layers):
+        fresh.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), layer_index)
+    return fresh
+
+
+@torch.no_grad()
+def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], letter_ids, batch_size: int,
+                       device) -> list[list[float]]:
+    """Letter log-probs for each suffix, every suffix continuing the same ``prefix_ids``."""
+    prefix_len = len(prefix_ids)
+    cache = None
+    if prefix_len:
+        out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
+        cache = out.past_key_values
+    scores: list[list[float] | None] = [None] * len(suffixes)
+    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(suffixes[i]) for i in rows)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), prefix_len + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        for r, i in enumerate(rows):
+            input_ids[r, :len(suffixes[i])] = torch.tensor(suffixes[i])
+            mask[r, prefix_len:prefix_len + len(suffixes[i])] = 1
+        positions = torch.arange(prefix_len, prefix_len + width).unsqueeze(0).expand(len(rows), -1)
+        kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                      position_ids=positions.to(device), use_cache=cache is not None)
+        if cache is not None:
+            kwargs["past_key_values"] = _expand_cache(cache, len(rows))
+        logits = model(**kwargs).logits
+        last = torch.tensor([len(suffixes[i]) - 1 for i in rows], device=logits.device)
+        final = logits[torch.arange(len(rows), device=logits.device), last].float()
+        logprobs = torch.log_softmax(final, dim=-1)[:, letter_ids]
+        for r, i in enumerate(rows):
+            scores[i] = logprobs[r].tolist()
+    return scores
+
+
+def _truncate_left(ids: list[int], max_length: int) -> list[int]:
+    # lm-eval: (context + continuation)[-(max_length + 1):][:-1], continuation one token
+    return ids[-max_length:]
+
+
+def evaluate_mmlu(model, tokenizer, *, num_fewshot: int, subjects: list[str] | None = None,
+                  limit_per_subject: int | None = None, batch_size: int = 16, mmlu_file: str | None = None,
+                  max_length: int | None = None, progress: bool = True) -> dict:
+    """MMLU accuracy of ``model``: overall, per category, per subject, and every prediction.
+
+    ``acc`` is the mean over questions (as lm-eval's ``mmlu`` group reports it);
+    ``acc_subject_mean`` is the mean over subjects.
+    """
+    if not 0 <= num_fewshot <= mmlu_data.FEWSHOT_PER_SUBJECT:
+        raise ValueError(f"num_fewshot={num_fewshot}: must be between 0 and {mmlu_data.FEWSHOT_PER_SUBJECT}")
+    if limit_per_subject is not None and limit_per_subject < 1:
+        raise ValueError(f"limit_per_subject={limit_per_subject}: must be at least 1 (or None for all)")
+    subjects = mmlu_data.check_subjects(subjects)
+    split = mmlu_data.load_split(mmlu_file)
+    device = _model_device(model)
+    max_length = max_length or model_max_length(model)
+    was_training = model.training
+    model.eval()
+
+    predictions = []
+    n_truncated = 0
+    all_single = True
+    bar = tqdm(subjects, desc=f"mmlu {num_fewshot}-shot", disable=None if progress else True, leave=False)
+    for subject in bar:
+        examples = split.fewshot[subject][:num_fewshot]
+        questions = split.test[subject][:limit_per_subject]
+        if not questions:
+            continue
+        prompts = [mmlu_data.prompt(q, examples) for q in questions]
+        letter_ids, single = letter_token_ids(tokenizer, prompts[0])
+        all_single &= single
+        encoded = [_encode(tokenizer, p) for p in prompts]
+        fits = [i for i, ids in enumerate(encoded) if len(ids) <= max_length]
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > max_length]
+        scores: dict[int, list[float]] = {}
+        if fits:
+            seqs = [encoded[i] for i in fits]
+            # keep at least one token of each prompt outside the prefix: its logits are the answer's
+            prefix_len = min(_common_prefix_length(seqs), min(len(s) for s in seqs) - 1)
+            suffixes = [s[prefix_len:] for s in seqs]
+            for i, row in zip(fits, _score_with_prefix(model, seqs[0][:prefix_len], suffixes, letter_ids,
+                                                      batch_size, device)):
+                scores[i] = row
+        for i in too_long:
+            n_truncated += 1
+            [row] = _score_with_prefix(model, [], [_truncate_left(encoded[i], max_length)], letter_ids, 1, device)
+            scores[i] = row
+        for i, question in enumerate(questions):
+            best = max(range(4), key=lambda k: scores[i][k])  # ties go to the first letter, as argmax does
+            predictions.append({
+                "index": question.index, "subject": subject, "question": question.question,
+                "pred": LETTERS[best], "gold": question.answer, "correct": LETTERS[best] == question.answer,
+                "logprobs": [round(x, 5) for x in scores[i]],
+            })
+    if was_training:
+        model.train()
+    return summarize_predictions(predictions, num_fewshot=num_fewshot, n_truncated=n_truncated,
+                                 letter_scoring="single_token" if all_single else "first_token")
+
+
+def summarize_predictions(predictions: list[dict], **extra) -> dict:
+    by_subject = defaultdict(list)
+    for p in predictions:
+        by_subject[p["subject"]].append(p["correct"])
+    by_category = defaultdict(list)
+    for subject, marks in by_subject.items():
+        by_category[mmlu_data.SUBJECT_CATEGORY[subject]].extend(marks)
+    n = len(predictions)
+    return {
+        "acc": sum(p["correct"] for p in predictions) / n if n else None,
+        "acc_subject_mean": (sum(sum(m) / len(m) for m in by_subject.values()) / len(by_subject)) if by_subject else None,
+        "n_questions": n,
+        "n_subjects": len(by_subject),
+        "categories": {c: {"acc": sum(m) / len(m), "n": len(m)} for c, m in sorted(by_category.items())},
+        "subjects": {s: {"acc": sum(m) / len(m), "n": len(m)} for s, m in sorted(by_subject.items())},
+        "backend": BACKEND_NAME,
+        "backend_version": BACKEND_VERSION,
+        **extra,
+        "predictions": predictions,
+    }
+
+
+def heldout_texts(limit_per_subject: int, mmlu_file: str | None = None) -> list[str]:
+    """Held-out text for perplexity offline: evaluation-pool MMLU questions with their answers.
+
+    Never trained on (they are not in the training reserve); taken from the end of each
+    subject's pool so that they overlap the MMLU evaluation as little as possible.
+    """
+    split = mmlu_data.load_split(mmlu_file)
+    texts = []
+    for subject in sorted(split.test):
+        for q in split.test[subject][-limit_per_subject:]:
+            texts.append(mmlu_data.question_text(q) + " " + q.answer)
+    return texts
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], *, seq_len: int = 512, max_tokens: int | None = None,
+               batch_size: int = 4, vocab_size: int | None = None, progress: bool = True) -> dict:
+    """exp(mean next-token NLL) over the texts joined by blank lines, in non-overlapping windows."""
+    ids = _encode(tokenizer, "\n\n".join(texts))
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if vocab_size is not None:
+        ids = [t % vocab_size for t in ids]
+    windows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    windows = [w for w in windows if len(w) > 1]
+    device = _model_device(model)
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    bar = tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=None if progress else True, leave=False)
+    for start in bar:
+        chunk = windows[start:start + batch_size]
+        width = max(len(w) for w in chunk)
+        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, w in enumerate(chunk):
+            input_ids[r, :len(w)] = torch.tensor(w)
+            mask[r, :len(w)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = input_ids[:, 1:].to(logits.device)
+        valid = mask[:, 1:].to(logits.device).bool()
+        nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        total_nll += float(nll[valid].sum())
+        total_tokens += int(valid.sum())
+    return {"perplexity": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens,
+            "n_tokens": total_tokens, "seq_len": seq_len}

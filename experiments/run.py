@@ -1,0 +1,267 @@
+"""The benchmark's entry point: one run = load -> adapt -> train -> finalize -> evaluate -> record.
+
+    python -m experiments.run method=qlora_nf4_dq model=smollm2_135m seed=0
+    python -m experiments.run -m experiment=quickstart        # a sweep (Hydra multirun)
+
+Read top to bottom: ``plan_run`` checks the whole config and fails within seconds on a
+user error (one message, no traceback, no record); ``execute`` does the work and always
+ends in a record, ``ok`` or ``oom``/``failed`` with the error. A run whose record already
+says ``ok`` is skipped (``skip_done``), which makes re-running a sweep cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import mmlu_data
+from experiments.data import BatchSource, load_examples, tokenize_examples
+from experiments.errors import ConfigError
+from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity
+from experiments.loggers import make_logger
+from experiments.measure import PhaseMeter, limit_heap_retention
+from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
+from experiments.record import SCHEMA_VERSION, environment, now_iso, read_record, slurm_info, write_record
+from experiments.summary import format_table
+from experiments.sweep_summary import write_pointer
+from experiments.train import TrainSettings, train
+from methods.base import LoadContext, Method
+
+# Config keys that do not change a run's results, left out of its id.
+NOT_IN_RUN_ID = ("results_dir", "checkpoint_dir", "skip_done", "logger", "threads")
+EVAL_BACKENDS = ("harness", "lm_eval")
+
+
+@dataclass
+class RunPlan:
+    cfg: DictConfig
+    run_id: str
+    method: Method
+    model_spec: ModelSpec
+    train_settings: TrainSettings
+    examples: list | None
+    device: torch.device
+    record_path: Path
+    output_dir: Path
+
+
+def run_id_of(cfg: DictConfig) -> str:
+    """A stable id from the resolved config: same config, same id, on any machine."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IN_RUN_ID:
+        config.pop(key, None)
+    config["eval"].pop("batch_size", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.method.name}-{cfg.model.name}-s{cfg.seed}-{digest}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: CUDA is not available on this machine; use device=cpu or auto")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ConfigError(f"device={name!r} is not one of auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def instantiate_method(cfg: DictConfig) -> Method:
+    try:
+        return hydra.utils.instantiate(cfg.method, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"method={cfg.method.get('name')}: {cause or error}") from None
+
+
+def check_eval(cfg: DictConfig):
+    ev = cfg.eval
+    if ev.backend not in EVAL_BACKENDS:
+        raise ConfigError(f"eval.backend={ev.backend!r} is not one of {', '.join(EVAL_BACKENDS)}")
+    if ev.num_fewshot not in range(mmlu_data.FEWSHOT_PER_SUBJECT + 1):
+        raise ConfigError(f"eval.num_fewshot={ev.num_fewshot!r}: must be an integer from 0 to 5")
+    if ev.limit_per_subject is not None and (not isinstance(ev.limit_per_subject, int) or ev.limit_per_subject < 1):
+        raise ConfigError(f"eval.limit_per_subject={ev.limit_per_subject!r}: must be a positive integer or null")
+    subjects = list(ev.subjects) if ev.subjects is not None else None
+    try:
+        mmlu_data.check_subjects(subjects)
+    except mmlu_data.UnknownSubjectError as error:
+        raise ConfigError(str(error)) from None
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    method = instantiate_method(cfg)
+    settings = TrainSettings(**cfg.train)
+    settings.check_device(device)
+    check_eval(cfg)
+    if cfg.mmlu_file is not None and not Path(cfg.mmlu_file).is_file():
+        raise ConfigError(f"mmlu_file={cfg.mmlu_file}: no such file")
+    model_spec = resolve_model(cfg.model)
+    examples = None
+    if method.trainable:
+        try:
+            examples = load_examples(cfg.data, cfg.mmlu_file)
+        except FileNotFoundError as error:
+            raise ConfigError(f"training data file missing: {error}") from None
+    run_id = run_id_of(cfg)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    return RunPlan(cfg, run_id, method, model_spec, settings, examples, device,
+                   Path(cfg.results_dir) / f"{run_id}.json", output_dir)
+
+
+def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter) -> dict:
+    cfg, results = plan.cfg, {}
+    if plan.model_spec.synthetic:
+        return results  # random weights: accuracy would mean nothing
+    with meter.phase("eval_mmlu"):
+        subjects = list(cfg.eval.subjects) if cfg.eval.subjects is not None else None
+        kwargs = dict(num_fewshot=cfg.eval.num_fewshot, subjects=subjects,
+                      limit_per_subject=cfg.eval.limit_per_subject, batch_size=cfg.eval.batch_size,
+                      mmlu_file=cfg.mmlu_file, max_length=cfg.model.max_length)
+        if cfg.eval.backend == "lm_eval":
+            from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
+
+            mmlu = evaluate_mmlu_lm_eval(model, tokenizer, **kwargs)
+        else:
+            mmlu = evaluate_mmlu(model, tokenizer, **kwargs)
+    predictions = mmlu.pop("predictions")
+    with open(plan.output_dir / "mmlu_predictions.jsonl", "w") as handle:
+        handle.writelines(json.dumps(p) + "\n" for p in predictions)
+    results["mmlu"] = mmlu
+    if cfg.eval.perplexity.enabled:
+        with meter.phase("eval_perplexity"):
+            results["perplexity"] = run_perplexity(cfg, model, tokenizer, plan.model_spec)
+    return results
+
+
+def run_perplexity(cfg, model, tokenizer, spec: ModelSpec) -> dict:
+    ppl_cfg = cfg.eval.perplexity
+    if ppl_cfg.source == "mmlu_heldout":
+        texts = heldout_texts(ppl_cfg.texts_per_subject, cfg.mmlu_file)
+    elif ppl_cfg.source == "wikitext2":
+        from datasets import load_dataset
+
+        texts = [t for t in load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"] if t.strip()]
+    else:
+        raise ConfigError(f"eval.perplexity.source={ppl_cfg.source!r} is not one of mmlu_heldout, wikitext2")
+    result = perplexity(model, tokenizer, texts, seq_len=ppl_cfg.seq_len, max_tokens=ppl_cfg.max_tokens,
+                        vocab_size=spec.vocab_size)
+    return {**result, "source": ppl_cfg.source}
+
+
+def execute(plan: RunPlan) -> dict:
+    cfg = plan.cfg
+    meter = PhaseMeter(plan.device)
+    record = {
+        "schema_version": SCHEMA_VERSION, "run_id": plan.run_id, "status": "running", "error": None,
+        "created_at": now_iso(), "config": OmegaConf.to_container(cfg, resolve=True),
+        "env": environment(plan.device), "slurm": slurm_info(),
+        "model": {**plan.model_spec.as_dict(), **model_shape(plan.model_spec.path)},
+        "method": None, "train": None, "eval": {}, "memory": {}, "phases": meter.phases,
+    }
+    logger = make_logger(cfg.logger, plan.run_id, record["config"], group=cfg.get("experiment_name"))
+    try:
+        torch.manual_seed(cfg.seed)
+        tokenizer = load_tokenizer(plan.model_spec)
+        context = LoadContext(device=plan.device, tokenizer=tokenizer)
+        with meter.phase("load"):
+            model = plan.method.load_base(plan.model_spec, context)
+        torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
+        model = plan.method.add_adapters(model)
+        if plan.method.trainable:
+            with meter.phase("train") as phase:
+                result = run_training(plan, model, tokenizer, logger)
+            record["train"] = {**result.as_dict(), "peak_memory_bytes": phase.peak_memory_bytes,
+                               "wall_s": None}
+            record["memory"]["optimizer_state_bytes"] = result.optimizer_state_bytes
+        with meter.phase("finalize"):
+            model = plan.method.finalize(model, context)
+        record["method"] = plan.method.describe(model)
+        record["memory"].update({k: record["method"].get(k) for k in
+                                 ("weight_bytes", "quantization_constant_bytes", "unquantized_bytes", "adapter_bytes")})
+        record["eval"] = evaluate(plan, model, tokenizer, meter)
+        record["status"] = "ok"
+    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+        record["status"], record["error"] = "oom", _error_info(error)
+    except Exception as error:  # noqa: BLE001 - a failed run is a result: record it, then report
+        record["status"], record["error"] = "failed", _error_info(error)
+    if record["train"] is not None:
+        record["train"]["wall_s"] = meter.phases["train"].wall_s
+    record["phases"] = meter.as_dict()
+    record["finished_at"] = now_iso()
+    write_record(record, plan.record_path)
+    logger.log(_flat_metrics(record))
+    logger.finish(failed=record["status"] != "ok")
+    return record
+
+
+def run_training(plan: RunPlan, model, tokenizer, logger):
+    settings = plan.train_settings
+    max_len = min(settings.max_seq_len, plan.cfg.model.max_length or settings.max_seq_len)
+    tokenized = tokenize_examples(plan.examples, tokenizer, max_len, settings.train_on_prompt,
+                                  vocab_size=plan.model_spec.vocab_size)
+    batches = BatchSource(tokenized, settings.batch_size, tokenizer.pad_token_id, plan.cfg.seed)
+    checkpoint = Path(plan.cfg.checkpoint_dir) / plan.run_id / "train_state.pt"
+    result = train(model, batches, settings, plan.device, checkpoint_path=checkpoint, log=logger.log)
+    checkpoint.unlink(missing_ok=True)  # finished: the record holds what matters
+    return result
+
+
+def _error_info(error: BaseException) -> dict:
+    return {"type": type(error).__name__, "message": str(error)[:2000],
+            "traceback": traceback.format_exc()[-4000:]}
+
+
+def _flat_metrics(record: dict) -> dict:
+    mmlu = record["eval"].get("mmlu") or {}
+    train_info = record["train"] or {}
+    return {k: v for k, v in {
+        "mmlu/acc": mmlu.get("acc"), "train/tokens_per_second": train_info.get("tokens_per_second"),
+        "method/weight_bits_per_param": (record["method"] or {}).get("weight_bits_per_param"),
+    }.items() if v is not None}
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    limit_heap_retention()
+    try:
+        plan = plan_run(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.skip_done and plan.record_path.exists() and read_record(plan.record_path).get("status") == "ok":
+        print(f"skip {plan.run_id}: {plan.record_path} already says ok")
+        write_pointer(plan.output_dir, plan.run_id, plan.record_path)
+        return {"record_path": str(plan.record_path), "status": "ok", "skipped": True}
+    record = execute(plan)
+    write_pointer(plan.output_dir, plan.run_id, plan.record_path)
+    if not _is_multirun():
+        print("\n" + format_table([record]))
+        print(f"record: {plan.record_path}")
+        if record["status"] != "ok":
+            print(f"run {record['status']}: {record['error']['type']}: {record['error']['message']}", file=sys.stderr)
+            sys.exit(1)
+    return {"record_path": str(plan.record_path), "status": record["status"]}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The short comparison table printed after a run or a sweep, read from the records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from experiments.record import read_record
+
+COLUMNS = ("method", "status", "bits/param", "weight MB", "peak MB", "train tok/s", "loss first->last", "MMLU acc")
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table_row(record: dict) -> list[str]:
+    method = record.get("method") or {}
+    train = record.get("train") or {}
+    mmlu = (record.get("eval") or {}).get("mmlu") or {}
+    peak = train.get("peak_memory_bytes")
+    loss = "—"
+    if train.get("loss_first") is not None:
+        loss = f"{train['loss_first']:.3f} -> {train['loss_last']:.3f}"
+    acc = "—"
+    if mmlu.get("acc") is not None:
+        acc = f"{mmlu['acc']:.3f} ({mmlu['num_fewshot']}-shot, n={mmlu['n_questions']})"
+    return [
+        method.get("name") or record.get("config", {}).get("method", {}).get("name", "?"),
+        record.get("status", "?"),
+        _fmt(method.get("weight_bits_per_param"), ".3f"),
+        _fmt(method.get("weight_bytes") and method["weight_bytes"] / 1e6, ".1f"),
+        _fmt(peak and peak / 1e6, ".0f"),
+        _fmt(train.get("tokens_per_second"), ".0f"),
+        loss,
+        acc,
+    ]
+
+
+def format_table(records: list[dict]) -> str:
+    rows = [list(COLUMNS)] + [table_row(r) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def records_table(paths: list[Path]) -> str:
+    return format_table([read_record(p) for p in paths])

@@ -1,0 +1,46 @@
+"""Hydra callback: after a multirun, print the comparison table and list what failed and why.
+
+Each run leaves ``run_pointer.json`` (run id, record path) in its own output folder; the
+callback reads those under the sweep folder, so it works the same whether the runs ran
+in this process (basic launcher) or as Slurm jobs (submitit launcher).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from experiments.record import read_record
+from experiments.summary import format_table
+
+POINTER_NAME = "run_pointer.json"
+
+
+def write_pointer(output_dir: Path, run_id: str, record_path: Path):
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / POINTER_NAME).write_text(json.dumps({"run_id": run_id, "record_path": str(record_path.resolve())}))
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config, **kwargs):
+        sweep_dir = Path(config.hydra.sweep.dir)
+        records = []
+        for pointer in sorted(sweep_dir.glob(f"*/{POINTER_NAME}")):
+            path = Path(json.loads(pointer.read_text())["record_path"])
+            if path.exists():
+                records.append(read_record(path))
+        if not records:
+            print(f"\nno run records found under {sweep_dir}")
+            return
+        print("\n" + format_table(records))
+        failed = [r for r in records if r.get("status") != "ok"]
+        for r in failed:
+            error = r.get("error") or {}
+            print(f"FAILED {r['run_id']} [{r['status']}]: {error.get('type')}: {error.get('message')}")
+        print(f"\n{len(records) - len(failed)} ok, {len(failed)} failed")
+        sys.stdout.flush()
+        if failed:
+            raise SystemExit(1)

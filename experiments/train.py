@@ -1,0 +1,230 @@
+"""One training loop for every trainable method, read top to bottom (in the spirit of nanoGPT).
+
+AdamW (torch, or bitsandbytes' paged/8-bit variants on CUDA, QLoRA's default being
+``paged_adamw_32bit``), gradient accumulation, an LR schedule with warm-up from
+transformers, gradient clipping, optional gradient checkpointing, and a checkpoint of
+its own (adapter weights, optimizer, scheduler, RNG, step, losses) written atomically
+every ``checkpoint_every`` steps, from which a restarted run continues exactly.
+
+Throughput counts only non-padding tokens and only steps after ``measure_after_steps``
+warm-up steps; on CUDA it synchronizes before reading the clock.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from experiments.data import BatchSource
+from experiments.errors import ConfigError
+from experiments.measure import optimizer_state_bytes
+
+OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 20
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 2
+    lr_scheduler: str = "constant_with_warmup"
+    max_grad_norm: float = 0.3
+    optimizer: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    max_seq_len: int = 512
+    train_on_prompt: bool = True
+    measure_after_steps: int = 2
+    checkpoint_every: int = 0
+    log_every: int = 1
+
+    def __post_init__(self):
+        for spec in fields(self):
+            value, kind = getattr(self, spec.name), _FIELD_TYPES[spec.type]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, spec.name, value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"train.{spec.name}={value!r}: expected {kind.__name__}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr}: must be a positive number")
+        if self.max_steps < 1:
+            raise ConfigError(f"train.max_steps={self.max_steps}: must be at least 1")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ConfigError(f"train.lr_scheduler={self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+
+    def check_device(self, device: torch.device):
+        if self.optimizer != "adamw_torch" and device.type != "cuda":
+            raise ConfigError(
+                f"train.optimizer={self.optimizer} uses bitsandbytes' CUDA optimizers; on {device.type} use adamw_torch"
+            )
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    tokens: int = 0
+    measured_tokens: int = 0
+    measured_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    resumed_from_step: int = 0
+    optimizer_state_bytes: int = 0
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.measured_tokens / self.measured_seconds if self.measured_seconds > 0 else None
+
+    def _tenth(self) -> int:
+        return max(1, len(self.losses) // 10)
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "measured_tokens": self.measured_tokens,
+            "measured_seconds": round(self.measured_seconds, 3),
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": self.losses[-1] if self.losses else None,
+            # single steps are noisy (each sees another batch): means over the first and last tenth
+            "loss_first_tenth_mean": _mean(self.losses[:self._tenth()]),
+            "loss_last_tenth_mean": _mean(self.losses[-self._tenth():]),
+            "losses": self.losses,
+            "resumed_from_step": self.resumed_from_step,
+        }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def make_optimizer(settings: TrainSettings, params):
+    if settings.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    import bitsandbytes as bnb
+
+    classes = {
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+    }
+    return classes[settings.optimizer](params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def make_scheduler(settings: TrainSettings, optimizer):
+    from transformers import get_scheduler
+
+    return get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.warmup_steps,
+                         num_training_steps=settings.max_steps)
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": result.steps,
+        "trainable": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "result": result.__dict__,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a checkpoint is whole or absent, never half-written
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainResult:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    result = TrainResult(**state["result"])
+    result.resumed_from_step = state["step"]
+    return result
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(model, batches: BatchSource, settings: TrainSettings, device: torch.device,
+          checkpoint_path: Path | None = None, log=None) -> TrainResult:
+    """Train the trainable parameters of ``model`` for ``settings.max_steps`` optimizer steps."""
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(settings, params)
+    scheduler = make_scheduler(settings, optimizer)
+    result = TrainResult()
+    if checkpoint_path is not None and checkpoint_path.exists():
+        result = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+
+    progress = tqdm(total=settings.max_steps, initial=result.steps, desc="train", disable=None, leave=False)
+    while result.steps < settings.max_steps:
+        step = result.steps
+        _sync(device)
+        started = time.perf_counter()
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(settings.grad_accum):
+            batch = {k: v.to(device) for k, v in batches.micro_batch(step * settings.grad_accum + micro).items()}
+            loss = model(**batch).loss / settings.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+            step_tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"training loss is {step_loss} at step {step}")
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        elapsed = time.perf_counter() - started
+
+        result.steps += 1
+        result.tokens += step_tokens
+        result.losses.append(round(step_loss, 6))
+        if step >= settings.measure_after_steps:
+            result.measured_tokens += step_tokens
+            result.measured_seconds += elapsed
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.3f}")
+        if log is not None and result.steps % settings.log_every == 0:
+            log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
+                 "train/tokens_per_step": step_tokens}, step=result.steps)
+        if checkpoint_path is not None and settings.checkpoint_every and result.steps % settings.checkpoint_every == 0:
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, result)
+    progress.close()
+    result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    return result

@@ -1,0 +1,1 @@
+"""Method plugins: one module per quantization + PEFT method (see methods/base.py)."""

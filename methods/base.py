@@ -1,0 +1,110 @@
+"""The method plugin protocol and the pieces every method shares (LoRA settings, loading).
+
+A method is a class that Hydra instantiates from ``conf/method/<name>.yaml``; the harness
+(experiments/run.py) calls, in order: ``load_base`` -> ``add_adapters`` -> (train, if
+``trainable``) -> ``finalize`` -> ``describe``. Adding a method is one module here and
+one config file there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from experiments.errors import ConfigError
+
+# "All linear layers of the blocks", as in the QLoRA paper, for Llama-style models.
+LLAMA_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, what: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"{what}={name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 64
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = LLAMA_BLOCK_LINEARS
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"method.lora.r={self.r!r}: the LoRA rank must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.lora.dropout={self.dropout!r}: must be in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError("method.lora.target_modules is empty: name at least one linear layer")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> "LoraSettings":
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - {"r", "alpha", "dropout", "target_modules"}
+        if unknown:
+            raise ConfigError(f"unknown method.lora key(s) {sorted(unknown)}; valid: r, alpha, dropout, target_modules")
+        return cls(**cfg)
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+
+@dataclass
+class LoadContext:
+    """What ``load_base`` and ``finalize`` may need besides the model: device, calibration texts."""
+
+    device: torch.device
+    calibration: Any = None  # experiments.data.Calibration, for methods that need it
+    tokenizer: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: str
+    trainable: bool
+
+    def load_base(self, model_spec, context: LoadContext) -> torch.nn.Module: ...
+
+    def add_adapters(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def finalize(self, model: torch.nn.Module, context: LoadContext) -> torch.nn.Module: ...
+
+    def describe(self, model: torch.nn.Module) -> dict: ...
+
+
+def load_pretrained(model_spec, device: torch.device, dtype: torch.dtype, quantization_config=None):
+    """Load a checkpoint the same way for every method, frozen, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_spec.path, dtype=dtype, quantization_config=quantization_config,
+        device_map={"": device}, attn_implementation="sdpa",
+    )
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model: torch.nn.Module, lora: LoraSettings, seed_offset: int = 0):
+    """Wrap ``model`` with peft LoRA adapters (A random, B zero; adapters kept in fp32)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora.peft_config())
+    # Gradient checkpointing on a frozen base needs inputs that require grad.
+    model.enable_input_require_grads()
+    return model

@@ -1,0 +1,74 @@
+"""QLoRA (Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv 2305.14314).
+
+The frozen base's linear layers are stored in 4 bits by bitsandbytes, in blocks of 64
+weights with one absmax each; NF4 (the paper's information-theoretically optimal data
+type for normal weights) or FP4 (its baseline). Double quantization quantizes the fp32
+absmax values themselves to 8 bits (blocks of 256), saving about 0.37 bits/parameter.
+LoRA adapters (peft) train in 16/32 bits on top, computing in ``compute_dtype``.
+One class serves NF4, NF4+DQ and FP4: they differ by two flags.
+
+Unlike ``peft.prepare_model_for_kbit_training`` we do not upcast the unquantized parts
+(embeddings, norms, head) to fp32: they stay in the compute dtype, as in the 16-bit
+LoRA baseline, so that comparisons isolate the quantization of the linear layers.
+"""
+
+from __future__ import annotations
+
+from methods.base import LoadContext, LoraSettings, add_lora, load_pretrained, parse_dtype
+from methods.storage import trainable_parameters, weight_storage
+
+QUANT_TYPES = ("nf4", "fp4")
+BNB_4BIT_BLOCK_SIZE = 64  # bitsandbytes' fixed block size for 4-bit weights
+
+
+class QLoRA:
+    trainable = True
+
+    def __init__(self, name: str, quant_type: str = "nf4", double_quant: bool = False,
+                 compute_dtype: str = "bfloat16", lora: dict | None = None):
+        from experiments.errors import ConfigError
+
+        if quant_type not in QUANT_TYPES:
+            raise ConfigError(f"method.quant_type={quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
+        self.name = name
+        self.quant_type = quant_type
+        self.double_quant = bool(double_quant)
+        self.compute_dtype_name = compute_dtype
+        self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
+        self.lora = LoraSettings.from_config(lora)
+
+    def quantization_config(self):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=self.compute_dtype,
+            # Quantize exactly the layers LoRA targets; everything else stays 16-bit.
+            llm_int8_skip_modules=["lm_head"],
+        )
+
+    def load_base(self, model_spec, context: LoadContext):
+        return load_pretrained(model_spec, context.device, self.compute_dtype, self.quantization_config())
+
+    def add_adapters(self, model):
+        return add_lora(model, self.lora)
+
+    def finalize(self, model, context: LoadContext):
+        return model  # the adapters stay beside the 4-bit base, as QLoRA deploys them
+
+    def describe(self, model) -> dict:
+        fmt = self.quant_type + ("+dq" if self.double_quant else "")
+        return {
+            "name": self.name,
+            "family": "qlora",
+            "quant_format": fmt,
+            "bits": 4,
+            "block_size": BNB_4BIT_BLOCK_SIZE,
+            "double_quant": self.double_quant,
+            "compute_dtype": self.compute_dtype_name,
+            "lora": self.lora.as_dict(),
+            **weight_storage(model, self.lora.target_modules),
+            "trainable_params": trainable_parameters(model),
+        }

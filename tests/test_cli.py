@@ -1,0 +1,82 @@
+"""``python -m experiments.run`` as a user meets it: bad input, failures, records, re-runs."""
+
+import json
+
+import pytest
+
+from experiments.record import read_record
+from tests.conftest import REPO, run_cli
+
+FAST = ("model=llama_synthetic", "train.max_steps=2", "method.lora.r=4")
+
+
+def records_in(folder):
+    return sorted(folder.glob("*.json")) if folder.exists() else []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=qlora_nf5"], "qlora_nf4_dq"),                       # the valid choices are listed
+    (["model=llama3"], "smollm2_135m"),
+    (["method.lora.r=0"], "LoRA rank must be a positive integer"),
+    (["model=hf", "model.name_or_path=/no/such/checkpoint"], "no such file or folder"),
+    (["mmlu_file=/no/such/mmlu.jsonl"], "no such file"),
+    (["train.max_steps=many"], "max_steps"),
+    (["eval.num_fewshot=7"], "from 0 to 5"),
+    (["eval.subjects=[astrology]"], "high school geography"),
+    (["model=llama_synthetic", "model.preset=70b"], "llama2_7b"),
+    (["train.optimizer=paged_adamw_32bit", "device=cpu"], "adamw_torch"),
+])
+def test_bad_input_fails_fast_with_one_clear_message_and_no_record(tmp_path, overrides, message):
+    result = run_cli(*overrides, f"results_dir={tmp_path / 'records'}", timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert records_in(tmp_path / "records") == []
+
+
+def test_run_writes_one_complete_record_and_skips_it_when_rerun(tmp_path):
+    args = (*FAST, "method=qlora_nf4_dq", f"results_dir={tmp_path}", f"checkpoint_dir={tmp_path / 'ck'}",
+            f"hydra.run.dir={tmp_path / 'out'}")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [path] = records_in(tmp_path)
+    record = read_record(path)
+    assert record["status"] == "ok" and record["method"]["name"] == "qlora_nf4_dq"
+    for key in ("weight_bits_per_param", "weight_bytes"):
+        assert record["method"][key] > 0
+    assert record["train"]["steps"] == 2 and record["train"]["loss_first"] > 0
+    assert record["train"]["peak_memory_bytes"] > 0
+    assert record["env"]["packages"]["torch"] and "git_commit" in record["env"]
+    assert record["model"]["synthetic"] is True and record["eval"] == {}  # no accuracy for random weights
+    again = run_cli(*args)
+    assert again.returncode == 0 and "skip" in again.stdout
+    assert read_record(path)["created_at"] == record["created_at"]
+
+
+@pytest.mark.parametrize("error, status", [("runtime", "failed"), ("oom", "oom")])
+def test_failure_during_a_run_is_recorded_and_exits_nonzero(tmp_path, error, status):
+    result = run_cli(*FAST, "hydra.searchpath=[file://tests/conf]", "method=broken_finalize",
+                     f"method.error={error}", f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert result.returncode == 1
+    [path] = records_in(tmp_path)
+    record = read_record(path)
+    assert record["status"] == status
+    assert record["train"]["steps"] == 2  # what was done before the failure is kept
+    assert record["error"]["type"] in ("RuntimeError", "OutOfMemoryError")
+
+
+def test_a_sweep_goes_on_past_a_failed_run_and_lists_it(tmp_path):
+    result = run_cli("-m", *FAST, "hydra.searchpath=[file://tests/conf]", "method=lora_bf16,broken_finalize",
+                     f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 1
+    statuses = sorted(read_record(p)["status"] for p in records_in(tmp_path))
+    assert statuses == ["failed", "ok"]
+    assert "FAILED broken_finalize" in result.stdout and "1 ok, 1 failed" in result.stdout
+
+
+def test_records_are_written_atomically(tmp_path):
+    from experiments.record import write_record
+
+    path = write_record({"a": 1}, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind

@@ -1,0 +1,134 @@
+"""Every method plugin in conf/method/ loads, trains, and describes its storage exactly."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from experiments.data import BatchSource, TokenizedExample
+from experiments.train import TrainSettings, train
+from methods.base import LoadContext, Method
+from tests.conftest import METHOD_CONFIGS, compose_config
+
+# The formats' arithmetic (DESIGN.md): 4-bit codes + fp32 absmax per 64 weights; with
+# double quantization, 8-bit absmax + an fp32 constant per 256 blocks.
+EXPECTED_BITS = {"qlora_nf4": 4.5, "qlora_fp4": 4.5, "qlora_nf4_dq": 4 + 8 / 64 + 32 / (64 * 256),
+                 "lora_bf16": 16.0, "lora_fp16": 16.0}
+
+
+def make_method(name: str, *overrides: str) -> Method:
+    cfg = compose_config(f"method={name}", *overrides)
+    return instantiate(cfg.method, _convert_="all")
+
+
+def random_batches(vocab: int, n: int = 8, length: int = 24, seed: int = 0) -> BatchSource:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
+        rows.append(TokenizedExample(ids, ids))
+    return BatchSource(rows, batch_size=4, pad_id=0, seed=seed)
+
+
+def test_every_method_config_is_covered():
+    assert set(EXPECTED_BITS) <= set(METHOD_CONFIGS)
+
+
+@pytest.mark.parametrize("name", METHOD_CONFIGS)
+def test_method_trains_on_tiny_llama(name, tiny_spec, cpu):
+    method = make_method(name, "method.lora.r=4")
+    assert isinstance(method, Method) and method.name == name
+    context = LoadContext(device=cpu)
+    torch.manual_seed(0)
+    model = method.add_adapters(method.load_base(tiny_spec, context))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    settings = TrainSettings(max_steps=2, batch_size=4, warmup_steps=0, measure_after_steps=0)
+    result = train(model, random_batches(tiny_spec.vocab_size), settings, cpu)
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed, "training changed no adapter weight"
+    model = method.finalize(model, context)
+    info = method.describe(model)
+    assert info["name"] == name
+    assert info["trainable_params"] == sum(v.numel() for v in before.values())
+    assert info["weight_bytes"] > 0 and info["weight_bits_per_param"] > 0
+
+
+@pytest.mark.parametrize("name", [n for n in METHOD_CONFIGS if n.startswith("qlora")])
+def test_quantized_bits_per_param_match_format_arithmetic_on_bundled_model(name, smollm2_spec, cpu):
+    method = make_method(name)
+    model = method.load_base(smollm2_spec, LoadContext(device=cpu))
+    info = method.describe(model)
+    assert info["weight_bits_per_param"] == pytest.approx(EXPECTED_BITS[name], abs=0.01)
+
+
+def test_nf4_storage_counts_every_constant_exactly(tiny_spec, cpu):
+    """Bytes from the tensors equal the format's arithmetic, layer by layer."""
+    import bitsandbytes as bnb
+
+    for double_quant in (False, True):
+        method = make_method("qlora_nf4_dq" if double_quant else "qlora_nf4")
+        model = method.load_base(tiny_spec, LoadContext(device=cpu))
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        expected = 0
+        for layer in layers:
+            n = layer.weight.quant_state.shape.numel()
+            blocks = -(-n // 64)
+            if double_quant:
+                expected += n // 2 + blocks + 4 * (-(-blocks // 256)) + 4  # codes, uint8 absmax, fp32 absmax2, offset
+            else:
+                expected += n // 2 + 4 * blocks
+        expected += 16 * 4 + (256 * 4 if double_quant else 0)  # code tables, once per model
+        assert method.describe(model)["quantized_linear_bytes"] == expected
+
+
+def test_lora_bits_are_the_base_dtype(tiny_spec, cpu):
+    method = make_method("lora_bf16")
+    model = method.add_adapters(method.load_base(tiny_spec, LoadContext(device=cpu)))
+    info = method.describe(model)
+    assert info["weight_bits_per_param"] == 16.0
+    assert info["adapter_bytes"] == 4 * info["trainable_params"]  # adapters train in fp32
+
+
+def test_same_seed_gives_same_losses(tiny_spec, cpu):
+    def losses():
+        method = make_method("qlora_nf4", "method.lora.r=4")
+        torch.manual_seed(3)
+        model = method.add_adapters(method.load_base(tiny_spec, LoadContext(device=cpu)))
+        settings = TrainSettings(max_steps=3, batch_size=4, warmup_steps=0)
+        return train(model, random_batches(tiny_spec.vocab_size, seed=3), settings, cpu).losses
+
+    assert losses() == losses()
+
+
+def test_loss_goes_down_on_a_repeated_batch(tiny_spec, cpu):
+    method = make_method("qlora_nf4", "method.lora.r=8")
+    torch.manual_seed(0)
+    model = method.add_adapters(method.load_base(tiny_spec, LoadContext(device=cpu)))
+    settings = TrainSettings(max_steps=8, batch_size=4, lr=1e-2, warmup_steps=0, max_grad_norm=1.0)
+    result = train(model, random_batches(tiny_spec.vocab_size, n=4), settings, cpu)
+    assert result.losses[-1] < result.losses[0] - 0.1
+
+
+def test_resume_from_checkpoint_continues_exactly(tiny_spec, cpu, tmp_path):
+    def fresh():
+        method = make_method("lora_bf16", "method.lora.r=4", "method.lora.dropout=0.0")
+        torch.manual_seed(1)
+        return method.add_adapters(method.load_base(tiny_spec, LoadContext(device=cpu)))
+
+    batches = random_batches(tiny_spec.vocab_size, seed=1)
+    full = train(fresh(), batches, TrainSettings(max_steps=4, batch_size=4, warmup_steps=1), cpu)
+    checkpoint = tmp_path / "state.pt"
+    settings = TrainSettings(max_steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1)
+    settings_full = TrainSettings(max_steps=4, batch_size=4, warmup_steps=1, checkpoint_every=1)
+    train(fresh(), batches, settings, cpu, checkpoint_path=checkpoint)  # "killed" after 2 steps
+    resumed = train(fresh(), batches, settings_full, cpu, checkpoint_path=checkpoint)
+    assert resumed.resumed_from_step == 2
+    assert resumed.losses == full.losses
+
+
+def test_lora_rank_must_be_positive():
+    from experiments.errors import ConfigError
+
+    with pytest.raises(Exception) as error:
+        make_method("qlora_nf4", "method.lora.r=0")
+    assert isinstance(error.value.__cause__, ConfigError) or isinstance(error.value, ConfigError)
