@@ -140,3 +140,33 @@ def collate(rows: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor
         labels[i, :n] = torch.tensor(row.labels)
         attention[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+CALIBRATION_SOURCES = ("train", "c4")
+
+
+def calibration_segments(cfg: dict, examples: list[tuple[str, str]] | None, tokenizer, seed: int = 0) -> list[list[int]]:
+    """Token segments for post-training quantization (GPTQ).
+
+    The GPTQ and QA-LoRA papers use 128 random 2048-token segments of C4 (``source: c4``,
+    needs network). Offline (``source: train``) we cut random segments out of the run's
+    training texts joined end to end; the record says which and how many.
+    """
+    source, n_samples, seq_len = cfg.get("source", "train"), int(cfg.get("n_samples", 128)), int(cfg.get("seq_len", 2048))
+    if source == "train":
+        texts = [prompt + response for prompt, response in examples or []]
+    elif source == "c4":
+        from datasets import load_dataset
+
+        rows = load_dataset("allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz", split="train")
+        texts = [row["text"] for row in rows.select(range(min(len(rows), 20 * n_samples)))]
+    else:
+        raise ConfigError(f"method.calibration.source={source!r} is not one of {', '.join(CALIBRATION_SOURCES)}")
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    if len(ids) < seq_len:
+        raise ConfigError(f"calibration source {source!r} has {len(ids)} tokens, fewer than one segment of {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=generator).tolist()
+    return [ids[start:start + seq_len] for start in starts]

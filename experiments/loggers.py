@@ -2,7 +2,8 @@
 
 wandb runs offline unless the user has set ``WANDB_MODE``/``logger.mode`` otherwise, and
 never prompts for a login. Runs are grouped by experiment; the wandb run id is the
-harness's run id, so a requeued Slurm job resumes the same wandb run.
+harness's run id, so a requeued Slurm job resumes the same wandb run. wandb's files go into
+the run's own output folder, never into the working directory that all runs share.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class NullLogger:
 
 
 class WandbLogger:
-    def __init__(self, cfg, run_id: str, config: dict, group: str | None):
+    def __init__(self, cfg, run_id: str, config: dict, group: str | None, folder=None):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -27,6 +28,7 @@ class WandbLogger:
         self.run = wandb.init(
             project=cfg.get("project"), entity=cfg.get("entity"), group=cfg.get("group") or group,
             id=run_id, name=run_id, resume="allow", config=config, mode=mode,
+            dir=str(folder) if folder is not None else None,
             settings=wandb.Settings(silent=True, login_timeout=0),
         )
 
@@ -39,12 +41,12 @@ class WandbLogger:
         self.run.finish(exit_code=1 if failed else 0)
 
 
-def make_logger(cfg, run_id: str, config: dict, group: str | None = None):
+def make_logger(cfg, run_id: str, config: dict, group: str | None = None, folder=None):
     name = cfg.get("name", "none")
     if name == "none":
         return NullLogger()
     if name == "wandb":
-        return WandbLogger(cfg, run_id, config, group)
+        return WandbLogger(cfg, run_id, config, group, folder)
     from experiments.errors import ConfigError
 
     raise ConfigError(f"logger={name!r} is not one of none, wandb")

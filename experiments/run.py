@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import mmlu_data
-from experiments.data import BatchSource, load_examples, tokenize_examples
+from experiments.data import BatchSource, calibration_segments, load_examples, tokenize_examples
 from experiments.errors import ConfigError
 from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity
 from experiments.loggers import make_logger
@@ -64,6 +64,15 @@ def run_id_of(cfg: DictConfig) -> str:
     config["eval"].pop("batch_size", None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.method.name}-{cfg.model.name}-s{cfg.seed}-{digest}"
+
+
+def slurm_checkpoint_every(max_steps: int) -> int:
+    """Checkpoint interval for a run under Slurm that set none (``train.checkpoint_every=0``).
+
+    A preempted or timed-out job is requeued and continues from its last checkpoint, so this
+    bounds the training redone after a requeue to about 2% of the run.
+    """
+    return max(1, max_steps // 50)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,12 +117,17 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     method = instantiate_method(cfg)
     settings = TrainSettings(**cfg.train)
     settings.check_device(device)
+    if settings.checkpoint_every == 0 and slurm_info() is not None:
+        settings.checkpoint_every = slurm_checkpoint_every(settings.max_steps)
     check_eval(cfg)
     if cfg.mmlu_file is not None and not Path(cfg.mmlu_file).is_file():
         raise ConfigError(f"mmlu_file={cfg.mmlu_file}: no such file")
     model_spec = resolve_model(cfg.model)
+    validate = getattr(method, "validate", None)
+    if callable(validate):  # e.g. a group size that does not divide a layer's inputs
+        validate(model_shape(model_spec.path))
     examples = None
-    if method.trainable:
+    if method.trainable or getattr(method, "needs_calibration", False):
         try:
             examples = load_examples(cfg.data, cfg.mmlu_file)
         except FileNotFoundError as error:
@@ -174,22 +188,28 @@ def execute(plan: RunPlan) -> dict:
         "model": {**plan.model_spec.as_dict(), **model_shape(plan.model_spec.path)},
         "method": None, "train": None, "eval": {}, "memory": {}, "phases": meter.phases,
     }
-    logger = make_logger(cfg.logger, plan.run_id, record["config"], group=cfg.get("experiment_name"))
+    logger = make_logger(cfg.logger, plan.run_id, record["config"], group=cfg.get("experiment_name"),
+                         folder=plan.output_dir)
     try:
         torch.manual_seed(cfg.seed)
         tokenizer = load_tokenizer(plan.model_spec)
         context = LoadContext(device=plan.device, tokenizer=tokenizer)
-        with meter.phase("load"):
+        if getattr(plan.method, "needs_calibration", False):
+            with meter.phase("calibration_data"):
+                context.calibration = calibration_segments(plan.method.calibration, plan.examples, tokenizer,
+                                                           seed=cfg.seed)
+        # Methods that quantize while loading (GPTQ) get that step timed as its own phase.
+        with meter.phase("quantize" if getattr(plan.method, "quantize_phase", None) == "load" else "load"):
             model = plan.method.load_base(plan.model_spec, context)
         torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
         model = plan.method.add_adapters(model)
-        if plan.method.trainable:
+        if plan.method.trainable and plan.train_settings.max_steps > 0:
             with meter.phase("train") as phase:
                 result = run_training(plan, model, tokenizer, logger)
             record["train"] = {**result.as_dict(), "peak_memory_bytes": phase.peak_memory_bytes,
                                "wall_s": None}
             record["memory"]["optimizer_state_bytes"] = result.optimizer_state_bytes
-        with meter.phase("finalize"):
+        with meter.phase("quantize" if getattr(plan.method, "quantize_phase", None) == "finalize" else "finalize"):
             model = plan.method.finalize(model, context)
         record["method"] = plan.method.describe(model)
         record["memory"].update({k: record["method"].get(k) for k in

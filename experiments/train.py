@@ -60,8 +60,8 @@ class TrainSettings:
                 raise ConfigError(f"train.{spec.name}={value!r}: expected {kind.__name__}")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr}: must be a positive number")
-        if self.max_steps < 1:
-            raise ConfigError(f"train.max_steps={self.max_steps}: must be at least 1")
+        if self.max_steps < 0:
+            raise ConfigError(f"train.max_steps={self.max_steps}: must be 0 (no fine-tuning) or more")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
         if self.optimizer not in OPTIMIZERS:

@@ -9,6 +9,9 @@ walk the modules and add up every tensor a format needs to store:
   per 256 blocks and its fp32 offset). The code tables (16 values for NF4/FP4, 256 for
   the 8-bit second level) are constants of the format, identical in every layer: they
   are counted once per model, not once per layer.
+- GPTQ layers (GPTQModel's quantized linears): packed codes (``qweight``), and as
+  constants the packed zeros (``qzeros``), fp16 ``scales`` and the ``g_idx`` permutation.
+- our INT-k layers (methods/int_quant.py) report their own parts (``storage_parts``).
 - plain ``nn.Linear`` and every other parameter or buffer: numel x element size.
 
 Adapter parameters (names containing ``lora_``) are counted apart as ``adapter_bytes``.
@@ -25,6 +28,17 @@ ADAPTER_MARKERS = ("lora_", "qalora_")
 
 def _is_adapter(name: str) -> bool:
     return any(marker in name for marker in ADAPTER_MARKERS)
+
+
+def is_gptq_layer(module) -> bool:
+    return all(hasattr(module, attr) for attr in ("qweight", "qzeros", "scales", "bits", "group_size"))
+
+
+def _gptq_parts(module) -> tuple[int, int, int, set[int]]:
+    """(params, code bytes, constant bytes, tensor ids) of one GPTQ layer."""
+    constants = [t for t in (module.qzeros, module.scales, getattr(module, "g_idx", None)) if t is not None]
+    return (module.in_features * module.out_features, tensor_bytes(module.qweight),
+            sum(tensor_bytes(t) for t in constants), {id(module.qweight), *map(id, constants)})
 
 
 def _bnb_4bit_parts(module) -> tuple[int, int, list[torch.Tensor]]:
@@ -65,6 +79,12 @@ def weight_storage(model: torch.nn.Module, target_modules: tuple[str, ...]) -> d
                 key = (table.dtype, tuple(table.flatten().tolist()))
                 code_tables[key] = tensor_bytes(table)
             counted.add(id(module.weight))
+        elif is_gptq_layer(module):
+            params, codes, constants, ids = _gptq_parts(module)
+            quantized_params += params
+            quantized_code_bytes += codes
+            quantization_constant_bytes += constants
+            counted.update(ids)
         elif is_target and isinstance(module, torch.nn.Linear):
             quantized_params += module.weight.numel()
             quantized_code_bytes += tensor_bytes(module.weight)

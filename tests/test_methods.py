@@ -12,12 +12,24 @@ from tests.conftest import METHOD_CONFIGS, compose_config
 # The formats' arithmetic (DESIGN.md): 4-bit codes + fp32 absmax per 64 weights; with
 # double quantization, 8-bit absmax + an fp32 constant per 256 blocks.
 EXPECTED_BITS = {"qlora_nf4": 4.5, "qlora_fp4": 4.5, "qlora_nf4_dq": 4 + 8 / 64 + 32 / (64 * 256),
-                 "lora_bf16": 16.0, "lora_fp16": 16.0}
+                 "lora_bf16": 16.0, "lora_fp16": 16.0, "base_bf16": 16.0}
+# Small enough for the tiny model: a rank-4 adapter, 8 calibration segments of 64 tokens.
+TINY_OVERRIDES = {"lora": ["method.lora.r=4"],
+                  "calibration": ["method.calibration.n_samples=8", "method.calibration.seq_len=64"]}
 
 
-def make_method(name: str, *overrides: str) -> Method:
+def make_method(name: str, *overrides: str, tiny: bool = False) -> Method:
+    cfg = compose_config(f"method={name}")
+    if tiny:
+        overrides += tuple(o for key, extra in TINY_OVERRIDES.items() if key in cfg.method for o in extra)
     cfg = compose_config(f"method={name}", *overrides)
     return instantiate(cfg.method, _convert_="all")
+
+
+def tiny_calibration(vocab: int, method) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    n, length = method.calibration["n_samples"], method.calibration["seq_len"]
+    return torch.randint(0, vocab, (n, length), generator=generator).tolist()
 
 
 def random_batches(vocab: int, n: int = 8, length: int = 24, seed: int = 0) -> BatchSource:
@@ -34,12 +46,21 @@ def test_every_method_config_is_covered():
 
 
 @pytest.mark.parametrize("name", METHOD_CONFIGS)
-def test_method_trains_on_tiny_llama(name, tiny_spec, cpu):
-    method = make_method(name, "method.lora.r=4")
+def test_method_runs_on_tiny_llama(name, tiny_spec, cpu):
+    method = make_method(name, tiny=True)
     assert isinstance(method, Method) and method.name == name
+    if "gptq" in name:
+        pytest.importorskip("gptqmodel", reason="GPTQ methods need the [gptq] extra")
     context = LoadContext(device=cpu)
+    if getattr(method, "needs_calibration", False):
+        context.calibration = tiny_calibration(tiny_spec.vocab_size, method)
     torch.manual_seed(0)
     model = method.add_adapters(method.load_base(tiny_spec, context))
+    if not method.trainable:
+        assert sum(p.requires_grad for p in model.parameters()) == 0
+        info = method.describe(method.finalize(model, context))
+        assert info["name"] == name and info["trainable_params"] == 0 and info["weight_bits_per_param"] > 0
+        return
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     settings = TrainSettings(max_steps=2, batch_size=4, warmup_steps=0, measure_after_steps=0)
     result = train(model, random_batches(tiny_spec.vocab_size), settings, cpu)
@@ -53,7 +74,7 @@ def test_method_trains_on_tiny_llama(name, tiny_spec, cpu):
     assert info["weight_bytes"] > 0 and info["weight_bits_per_param"] > 0
 
 
-@pytest.mark.parametrize("name", [n for n in METHOD_CONFIGS if n.startswith("qlora")])
+@pytest.mark.parametrize("name", ["qlora_nf4", "qlora_nf4_dq", "qlora_fp4"])
 def test_quantized_bits_per_param_match_format_arithmetic_on_bundled_model(name, smollm2_spec, cpu):
     method = make_method(name)
     model = method.load_base(smollm2_spec, LoadContext(device=cpu))

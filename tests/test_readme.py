@@ -26,3 +26,10 @@ def test_main_job_command_names_an_existing_experiment():
 def test_readme_lists_every_method():
     text = (REPO / "README.md").read_text()
     assert all(f"`{name}`" in text for name in METHOD_CONFIGS)
+
+
+def test_readme_results_table_is_the_generated_one():
+    generated = (REPO / "results" / "quickstart" / "tables" / "main.md").read_text()
+    rows = [line for line in generated.splitlines() if line.startswith("|")]
+    readme = (REPO / "README.md").read_text()
+    assert "\n".join(rows) in readme

@@ -1,0 +1,270 @@
+"""The comparison plots, regenerated from the run records as PNG and PDF (matplotlib).
+
+    python -m analysis.plots --results results/quickstart --out results/quickstart/plots
+
+- ``memory_vs_accuracy``: MMLU accuracy against weight storage and against peak training
+  memory, the Pareto front (no other configuration is both smaller and more accurate)
+  marked.
+- ``throughput``: training tokens/s per method configuration.
+- ``memory_breakdown``: memory by part, stacked: frozen quantized weights, quantization
+  constants, unquantized weights (embeddings, norms), adapters, optimizer state, and
+  activations and the rest (peak training memory minus the tensors counted before).
+- ``loss_curves``: training loss per step.
+
+Every point is the mean over the seeds of a configuration's ok runs (error bars: std).
+Files are deterministic for the same records and matplotlib version: fixed dpi and
+style, no creation date in the metadata, a fixed SVG hash salt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
+from analysis.load import NoRecordsError, load_runs
+from analysis.tables import CONFIG_KEY, _method_rank
+
+DPI = 150
+STYLE = {"figure.dpi": DPI, "savefig.dpi": DPI, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
+         "svg.hashsalt": "qpeft-bench", "legend.fontsize": 8}
+METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None, "Producer": None}}
+MEMORY_PARTS = (
+    ("frozen_weight_bytes", "frozen quantized / 16-bit weights"),
+    ("quantization_constant_bytes", "quantization constants"),
+    ("unquantized_bytes", "unquantized weights (embeddings, norms)"),
+    ("adapter_bytes", "adapters"),
+    ("optimizer_state_bytes", "optimizer state"),
+    ("activation_and_rest_bytes", "activations and the rest"),
+)
+
+
+def configurations(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per method configuration (ok runs only): means and stds over seeds, a label, a colour."""
+    ok = runs[runs["status"] == "ok"].copy()
+    weights = ok["weight_bytes"].astype("float64")
+    ok["frozen_weight_bytes"] = (weights - ok["quantization_constant_bytes"].astype("float64")
+                                 - ok["unquantized_bytes"].astype("float64"))
+    counted = weights + ok["adapter_bytes"].astype("float64").fillna(0) + ok["optimizer_state_bytes"].astype("float64").fillna(0)
+    ok["activation_and_rest_bytes"] = ok["train_peak_memory_bytes"].astype("float64") - counted
+    ok["_key"] = [tuple("" if pd.isna(v) else str(v) for v in row) for row in ok[CONFIG_KEY].itertuples(index=False)]
+    numeric = ["mmlu_acc", "weight_bytes", "train_peak_memory_bytes", "train_tokens_per_second",
+               *(part for part, _ in MEMORY_PARTS)]
+    rows = []
+    for key, group in ok.groupby("_key", sort=True):
+        row = dict(zip(CONFIG_KEY, key))
+        row["n_seeds"] = group["seed"].nunique()
+        for shots, at_shots in group.groupby("mmlu_num_fewshot"):
+            acc = at_shots["mmlu_acc"].astype("float64").dropna() * 100
+            row[f"acc{int(shots)}_mean"], row[f"acc{int(shots)}_std"] = acc.mean(), acc.std(ddof=1)
+        for column in numeric[1:]:
+            values = group[column].astype("float64")
+            row[f"{column}_mean"], row[f"{column}_std"] = values.mean(), values.std(ddof=1)
+        row["losses"] = [list(map(float, l)) for l in group["train_losses"] if isinstance(l, list) and l]
+        rows.append(row)
+    configs = pd.DataFrame(rows)
+    if configs.empty:
+        return configs
+    configs = configs.iloc[sorted(range(len(configs)), key=lambda i: (_method_rank(configs["method"].iat[i]),
+                                                                       tuple(configs[CONFIG_KEY].iloc[i])))]
+    configs = configs.reset_index(drop=True)
+    configs["label"] = _labels(configs)
+    palette = plt.get_cmap("tab10").colors
+    configs["color"] = [palette[i % len(palette)] for i in range(len(configs))]
+    configs["marker"] = [("o", "s", "^", "D", "v", "P", "X", "*")[i % 8] for i in range(len(configs))]
+    return configs
+
+
+def _labels(configs: pd.DataFrame) -> list[str]:
+    """Method name, plus only what tells configurations apart (format, model, data, steps)."""
+    labels = list(configs["method"])
+    for column in ("quant_format", "model", "data", "lora_r", "train_max_steps"):
+        clash = pd.Series(labels).duplicated(keep=False)
+        if clash.any():
+            prefix = {"lora_r": "r=", "train_max_steps": "steps="}.get(column, "")
+            labels = [f"{lab} {prefix}{value}" if clash.iat[i] and value else lab
+                      for i, (lab, value) in enumerate(zip(labels, configs[column]))]
+    return labels
+
+
+def _empty(ax, message: str):
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both (smaller x, larger y), by x."""
+    order = np.lexsort((-y, x))
+    front, best = [], -np.inf
+    for i in order:
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    return np.array(front, dtype=int)
+
+
+def _shots(configs: pd.DataFrame) -> int | None:
+    """5-shot when there is any, else 0-shot: the accuracy the plots show."""
+    for shots in (5, 0):
+        if f"acc{shots}_mean" in configs and configs[f"acc{shots}_mean"].notna().any():
+            return shots
+    return None
+
+
+def plot_memory_vs_accuracy(configs: pd.DataFrame):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True, layout="constrained")
+    shots = None if configs.empty else _shots(configs)
+    panels = (("weight_bytes", 1e-6, "Weight storage (MB, all quantization constants included)"),
+              ("train_peak_memory_bytes", 1e-9, "Peak training memory (GB)"))
+    for ax, (column, scale, xlabel) in zip(axes, panels):
+        ax.set_xlabel(xlabel)
+        if shots is None:
+            _empty(ax, "no run with an MMLU accuracy")
+            continue
+        data = configs.dropna(subset=[f"acc{shots}_mean", f"{column}_mean"])
+        if data.empty:
+            _empty(ax, "no run with both figures")
+            continue
+        x = data[f"{column}_mean"].to_numpy() * scale
+        y = data[f"acc{shots}_mean"].to_numpy()
+        for i, row in enumerate(data.itertuples()):
+            ax.errorbar(x[i], y[i], yerr=np.nan_to_num(getattr(row, f"acc{shots}_std")),
+                        xerr=np.nan_to_num(getattr(row, f"{column}_std")) * scale, fmt=row.marker,
+                        color=row.color, markersize=8, capsize=3, label=row.label)
+        front = pareto_front(x, y)
+        ax.step(x[front], y[front], where="post", color="0.2", linestyle="--", linewidth=1, label="Pareto front")
+        ax.scatter(x[front], y[front], s=220, facecolors="none", edgecolors="0.2", linewidths=1.2)
+        ax.margins(x=0.15, y=0.15)
+    axes[0].set_ylabel(f"MMLU accuracy, {shots}-shot (%)" if shots is not None else "MMLU accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", title="method (mean ± std over seeds)")
+    fig.suptitle("Memory vs accuracy (circled: Pareto front, lower memory and higher accuracy)")
+    return fig
+
+
+def plot_throughput(configs: pd.DataFrame):
+    height = 1.2 + 0.45 * max(len(configs), 1)
+    fig, ax = plt.subplots(figsize=(7, height), layout="constrained")
+    data = configs.dropna(subset=["train_tokens_per_second_mean"]) if not configs.empty else configs
+    if data.empty:
+        _empty(ax, "no run with a training throughput")
+    else:
+        positions = np.arange(len(data))[::-1]  # first configuration on top
+        values = data["train_tokens_per_second_mean"].to_numpy()
+        ax.barh(positions, values, xerr=np.nan_to_num(data["train_tokens_per_second_std"].to_numpy()),
+                color=list(data["color"]), capsize=3)
+        ax.set_yticks(positions, list(data["label"]))
+        for position, value in zip(positions, values):
+            ax.text(value, position, f"  {value:.0f}", va="center", ha="left")
+        ax.set_xlim(0, values.max() * 1.18)
+        ax.grid(axis="y", visible=False)
+    ax.set_xlabel("Training throughput (tokens/s, non-padding tokens, after warm-up)")
+    ax.set_title("Training throughput per method")
+    return fig
+
+
+def plot_memory_breakdown(configs: pd.DataFrame):
+    height = 1.8 + 0.45 * max(len(configs), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, height), sharey=True, layout="constrained")
+    data = configs.dropna(subset=["weight_bytes_mean"]) if not configs.empty else configs
+    if data.empty:
+        for ax in axes:
+            _empty(ax, "no run with memory figures")
+        return fig
+    positions = np.arange(len(data))[::-1]
+    colors = plt.get_cmap("Set2").colors
+    panels = ((axes[0], MEMORY_PARTS[:-1], 1e-6, "Model state, exact tensor bytes (MB)"),
+              (axes[1], MEMORY_PARTS, 1e-9, "Peak training memory by part (GB)"))
+    for ax, parts, scale, xlabel in panels:
+        left = np.zeros(len(data))
+        for (column, label), color in zip(parts, colors):
+            values = np.nan_to_num(data[f"{column}_mean"].to_numpy()) * scale
+            ax.barh(positions, values, left=left, color=color, label=label, edgecolor="white", linewidth=0.5)
+            left += values
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="y", visible=False)
+    axes[0].set_yticks(positions, list(data["label"]))
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3)
+    fig.suptitle("Memory by part (activations and the rest = peak training memory minus the tensors)")
+    return fig
+
+
+def plot_loss_curves(configs: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(8.5, 4.2), layout="constrained")
+    drawn = False
+    for row in configs.itertuples() if not configs.empty else []:
+        if not row.losses:
+            continue
+        steps = min(len(l) for l in row.losses)
+        curves = np.array([l[:steps] for l in row.losses])
+        x = np.arange(1, steps + 1)
+        mean = curves.mean(axis=0)
+        ax.plot(x, mean, color=row.color, marker=row.marker, markersize=3, linewidth=1.3,
+                label=f"{row.label} (n={len(curves)})")
+        if len(curves) > 1:
+            std = curves.std(axis=0, ddof=1)
+            ax.fill_between(x, mean - std, mean + std, color=row.color, alpha=0.15, linewidth=0)
+        drawn = True
+    if not drawn:
+        _empty(ax, "no run with a training loss")
+    else:
+        # outside the axes: a legend inside would sit on the curves of some runs
+        fig.legend(loc="outside right upper", title="method (seeds)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("Optimizer step")
+    ax.set_ylabel("Training loss (cross-entropy, nats/token)")
+    ax.set_title("Training loss per step (mean over seeds, band: ± std)")
+    return fig
+
+
+PLOTS = {"memory_vs_accuracy": plot_memory_vs_accuracy, "throughput": plot_throughput,
+         "memory_breakdown": plot_memory_breakdown, "loss_curves": plot_loss_curves}
+
+
+def save(fig, out: Path, name: str) -> list[Path]:
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out / f"{name}.{ext}"
+        fig.savefig(path, format=ext, dpi=DPI, metadata=METADATA[ext])
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with plt.rc_context(STYLE):
+        configs = configurations(runs)
+        for name, plot in PLOTS.items():
+            written += save(plot(configs), out, name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", required=True, help="folder of run records (read recursively)")
+    parser.add_argument("--out", required=True, help="folder for the .png and .pdf files")
+    args = parser.parse_args(argv)
+    matplotlib.use("Agg")  # files only, no display; a notebook keeps its own inline backend
+    try:
+        runs = load_runs(args.results)
+    except NoRecordsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in write_plots(runs, Path(args.out)):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The comparison tables, regenerated from the run records as Markdown, CSV and LaTeX.
+
+    python -m analysis.tables --results results/quickstart --out results/quickstart/tables
+
+Four tables (pandas; the Markdown and LaTeX writers are here, a few lines each, so that
+the output depends on no optional package and is byte-for-byte stable):
+
+1. ``main``: one row per method configuration: storage, peak training memory,
+   throughput, trainable parameters, MMLU 0/5-shot (overall and per category),
+   perplexity; mean ± std over seeds and the number of seeds.
+2. ``qlora_table4``: the QLoRA paper's Table 4 layout (data type x model x fine-tuning
+   data, mean 5-shot MMLU).
+3. ``qalora_table1``: the QA-LoRA paper's Table 1 layout (method x bits, MMLU 0/5-shot
+   per category and average).
+4. ``datatype_perplexity``: quantization data type x held-out perplexity without
+   fine-tuning, in the spirit of the QLoRA paper's Table 2.
+
+Published numbers come from ``analysis/reference/published.csv`` and are shown as rows
+marked with their paper and table. "—" is a cell with no run (or a published value we
+did not verify); "oom"/"failed" is a cell whose only runs ended so. Accuracies are in %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.load import MMLU_CATEGORIES, NoRecordsError, load_runs
+
+REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "published.csv"
+MISSING = "—"
+OURS = "ours"
+
+# Display order of methods; a method not listed sorts after these, by name.
+METHOD_ORDER = ("lora_fp16", "lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4",
+                "gptq", "qlora_gptq", "qalora")
+DATA_TYPE_LABELS = {"bfloat16": "BFloat16", "float16": "Float16", "fp4": "Float4",
+                    "nf4": "NFloat4", "nf4+dq": "NFloat4 + DQ"}
+CATEGORY_LABELS = {"humanities": "Hums.", "stem": "STEM", "social_sciences": "Social", "other": "Other",
+                   "overall": "Avg."}
+# Everything that makes two runs the same configuration apart from the seed (and the shots,
+# which the main table spreads over columns).
+CONFIG_KEY = ["model", "data", "method", "quant_format", "bits", "group_size", "lora_r", "train_max_steps"]
+
+
+# ----------------------------------------------------------------------------- cells
+
+def _fmt_stat(values: pd.Series, digits: int, with_n: bool = False) -> str:
+    mean = values.mean()
+    text = f"{mean:.{digits}f}"
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    if std > 0:  # equal over seeds (storage, for one): the Seeds column says how many
+        text += f" ± {std:.{digits}f}"
+    return f"{text} (n={len(values)})" if with_n else text
+
+
+def cell(runs: pd.DataFrame, column: str, *, scale: float = 1.0, digits: int = 1, with_n: bool = False) -> str:
+    """Mean ± std of ``column`` over the ok runs; else the failure statuses; else "—"."""
+    ok = runs.loc[runs["status"] == "ok", column].dropna().astype("float64") * scale
+    if len(ok):
+        return _fmt_stat(ok, digits, with_n)
+    failures = sorted(set(runs["status"].dropna()) - {"ok"})
+    return "/".join(failures) if failures else MISSING
+
+
+def _runs_summary(runs: pd.DataFrame) -> str:
+    counts = runs["status"].value_counts()
+    return ", ".join(f"{counts[s]} {s}" for s in ("ok", "oom", "failed") if s in counts)
+
+
+def _n_seeds(runs: pd.DataFrame) -> int:
+    return int(runs.loc[runs["status"] == "ok", "seed"].nunique())
+
+
+def _method_rank(method) -> tuple:
+    name = "" if pd.isna(method) else str(method)
+    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
+
+
+def _groups(runs: pd.DataFrame, keys: list[str]):
+    """(key tuple, runs) for each configuration, in a fixed order: method order, then keys."""
+    labelled = runs.assign(_key=[tuple("" if pd.isna(v) else str(v) for v in row)
+                                 for row in runs[keys].itertuples(index=False)])
+    ordered = sorted(labelled["_key"].unique(),
+                     key=lambda k: (_method_rank(k[keys.index("method")]) if "method" in keys else (0, ""), k))
+    for key in ordered:
+        yield key, labelled[labelled["_key"] == key].drop(columns="_key")
+
+
+# ----------------------------------------------------------------------------- tables
+
+def main_table(runs: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for key, group in _groups(runs, CONFIG_KEY):
+        first = dict(zip(CONFIG_KEY, key))
+        row = {
+            "Model": first["model"], "Data": first["data"], "Method": first["method"],
+            "Format": first["quant_format"] or MISSING,
+            "Weight bits/param": cell(group, "weight_bits_per_param", digits=3),
+            "Weight MB": cell(group, "weight_bytes", scale=1e-6),
+            "Peak train GB": cell(group, "train_peak_memory_bytes", scale=1e-9, digits=2),
+            "Train tok/s": cell(group, "train_tokens_per_second", digits=0),
+            "Trainable M": cell(group, "trainable_params", scale=1e-6, digits=2),
+        }
+        for shots in (0, 5):
+            at_shots = group[group["mmlu_num_fewshot"] == shots]
+            row[f"MMLU {shots}-shot %"] = cell(at_shots, "mmlu_acc", scale=100)
+            for category in MMLU_CATEGORIES:
+                row[f"{shots}-shot {CATEGORY_LABELS[category]}"] = cell(at_shots, f"mmlu_{category}_acc", scale=100)
+        row["Perplexity"] = cell(group, "perplexity", digits=2)
+        row["Seeds"] = str(_n_seeds(group))
+        row["Runs"] = _runs_summary(group)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_reference(path: Path = REFERENCE_CSV) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"arxiv": str, "bits": str, "num_fewshot": "Int64"}, keep_default_na=False,
+                       na_values={"value": [""], "num_fewshot": [""]})
+
+
+def _reference_source(ref: pd.DataFrame) -> str:
+    first = ref.iloc[0]
+    return f"{first['paper'].split(' (')[0]} {first['table']} (arXiv {first['arxiv']})"
+
+
+def _reference_cell(ref: pd.DataFrame, notes: list[str]) -> str:
+    if ref.empty:
+        return MISSING
+    value = ref.iloc[0]
+    text = f"{value['value']:g}" if value["metric"] == "perplexity" else f"{value['value']:.1f}"
+    if value["note"]:
+        if value["note"] not in notes:
+            notes.append(value["note"])
+        text += "†" * (notes.index(value["note"]) + 1)
+    return text
+
+
+def qlora_table4(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Data type x (model, fine-tuning data), mean 5-shot MMLU; ours then the paper's."""
+    adapters = runs[runs["quant_format"].isin(DATA_TYPE_LABELS) & runs["method_family"].isin(["lora", "qlora"])]
+    five = adapters[adapters["mmlu_num_fewshot"] == 5]
+    ref = reference[reference["table"].eq("Table 4") & reference["arxiv"].eq("2305.14314")]
+    ours_cols = sorted({(m, d) for m, d in five[["model", "data"]].itertuples(index=False)})
+    ref_cols = list(dict.fromkeys(ref[["model", "data"]].itertuples(index=False, name=None)))
+    notes: list[str] = []
+    rows = []
+    shown = [fmt for fmt in DATA_TYPE_LABELS if fmt != "float16" or (five["quant_format"] == "float16").any()]
+    for fmt in shown:
+        row = {"Source": OURS, "Data type": DATA_TYPE_LABELS[fmt]}
+        for model, data in ours_cols + ref_cols:
+            mine = five[(five["quant_format"] == fmt) & (five["model"] == model) & (five["data"] == data)]
+            row[f"{model} / {data}"] = cell(mine, "mmlu_acc", scale=100, with_n=True)
+        rows.append(row)
+    for label in dict.fromkeys(ref["row"]):
+        row = {"Source": _reference_source(ref), "Data type": label}
+        for model, data in ours_cols + ref_cols:
+            published = ref[(ref["row"] == label) & (ref["model"] == model) & (ref["data"] == data)]
+            row[f"{model} / {data}"] = _reference_cell(published, notes)
+        rows.append(row)
+    return pd.DataFrame(rows), notes
+
+
+def _qalora_row_label(method: str, family: str) -> str | None:
+    """Which row of the QA-LoRA table a method belongs to (None: not in that table)."""
+    if method == "qlora_gptq":
+        return "QLoRA w/ GPTQ"
+    if family == "qalora" or method == "qalora":
+        return "QA-LoRA"
+    if family == "qlora":
+        return "QLoRA"
+    if method == "gptq":
+        return "Base model w/ GPTQ"
+    if family == "base" or method.startswith("base"):
+        return "Base model"
+    return None
+
+
+QALORA_ROW_ORDER = ("Base model", "QLoRA", "Base model w/ GPTQ", "QLoRA w/ GPTQ", "QA-LoRA")
+QALORA_REF_LABELS = {"base": "Base model", "qlora": "QLoRA", "qlora_gptq": "QLoRA w/ GPTQ", "qalora": "QA-LoRA"}
+
+
+def _bits_label(row_label: str, bits) -> str:
+    # QLoRA's inference weights are the 4-bit base plus 16-bit adapters: the paper writes 4+16.
+    if row_label == "QLoRA":
+        return "4+16"
+    return MISSING if pd.isna(bits) else str(int(bits))
+
+
+def _bits_rank(label: str) -> tuple:
+    return (0, 0) if label == "4+16" else (1, -int(label)) if label.isdigit() else (2, 0)
+
+
+def qalora_table1(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Method x bits, MMLU 0/5-shot per category and average; ours then the paper's."""
+    labels = [_qalora_row_label("" if pd.isna(m) else m, "" if pd.isna(f) else f)
+              for m, f in runs[["method", "method_family"]].itertuples(index=False)]
+    mine = runs.assign(_row=labels).dropna(subset=["_row"])
+    mine = mine.assign(_bits=[_bits_label(r, b) for r, b in mine[["_row", "bits"]].itertuples(index=False)])
+    score_columns = [f"{s}-shot {CATEGORY_LABELS[c]}" for s in (0, 5) for c in (*MMLU_CATEGORIES, "overall")]
+    rows = []
+    keys = ["_row", "_bits", "model", "data", "method", "quant_format"]
+    for key, group in sorted(_groups(mine, keys), key=lambda kg: (
+            _bits_rank(kg[0][1]), QALORA_ROW_ORDER.index(kg[0][0]), kg[0])):
+        row_label, bits, model, data, method, fmt = key
+        row = {"Source": OURS, "Model": model, "Data": data, "Method": row_label,
+               "Run": f"{method} ({fmt})" if fmt else method, "#Bits": bits, "Seeds": str(_n_seeds(group))}
+        for shots in (0, 5):
+            at_shots = group[group["mmlu_num_fewshot"] == shots]
+            for category in (*MMLU_CATEGORIES, "overall"):
+                column = "mmlu_acc" if category == "overall" else f"mmlu_{category}_acc"
+                row[f"{shots}-shot {CATEGORY_LABELS[category]}"] = cell(at_shots, column, scale=100)
+        rows.append(row)
+    ref = reference[reference["table"].eq("Table 1") & reference["arxiv"].eq("2309.14717")]
+    notes: list[str] = []
+    for (method_row, bits, model, data), published in ref.groupby(["method_row", "bits", "model", "data"], sort=False):
+        row = {"Source": _reference_source(ref), "Model": model, "Data": data,
+               "Method": QALORA_REF_LABELS[method_row], "Run": MISSING, "#Bits": bits, "Seeds": MISSING}
+        for column in score_columns:
+            shots, label = column.split("-shot ")
+            category = next(c for c, lab in CATEGORY_LABELS.items() if lab == label)
+            row[column] = _reference_cell(published[(published["num_fewshot"] == int(shots))
+                                                    & (published["category"] == category)], notes)
+        rows.append(row)
+    columns = ["Source", "Model", "Data", "Method", "Run", "#Bits", "Seeds", *score_columns]
+    return pd.DataFrame(rows, columns=columns), notes
+
+
+def datatype_perplexity(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Quantization data type x held-out perplexity on each model, without fine-tuning.
+
+    A run counts as "without fine-tuning" when its config asked for no training steps
+    (``train.max_steps=0``) or its method does not train (base, RTN, GPTQ); a LoRA run
+    that failed before training does not pass for an untrained one.
+    """
+    post_training = runs["method_family"].isin(["base", "rtn", "gptq"])
+    untrained = runs[runs["train_max_steps"].eq(0).fillna(False) | post_training.fillna(False)]
+    models = sorted(untrained["model"].dropna().unique())
+    rows = []
+    for (fmt, method), group in _groups(untrained, ["quant_format", "method"]):
+        row = {"Source": OURS, "Data type": DATA_TYPE_LABELS.get(fmt, fmt or MISSING), "Run": method}
+        for model in models:
+            row[f"{model} (held-out)"] = cell(group[group["model"] == model], "perplexity", digits=2, with_n=True)
+        rows.append(row)
+    if not rows:
+        rows.append({"Source": OURS, "Data type": MISSING, "Run": "no run without fine-tuning"})
+    ref = reference[reference["table"].eq("Table 2") & reference["arxiv"].eq("2305.14314")]
+    notes: list[str] = []
+    for _, published in ref.iterrows():
+        column = f"{published['model']}, {published['category']}"
+        rows.append({"Source": _reference_source(ref), "Data type": published["row"], "Run": MISSING,
+                     column: _reference_cell(published.to_frame().T, notes)})
+    return pd.DataFrame(rows).fillna(MISSING), notes
+
+
+# ----------------------------------------------------------------------------- writers
+
+def to_markdown(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "—": "---", "†": r"$^\dagger$"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs table (needs \\usepackage{booktabs})."""
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\caption{" + _latex_escape(caption) + "}", r"\label{tab:" + label + "}",
+             r"\begin{tabular}{" + "l" * table.shape[1] + "}", r"\toprule",
+             " & ".join(_latex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(_latex_escape(v) for v in row) + r" \\" for row in table.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+CAPTIONS = {
+    "main": "Method comparison: mean ± std over seeds (Seeds: number of seeds with an ok run). "
+            "MB = 10^6 bytes, GB = 10^9 bytes; MMLU accuracy in %.",
+    "qlora_table4": "Mean 5-shot MMLU accuracy (%) by data type, model and fine-tuning data, "
+                    "in the layout of the QLoRA paper's Table 4.",
+    "qalora_table1": "MMLU 0-shot and 5-shot accuracy (%) by method and bit width, "
+                     "in the layout of the QA-LoRA paper's Table 1.",
+    "datatype_perplexity": "Held-out perplexity by quantization data type without fine-tuning, "
+                           "in the spirit of the QLoRA paper's Table 2 (the published numbers are "
+                           "Pile Common Crawl means over many models, not our text).",
+}
+LEGEND = ("— : no run (ours) or no verified published value; oom/failed: every run of the cell "
+          "ended so; n: number of seeds.")
+
+
+def build_tables(runs: pd.DataFrame, reference: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, list[str]]]:
+    return {
+        "main": (main_table(runs), []),
+        "qlora_table4": qlora_table4(runs, reference),
+        "qalora_table1": qalora_table1(runs, reference),
+        "datatype_perplexity": datatype_perplexity(runs, reference),
+    }
+
+
+def write_tables(runs: pd.DataFrame, out: Path, results_label: str, reference: pd.DataFrame | None = None) -> list[Path]:
+    """Write every table as .md, .csv and .tex under ``out``; return the paths written."""
+    reference = load_reference() if reference is None else reference
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    source = f"Generated by `python -m analysis.tables` from {len(runs)} run record(s) in `{results_label}`."
+    for name, (table, notes) in build_tables(runs, reference).items():
+        footnotes = [f"{'†' * (i + 1)} {note}" for i, note in enumerate(notes)]
+        markdown = "\n\n".join([f"**{CAPTIONS[name]}**", to_markdown(table).rstrip("\n"), LEGEND, *footnotes, source])
+        paths = {out / f"{name}.md": markdown + "\n",
+                 out / f"{name}.csv": table.to_csv(index=False, lineterminator="\n"),
+                 out / f"{name}.tex": to_latex(table, " ".join([CAPTIONS[name], *footnotes]), name)}
+        for path, text in paths.items():
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", required=True, help="folder of run records (read recursively)")
+    parser.add_argument("--out", required=True, help="folder for the .md, .csv and .tex files")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.results)
+    except NoRecordsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in write_tables(runs, Path(args.out), args.results):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

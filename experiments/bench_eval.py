@@ -1,0 +1,88 @@
+"""Benchmark: the harness's MMLU evaluator against lm-eval, same model, same questions, one process.
+
+    python -m experiments.bench_eval --limit-per-subject 4 --shots 0 5
+
+For each number of shots it runs both backends (experiments.evaluate and
+experiments.lm_eval_backend) on the same loaded model and the same questions, and
+prints questions/s for each, the speed ratio, the agreement of per-question
+predictions and both accuracies, and the largest log-probability difference. Results
+also go to a JSON file (``--out``). Measures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from experiments.evaluate import evaluate_mmlu
+from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
+from experiments.measure import PhaseMeter, limit_heap_retention
+from experiments.models import load_tokenizer, resolve_model
+from methods.base import DTYPES, load_pretrained
+
+
+def compare(ours: dict, reference: dict) -> dict:
+    theirs = {p["index"]: p for p in reference["predictions"]}
+    same = sum(p["pred"] == theirs[p["index"]]["pred"] for p in ours["predictions"])
+    max_diff = max(max(abs(a - b) for a, b in zip(p["logprobs"], theirs[p["index"]]["logprobs"]))
+                   for p in ours["predictions"])
+    return {"agreement": same / len(ours["predictions"]), "acc_diff_points": 100 * (ours["acc"] - reference["acc"]),
+            "max_logprob_diff": max_diff}
+
+
+def run_backend(name: str, model, tokenizer, meter: PhaseMeter, **kwargs) -> tuple[dict, dict]:
+    evaluate = evaluate_mmlu if name == "harness" else evaluate_mmlu_lm_eval
+    with meter.phase(f"{name}_{kwargs['num_fewshot']}shot") as phase:
+        result = evaluate(model, tokenizer, **kwargs)
+    n = result["n_questions"]
+    return result, {"backend": name, "backend_version": result["backend_version"], "questions": n,
+                    "seconds": round(phase.wall_s, 2), "questions_per_second": n / phase.wall_s,
+                    "acc": result["acc"], "peak_memory_bytes": phase.peak_memory_bytes}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit-per-subject", type=int, default=4, help="questions per subject (57 subjects)")
+    parser.add_argument("--subjects", nargs="*", default=None, help="subject names as in the data file")
+    parser.add_argument("--shots", type=int, nargs="+", default=[0, 5])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
+    args = parser.parse_args(argv)
+    limit_heap_retention()
+
+    spec = resolve_model(OmegaConf.create({"name": "smollm2_135m", "kind": "bundled_gguf"}))
+    device = torch.device(args.device)
+    model = load_pretrained(spec, device, DTYPES[args.dtype])
+    tokenizer = load_tokenizer(spec)
+    meter = PhaseMeter(device)
+    report = {"model": spec.name, "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
+              "limit_per_subject": args.limit_per_subject, "runs": []}
+    for shots in args.shots:
+        kwargs = dict(num_fewshot=shots, subjects=args.subjects, limit_per_subject=args.limit_per_subject,
+                      batch_size=args.batch_size, progress=False)
+        ours, ours_row = run_backend("harness", model, tokenizer, meter, **kwargs)
+        reference, ref_row = run_backend("lm_eval", model, tokenizer, meter, **kwargs)
+        row = {"num_fewshot": shots, "harness": ours_row, "lm_eval": ref_row,
+               "speedup": ours_row["questions_per_second"] / ref_row["questions_per_second"],
+               **compare(ours, reference)}
+        report["runs"].append(row)
+        print(f"{shots}-shot, {ours_row['questions']} questions: harness {ours_row['questions_per_second']:.2f} q/s, "
+              f"lm-eval {ref_row['questions_per_second']:.2f} q/s, speedup {row['speedup']:.1f}x, "
+              f"agreement {100 * row['agreement']:.2f}%, acc {ours_row['acc']:.4f} vs {ref_row['acc']:.4f} "
+              f"(max |dlogprob| {row['max_logprob_diff']:.2e})", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""GPTQ post-training quantization (Frantar et al., "GPTQ: Accurate Post-Training Quantization
+for Generative Pre-trained Transformers", ICLR 2023), through GPTQModel.
+
+GPTQ quantizes one layer at a time, choosing each weight's code to minimise the error
+of the layer's output on calibration inputs, using second-order (Hessian) information;
+2/3/4/8 bits, a group size (or per-channel), symmetric or asymmetric, act-order.
+GPTQModel (ModelCloud), the maintained successor of AutoGPTQ, does the work; we only
+prepare calibration data, cache the quantized checkpoint, and load it back.
+
+GPTQModel is imported only here, inside functions, so that every other method runs
+without it (``pip install -e '.[gptq]'``). On a CPU with 2 cores it refuses to start
+its worker pool unless ``GPTQMODEL_CPU_WORKERS`` is set; we set it before the import.
+
+``dequantized_layers`` turns a GPTQ checkpoint's layers back into plain (codes, scale,
+zero) tensors, independent of GPTQModel's packing: each layer's exact dequantized
+weight is read by running it on the identity matrix, and since GPTQ's W = s (q - z)
+with integer q and z, the codes relative to the group minimum reproduce W exactly.
+QA-LoRA (methods/qalora.py) uses that for its GPTQ base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from experiments.errors import ConfigError
+from methods.base import LoadContext, parse_dtype
+from methods.int_quant import GroupQuantLinear, check_format, replace_linears
+from methods.storage import is_gptq_layer, trainable_parameters, weight_storage
+
+
+def _import_gptqmodel():
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    try:
+        import gptqmodel
+    except ImportError as error:
+        raise ConfigError(
+            f"GPTQ methods need GPTQModel ({error}); install it with: pip install -e '.[gptq]'"
+        ) from None
+    return gptqmodel
+
+
+def gptqmodel_available() -> bool:
+    try:
+        _import_gptqmodel()
+        return True
+    except ConfigError:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool = True):
+    """GPTQModel prints progress for every module; keep it out of the user's way (logged on error)."""
+    if not enabled:
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    except Exception:
+        print(buffer.getvalue()[-5000:])
+        raise
+
+
+def check_calibration(calibration: dict, batch_size: int):
+    n_samples = calibration.get("n_samples", 128)
+    if not isinstance(n_samples, int) or n_samples < batch_size:
+        raise ConfigError(f"method.calibration.n_samples={n_samples!r}: the calibration set must hold at least one "
+                          f"batch (method.batch_size={batch_size})")
+    if not isinstance(calibration.get("seq_len", 2048), int) or calibration.get("seq_len", 2048) < 1:
+        raise ConfigError(f"method.calibration.seq_len={calibration.get('seq_len')!r}: must be a positive integer")
+
+
+def checkpoint_key(model_path: str, settings: dict, calibration: list[list[int]]) -> str:
+    digest = hashlib.sha256(json.dumps({"model": model_path, **settings}, sort_keys=True).encode())
+    for segment in calibration:
+        digest.update(torch.tensor(segment, dtype=torch.int32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def quantize_checkpoint(model_path: str, calibration: list[list[int]], *, bits: int, group_size: int, sym: bool,
+                        desc_act: bool, batch_size: int, cache_root: Path) -> Path:
+    """GPTQ-quantize the checkpoint at ``model_path``; the result is cached by its inputs."""
+    settings = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
+    folder = cache_root / f"gptq-{checkpoint_key(model_path, settings, calibration)}"
+    if (folder / "config.json").exists():
+        return folder
+    gptqmodel = _import_gptqmodel()
+    config = gptqmodel.QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
+    examples = [{"input_ids": seg, "attention_mask": [1] * len(seg)} for seg in calibration]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        with _quiet():
+            model = gptqmodel.GPTQModel.load(model_path, config, device="cpu" if not torch.cuda.is_available() else None)
+            model.quantize(examples, batch_size=batch_size, calibration_data_min_length=1)
+            model.save(str(tmp))
+        os.replace(tmp, folder)  # a cached checkpoint is whole or absent
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_quantized(folder: Path, device: torch.device):
+    """The GPTQ checkpoint as a Hugging Face model (GPTQModel picks the kernel for the device)."""
+    gptqmodel = _import_gptqmodel()
+    with _quiet():
+        wrapped = gptqmodel.GPTQModel.load(str(folder), device=str(device))
+    model = wrapped.model
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+@torch.no_grad()
+def layer_codes(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scales, zeros) that reproduce a GPTQ layer's dequantized weight exactly."""
+    in_features, out_features = module.in_features, module.out_features
+    eye = torch.eye(in_features, dtype=module.scales.dtype, device=module.scales.device)
+    weight = module(eye).float().T  # (out, in)
+    if getattr(module, "bias", None) is not None:
+        weight = weight - module.bias.float().unsqueeze(1)
+    scales = module.scales.float().T.contiguous()  # GPTQ stores (groups, out)
+    group_size = module.group_size if module.group_size > 0 else in_features
+    steps = torch.round(weight.reshape(out_features, -1, group_size) / scales.unsqueeze(-1))  # q - z, integers
+    zeros = -steps.amin(dim=-1)
+    codes = (steps + zeros.unsqueeze(-1)).clamp(0, (1 << module.bits) - 1)
+    return codes.reshape(out_features, in_features).to(torch.uint8), scales, zeros
+
+
+def gptq_quantize_to_group_linears(model, model_spec, target_modules, bits: int, group_size: int,
+                                   context: LoadContext) -> int:
+    """Replace the target linears of ``model`` by GroupQuantLinear layers holding GPTQ's codes."""
+    from experiments.assets import cache_dir
+
+    folder = quantize_checkpoint(model_spec.path, context.calibration, bits=bits, group_size=group_size, sym=False,
+                                 desc_act=False, batch_size=context.extra.get("gptq_batch_size", 4),
+                                 cache_root=cache_dir() / "gptq")
+    quantized = load_quantized(folder, torch.device("cpu"))
+    layers = {name: m for name, m in quantized.named_modules() if is_gptq_layer(m)}
+
+    def make(name, linear):
+        codes, scales, zeros = layer_codes(layers[name])
+        layer = GroupQuantLinear.from_quantized(codes, scales, zeros, bits, group_size, linear.bias)
+        return layer.to(linear.weight.device)
+
+    return replace_linears(model, target_modules, make)
+
+
+class GPTQ:
+    """Post-training GPTQ of the base model (no fine-tuning)."""
+
+    trainable = False
+    needs_calibration = True
+    quantize_phase = "load"
+
+    def __init__(self, name: str, bits: int = 4, group_size: int = 128, sym: bool = False, desc_act: bool = False,
+                 compute_dtype: str = "bfloat16", batch_size: int = 4, calibration: dict | None = None):
+        check_format(bits, group_size)
+        check_calibration(calibration or {}, batch_size)
+        self.name, self.bits, self.group_size, self.sym, self.desc_act = name, bits, group_size, sym, desc_act
+        self.compute_dtype_name = compute_dtype
+        self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
+        self.batch_size = batch_size
+        self.calibration = dict(calibration or {})
+
+    def validate(self, shape: dict):
+        for key in ("hidden_size", "intermediate_size"):
+            if shape.get(key):
+                check_format(self.bits, self.group_size, shape[key])
+
+    def quantize_path(self, model_path: str, context: LoadContext) -> Path:
+        from experiments.assets import cache_dir
+
+        return quantize_checkpoint(model_path, context.calibration, bits=self.bits, group_size=self.group_size,
+                                   sym=self.sym, desc_act=self.desc_act, batch_size=self.batch_size,
+                                   cache_root=cache_dir() / "gptq")
+
+    def load_base(self, model_spec, context: LoadContext):
+        return load_quantized(self.quantize_path(model_spec.path, context), context.device)
+
+    def add_adapters(self, model):
+        return model
+
+    def finalize(self, model, context: LoadContext):
+        return model
+
+    def describe(self, model) -> dict:
+        return {
+            "name": self.name, "family": "gptq", "quant_format": f"int{self.bits}-g{self.group_size}",
+            "bits": self.bits, "group_size": self.group_size, "block_size": self.group_size, "double_quant": False,
+            "sym": self.sym, "desc_act": self.desc_act, "compute_dtype": self.compute_dtype_name,
+            "calibration": self.calibration,
+            **weight_storage(model, ()),
+            "trainable_params": trainable_parameters(model),
+        }

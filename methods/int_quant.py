@@ -1,0 +1,151 @@
+"""Asymmetric group-wise INT-k weight quantization: codes, packing, and a quantized linear layer.
+
+The integer format QA-LoRA (Xu et al., arXiv 2309.14717) and GPTQ (Frantar et al., ICLR
+2023) store: for each output row and each group of ``group_size`` consecutive input
+channels, one scale and one zero point, and W ~= scale * (q - zero) with integer codes
+q in [0, 2^k - 1]. Written here because our QA-LoRA layer must own its scales and zeros
+(its merge rewrites the zeros); GPTQModel's kernels keep them in packed, read-only form.
+
+Storage: codes are bit-packed, 8 codes of k bits into k bytes (so 2, 3, 4 and 8 bits all
+pack without waste); scales are fp16; zeros are fp16 while they are integers, and fp32
+once a QA-LoRA merge has shifted them off the integers (fp16's spacing near 8 is
+2^-7, too coarse to keep the merge exact).
+
+The layer dequantizes on the fly and recomputes the weight in the backward pass instead
+of saving it, as bitsandbytes' 4-bit matmul does, so training memory holds the packed
+codes only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from experiments.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+CODES_PER_CHUNK = 8  # 8 codes of k bits are exactly k bytes
+
+
+def check_format(bits: int, group_size: int, in_features: int | None = None, where: str = "method"):
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"{where}.bits={bits!r} is not one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if not isinstance(group_size, int) or group_size < CODES_PER_CHUNK or group_size % CODES_PER_CHUNK:
+        raise ConfigError(f"{where}.group_size={group_size!r}: must be a positive multiple of 8 (e.g. 32, 64, 128)")
+    if in_features is not None and in_features % group_size:
+        raise ConfigError(f"{where}.group_size={group_size} does not divide a layer's {in_features} input features")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (any shape, numel a multiple of 8) -> uint8 bytes, numel * bits / 8 of them."""
+    chunks = codes.reshape(-1, CODES_PER_CHUNK).to(torch.int64)
+    shifts = torch.arange(CODES_PER_CHUNK, device=codes.device, dtype=torch.int64) * bits
+    words = (chunks << shifts).sum(dim=1)  # 8 * bits <= 64 bits per word
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    return ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
+    chunks = packed.reshape(-1, bits).to(torch.int64)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    words = (chunks << byte_shifts).sum(dim=1)
+    shifts = torch.arange(CODES_PER_CHUNK, device=packed.device, dtype=torch.int64) * bits
+    codes = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(shape)
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int):
+    """Round-to-nearest, asymmetric min-max per group: (codes, scales, zeros), zeros integer-valued."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    low = groups.amin(dim=-1).clamp(max=0)  # include 0 in the range, as GPTQ's quantizer does
+    high = groups.amax(dim=-1).clamp(min=0)
+    max_code = (1 << bits) - 1
+    scales = ((high - low) / max_code).clamp(min=1e-8)
+    scales = scales.to(torch.float16).float()  # quantize against the scale we will store
+    zeros = torch.round(-low / scales).clamp(0, max_code)
+    codes = torch.clamp(torch.round(groups / scales.unsqueeze(-1)) + zeros.unsqueeze(-1), 0, max_code)
+    return codes.reshape(out_features, in_features).to(torch.uint8), scales, zeros
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features, in_features = codes.shape
+    grouped = codes.float().reshape(out_features, in_features // group_size, group_size)
+    return ((grouped - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).reshape(out_features, in_features)
+
+
+class _RecomputedWeightLinear(torch.autograd.Function):
+    """x @ W^T with W dequantized in forward and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight = ctx.layer.dequantized_weight(grad_output.dtype)
+        return grad_output @ weight, None
+
+
+class GroupQuantLinear(torch.nn.Module):
+    """A frozen linear layer stored as packed INT-k codes with per-group scale and zero."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 bias: torch.Tensor | None = None, zeros_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        check_format(bits, group_size, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = in_features // group_size
+        self.register_buffer("packed_codes", torch.zeros(in_features * out_features * bits // 8, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=zeros_dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_quantized(cls, codes, scales, zeros, bits: int, group_size: int, bias=None) -> "GroupQuantLinear":
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, bits, group_size, bias)
+        layer.packed_codes.copy_(pack_codes(codes, bits))
+        layer.scales.copy_(scales.to(torch.float16))
+        layer.zeros.copy_(zeros)
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.packed_codes, self.bits, torch.Size((self.out_features, self.in_features)))
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.codes(), self.scales, self.zeros, self.group_size).to(dtype)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _RecomputedWeightLinear.apply(x, self)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_forward(x)
+
+    def storage_parts(self) -> dict:
+        """For methods/storage.py: what this layer stores, by part."""
+        constants = [self.scales, self.zeros]
+        return {
+            "params": self.in_features * self.out_features,
+            "code_bytes": self.packed_codes.numel(),
+            "constant_bytes": sum(t.numel() * t.element_size() for t in constants),
+            "tensor_ids": {id(self.packed_codes), id(self.scales), id(self.zeros)},
+        }
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def replace_linears(model: torch.nn.Module, target_modules, make_layer) -> int:
+    """Swap every nn.Linear whose name is in ``target_modules`` for ``make_layer(name, linear)``."""
+    replaced = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in target_modules and isinstance(child, torch.nn.Linear):
+                full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+                setattr(parent, child_name, make_layer(full_name, child))
+                replaced += 1
+    return replaced

@@ -1,0 +1,227 @@
+"""QA-LoRA (Xu et al., "QA-LoRA: Quantization-Aware Low-Rank Adaptation of LLMs", arXiv 2309.14717).
+
+The frozen base is INT-k with asymmetric group-wise quantization (methods/int_quant.py):
+per output row and group of L input channels, one scale s and one zero z, W = s (q - z).
+The adapter sees the input pooled over each group (mean, or sum), so A is r x (D_in / L)
+and B is D_out x r, B initialised to zero. Its update to the weight,
+``dW[o, j] = scaling * (B @ A)[o, group(j)] / L`` (no ``/ L`` for sum pooling), is constant
+within each group, so after training it folds exactly into the zero points:
+
+    s (q - z) + dW = s (q - (z - dW / s))   =>   z' = z - scaling * (B @ A) / (L * s)
+
+and the merged model is still INT-k with per-group scale and zero, with nothing lost.
+This is the official code's merge (yuhuixu1993/qa-lora, merge.py) with the pooling
+made explicit. Written here because no maintained library does it: peft's
+``use_qalora`` works on GPTQ layers only, scales the mean by the number of groups, and
+refuses to merge.
+
+The base comes from round-to-nearest (``base_quantizer: rtn``, no calibration) or from
+GPTQ (``base_quantizer: gptq``, through GPTQModel, methods/gptq.py). The merged model
+exports as safetensors (``save_merged`` / ``load_merged``): packed uint8 codes, fp16
+scales, fp32 zeros (fp32 because merged zeros are no longer integers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from experiments.errors import ConfigError
+from methods.base import LoadContext, LoraSettings, load_pretrained, parse_dtype
+from methods.int_quant import GroupQuantLinear, check_format, replace_linears, rtn_quantize
+from methods.storage import trainable_parameters, weight_storage
+
+POOLINGS = ("mean", "sum")
+BASE_QUANTIZERS = ("rtn", "gptq")
+EXPORT_FORMAT = "qpeft-int-group/1"
+
+
+class QALoRALinear(torch.nn.Module):
+    """A GroupQuantLinear plus the group-pooled adapter B @ A."""
+
+    def __init__(self, base: GroupQuantLinear, lora: LoraSettings, pooling: str):
+        super().__init__()
+        self.base = base
+        self.pooling = pooling
+        self.scaling = lora.alpha / lora.r
+        groups = base.in_features // base.group_size
+        self.qalora_A = torch.nn.Parameter(torch.empty(lora.r, groups, dtype=torch.float32))
+        self.qalora_B = torch.nn.Parameter(torch.zeros(base.out_features, lora.r, dtype=torch.float32))
+        torch.nn.init.kaiming_uniform_(self.qalora_A, a=math.sqrt(5))  # as peft initialises LoRA's A
+        self.dropout = torch.nn.Dropout(lora.dropout) if lora.dropout else torch.nn.Identity()
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        grouped = x.reshape(*x.shape[:-1], -1, self.base.group_size)
+        return grouped.mean(-1) if self.pooling == "mean" else grouped.sum(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        pooled = self.pool(self.dropout(x)).to(self.qalora_A.dtype)
+        update = (pooled @ self.qalora_A.T) @ self.qalora_B.T
+        return out + (self.scaling * update).to(out.dtype)
+
+    @torch.no_grad()
+    def merged(self) -> GroupQuantLinear:
+        """The base with the adapter folded into its zero points (zeros become fp32)."""
+        base = self.base
+        delta = self.scaling * (self.qalora_B.double() @ self.qalora_A.double())  # D_out x groups
+        if self.pooling == "mean":
+            delta = delta / base.group_size
+        zeros = base.zeros.double() - delta / base.scales.double()
+        merged = GroupQuantLinear(base.in_features, base.out_features, base.bits, base.group_size, base.bias,
+                                  zeros_dtype=torch.float32)
+        merged.packed_codes.copy_(base.packed_codes)
+        merged.scales.copy_(base.scales)
+        merged.zeros.copy_(zeros.to(torch.float32))
+        return merged.to(base.scales.device)
+
+
+def quantize_linears_rtn(model, target_modules, bits: int, group_size: int) -> int:
+    def make(name, linear):
+        codes, scales, zeros = rtn_quantize(linear.weight.data, bits, group_size)
+        layer = GroupQuantLinear.from_quantized(codes, scales, zeros, bits, group_size, linear.bias)
+        return layer.to(linear.weight.device)
+
+    return replace_linears(model, target_modules, make)
+
+
+class QALoRA:
+    trainable = True
+
+    def __init__(self, name: str, bits: int = 4, group_size: int = 32, base_quantizer: str = "rtn",
+                 pooling: str = "mean", compute_dtype: str = "bfloat16", merge: bool = True,
+                 lora: dict | None = None, calibration: dict | None = None):
+        check_format(bits, group_size)
+        if pooling not in POOLINGS:
+            raise ConfigError(f"method.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+        if base_quantizer not in BASE_QUANTIZERS:
+            raise ConfigError(f"method.base_quantizer={base_quantizer!r} is not one of {', '.join(BASE_QUANTIZERS)}")
+        self.name, self.bits, self.group_size = name, bits, group_size
+        self.base_quantizer, self.pooling, self.merge = base_quantizer, pooling, bool(merge)
+        self.compute_dtype_name = compute_dtype
+        self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
+        self.lora = LoraSettings.from_config(lora)
+        self.calibration = dict(calibration or {})
+        self.trained_params = 0
+        self.needs_calibration = base_quantizer == "gptq"
+        self.quantize_phase = "load"  # the base is quantized (RTN or GPTQ) as it loads
+        if self.needs_calibration:
+            from methods.gptq import check_calibration
+
+            check_calibration(self.calibration, batch_size=4)
+
+    def validate(self, shape: dict):
+        """Fail before any work if the group size does not divide a target layer's inputs."""
+        for key in ("hidden_size", "intermediate_size"):
+            if shape.get(key):
+                check_format(self.bits, self.group_size, shape[key])
+
+    def load_base(self, model_spec, context: LoadContext):
+        model = load_pretrained(model_spec, context.device, self.compute_dtype)
+        if self.base_quantizer == "gptq":
+            from methods.gptq import gptq_quantize_to_group_linears
+
+            gptq_quantize_to_group_linears(model, model_spec, self.lora.target_modules, self.bits,
+                                           self.group_size, context)
+        else:
+            quantize_linears_rtn(model, self.lora.target_modules, self.bits, self.group_size)
+        model.requires_grad_(False)
+        return model
+
+    def add_adapters(self, model):
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, GroupQuantLinear):
+                    setattr(parent, child_name, QALoRALinear(child, self.lora, self.pooling))
+        model = model.to(next(model.parameters()).device)
+        self.trained_params = trainable_parameters(model)  # the merge folds them away: remember them
+        return model
+
+    def finalize(self, model, context: LoadContext):
+        if self.merge:
+            merge_adapters(model)
+        return model
+
+    def describe(self, model) -> dict:
+        merged = not any(isinstance(m, QALoRALinear) for m in model.modules())
+        return {
+            "name": self.name,
+            "family": "qalora",
+            "quant_format": f"int{self.bits}-g{self.group_size}",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "block_size": self.group_size,
+            "double_quant": False,
+            "base_quantizer": self.base_quantizer,
+            "pooling": self.pooling,
+            "merged": merged,
+            "compute_dtype": self.compute_dtype_name,
+            "lora": self.lora.as_dict(),
+            "calibration": self.calibration if self.needs_calibration else None,
+            **weight_storage(model, self.lora.target_modules),
+            "trainable_params": self.trained_params,
+        }
+
+
+def merge_adapters(model) -> int:
+    merged = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, QALoRALinear):
+                setattr(parent, child_name, child.merged())
+                merged += 1
+    return merged
+
+
+def save_merged(model, folder: Path) -> Path:
+    """Export a merged model: safetensors of every tensor + a JSON naming each INT-k layer."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = {name: {"bits": m.bits, "group_size": m.group_size, "in_features": m.in_features,
+                     "out_features": m.out_features, "has_bias": m.bias is not None}
+              for name, m in model.named_modules() if isinstance(m, GroupQuantLinear)}
+    if any(isinstance(m, QALoRALinear) for m in model.modules()):
+        raise ValueError("merge the adapters first (merge_adapters)")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # stored once, as the embedding
+    save_file(state, str(folder / "model.safetensors"))
+    model.config.save_pretrained(folder)
+    (folder / "int_layers.json").write_text(json.dumps({
+        "format": EXPORT_FORMAT,
+        "layout": "packed_codes: uint8, 8 codes of k bits per k bytes, row-major (out, in); "
+                  "scales: fp16 (out, in/group_size); zeros: fp32 (out, in/group_size), W = scales * (q - zeros)",
+        "layers": layers}, indent=1))
+    return folder
+
+
+def load_merged(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """Rebuild a model saved by ``save_merged``: architecture from config.json, INT-k layers from int_layers.json."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = json.loads((Path(folder) / "int_layers.json").read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{folder}: not a {EXPORT_FORMAT} export")
+    config = AutoConfig.from_pretrained(folder)
+    # A real (not meta) skeleton: non-persistent buffers such as rotary frequencies are
+    # not in the file and must be computed by the model's own constructor.
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, spec in meta["layers"].items():
+        parent_name, _, child = name.rpartition(".")
+        layer = GroupQuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                                 torch.zeros(spec["out_features"]) if spec["has_bias"] else None,
+                                 zeros_dtype=torch.float32)
+        setattr(model.get_submodule(parent_name), child, layer)
+    model = model.to(device)
+    missing, unexpected = model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise ValueError(f"{folder}: state does not match the architecture (missing {missing}, unexpected {unexpected})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,104 @@
+""""QLoRA w/ GPTQ", the QA-LoRA paper's main baseline (Xu et al., arXiv 2309.14717, Table 1).
+
+Fine-tune LoRA adapters on a QLoRA NF4 base (or a 16-bit base), merge them into the
+16-bit weights, then GPTQ-quantize the merged model to INT-k (methods/gptq.py). The
+merge into the NF4 base dequantizes each weight (bitsandbytes), adds B @ A * scaling
+(peft's ``get_delta_weight``) in 16 bits and writes a plain checkpoint for GPTQModel.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from experiments.errors import ConfigError
+from methods.base import LoadContext
+from methods.gptq import GPTQ, load_quantized
+from methods.lora import LoRA
+from methods.qlora import QLoRA
+
+FINETUNE_BASES = ("nf4", "bf16")
+
+
+@torch.no_grad()
+def merged_state_dict(peft_model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The fine-tuned model as plain 16-bit tensors: base (dequantized if 4-bit) + LoRA delta."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    merged = {}
+    model = peft_model.get_base_model()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            if isinstance(base, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+            else:
+                weight = base.weight.data.to(dtype)
+            for adapter in module.active_adapters:
+                weight = weight + module.get_delta_weight(adapter).to(dtype)
+            merged[f"{name}.weight"] = weight
+            if base.bias is not None:
+                merged[f"{name}.bias"] = base.bias.data.to(dtype)
+    for name, tensor in model.state_dict().items():
+        plain = name.replace(".base_layer", "")
+        if "lora_" in name or plain in merged or tensor.dtype == torch.uint8 or "absmax" in name or "quant_" in name:
+            continue
+        merged[plain] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return merged
+
+
+class QLoRAThenGPTQ:
+    trainable = True
+    needs_calibration = True
+    quantize_phase = "finalize"
+
+    def __init__(self, name: str, bits: int = 4, group_size: int = 32, finetune_base: str = "nf4",
+                 sym: bool = False, desc_act: bool = False, compute_dtype: str = "bfloat16", batch_size: int = 4,
+                 lora: dict | None = None, calibration: dict | None = None):
+        if finetune_base not in FINETUNE_BASES:
+            raise ConfigError(f"method.finetune_base={finetune_base!r} is not one of {', '.join(FINETUNE_BASES)}")
+        self.name, self.finetune_base = name, finetune_base
+        self.gptq = GPTQ(name, bits, group_size, sym, desc_act, compute_dtype, batch_size, calibration)
+        self.finetuner = (QLoRA(name, "nf4", False, compute_dtype, lora) if finetune_base == "nf4"
+                          else LoRA(name, compute_dtype, lora))
+        self.trained_params = 0
+        self.model_path: str | None = None
+
+    @property
+    def calibration(self) -> dict:
+        return self.gptq.calibration
+
+    def validate(self, shape: dict):
+        self.gptq.validate(shape)
+
+    def load_base(self, model_spec, context: LoadContext):
+        self.model_path = model_spec.path
+        return self.finetuner.load_base(model_spec, context)
+
+    def add_adapters(self, model):
+        model = self.finetuner.add_adapters(model)
+        self.trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return model
+
+    def finalize(self, model, context: LoadContext):
+        from transformers import AutoModelForCausalLM
+
+        dtype = self.gptq.compute_dtype
+        state = merged_state_dict(model, dtype)
+        with tempfile.TemporaryDirectory(prefix="qpeft-merged-") as tmp:
+            plain = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+            plain.load_state_dict(state, strict=False)  # tied head: stored once, as the embedding
+            plain.save_pretrained(tmp)
+            if context.tokenizer is not None:
+                context.tokenizer.save_pretrained(tmp)
+            del model, plain
+            return load_quantized(self.gptq.quantize_path(tmp, context), context.device)
+
+    def describe(self, model) -> dict:
+        info = self.gptq.describe(model)
+        info.update(family="qlora_gptq", finetune_base=self.finetune_base, lora=self.finetuner.lora.as_dict(),
+                    trainable_params=self.trained_params)
+        return info

@@ -1,0 +1,288 @@
+"""analysis/: load_runs on awkward folders, the four tables, the plots, the notebook.
+
+Records are built here with the fields experiments/run.py writes (a trimmed version 1
+record), so each test states exactly what it feeds in. The notebook test runs
+analysis/results.ipynb on the committed results/quickstart records.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis.load import COLUMNS, NoRecordsError, RecordWarning, load_runs
+from analysis.tables import load_reference, main_table, qalora_table1, qlora_table4, write_tables
+from analysis.tables import main as tables_main
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "results" / "quickstart"
+
+FORMATS = {  # method -> (family, quant_format, bits, group_size, weight bytes, constants)
+    "lora_bf16": ("lora", "bfloat16", 16, None, 269_030_272, 0),
+    "qlora_nf4": ("qlora", "nf4", 4, None, 116_413_376, 6_635_584),
+    "qlora_nf4_dq": ("qlora", "nf4+dq", 4, None, 111_464_760, 1_686_968),
+    "qlora_fp4": ("qlora", "fp4", 4, None, 116_413_376, 6_635_584),
+    "qalora": ("qalora", "int{bits}-g32", None, 32, 70_000_000, 3_000_000),
+    "qlora_gptq": ("qlora_gptq", "int{bits}-g32", None, 32, 70_000_000, 3_000_000),
+    "gptq": ("gptq", "int{bits}-g32", None, 32, 70_000_000, 3_000_000),
+}
+
+CONFIG_METHOD = {  # the resolved conf/method/<name>.yaml keys that matter to the reader
+    "lora_bf16": {"_target_": "methods.lora.LoRA", "dtype": "bfloat16"},
+    "qlora_nf4": {"_target_": "methods.qlora.QLoRA", "quant_type": "nf4", "double_quant": False},
+    "qlora_nf4_dq": {"_target_": "methods.qlora.QLoRA", "quant_type": "nf4", "double_quant": True},
+    "qlora_fp4": {"_target_": "methods.qlora.QLoRA", "quant_type": "fp4", "double_quant": False},
+    "qalora": {"_target_": "methods.qalora.QALoRA", "group_size": 32},
+    "qlora_gptq": {"_target_": "methods.qlora_gptq.QLoRAGPTQ", "group_size": 32},
+    "gptq": {"_target_": "methods.gptq.GPTQ", "group_size": 32},
+}
+
+
+def make_record(method="qlora_nf4", seed=0, status="ok", acc=0.30, shots=5, bits=None, ppl=11.0) -> dict:
+    family, fmt, default_bits, group, weight, constants = FORMATS[method]
+    bits = bits or default_bits
+    trained = method != "gptq"
+    categories = {c: {"acc": acc + d, "n": 50} for c, d in
+                  (("humanities", -0.02), ("stem", 0.01), ("social_sciences", 0.0), ("other", 0.03))}
+    record = {
+        "schema_version": 1, "run_id": f"{method}-b{bits}-s{seed}-{shots}shot", "status": "ok", "error": None,
+        "created_at": "2026-11-24T01:20:04+0000", "finished_at": "2026-11-24T01:22:04+0000",
+        "config": {"seed": seed, "experiment_name": "test",
+                   "method": {"name": method, **CONFIG_METHOD[method], **({"bits": bits} if "group_size" in CONFIG_METHOD[method] else {})},
+                   "model": {"name": "smollm2_135m"},
+                   "data": {"source": "mmlu_reserve"}, "train": {"max_steps": 4},
+                   "eval": {"num_fewshot": shots}},
+        "env": {"device": "cpu", "device_name": "x86_64", "torch_threads": 2, "git_commit": "abc", "git_dirty": False},
+        "slurm": None,
+        "model": {"name": "smollm2_135m", "synthetic": False},
+        "method": {"name": method, "family": family, "quant_format": fmt.format(bits=bits), "bits": bits,
+                   "group_size": group, "lora": {"r": 64, "alpha": 16}, "weight_bytes": weight,
+                   "quantization_constant_bytes": constants, "unquantized_bytes": 56_693_632,
+                   "adapter_bytes": 78_151_680 if trained else 0,
+                   "weight_bits_per_param": 16.0 if bits == 16 else bits + 0.5,
+                   "trainable_params": 19_537_920 if trained else 0},
+        "train": {"steps": 4, "tokens": 1600, "tokens_per_second": 150.0 + seed, "loss_first": 3.1,
+                  "loss_last": 2.6, "losses": [3.1, 2.9, 2.7 + seed / 10, 2.6], "peak_memory_bytes": 6_600_000_000,
+                  "wall_s": 10.0} if trained else None,
+        "eval": {"mmlu": {"acc": acc, "num_fewshot": shots, "n_questions": 200, "categories": categories},
+                 "perplexity": {"perplexity": ppl, "n_tokens": 8000}},
+        "memory": {"optimizer_state_bytes": 156_305_040 if trained else None},
+        "phases": {"train": {"wall_s": 10.0, "peak_memory_bytes": 6_600_000_000}},
+    }
+    for key in ("weight_bytes", "quantization_constant_bytes", "unquantized_bytes", "adapter_bytes"):
+        record["memory"][key] = record["method"][key]
+    if status != "ok":  # as execute() leaves it: the error, and nothing after the failing phase
+        record.update(status=status, eval={}, method=None,
+                      error={"type": "OutOfMemoryError" if status == "oom" else "RuntimeError",
+                             "message": "CUDA out of memory" if status == "oom" else "boom", "traceback": ""})
+        record["memory"] = {}
+    return record
+
+
+def write(folder: Path, *records: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for record in records:
+        (folder / f"{record['run_id']}.json").write_text(json.dumps(record))
+    return folder
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """Three seeds of NF4, one seed of the others, an OOM config, and a QA-LoRA bit sweep."""
+    records = [make_record("qlora_nf4", seed=s, acc=0.30 + s / 100) for s in range(3)]
+    records += [make_record("lora_bf16", acc=0.33), make_record("qlora_nf4_dq", acc=0.31),
+                make_record("qlora_fp4", status="oom"), make_record("qlora_fp4", seed=1, status="oom"),
+                make_record("qlora_nf4", seed=0, shots=0, acc=0.28)]
+    records += [make_record("qalora", bits=b, acc=0.25 + b / 100) for b in (2, 3, 4)]
+    records += [make_record("qlora_gptq", bits=4, status="failed"), make_record("gptq", bits=4, ppl=13.5)]
+    return write(tmp_path / "results" / "sweep", *records)
+
+
+# ----------------------------------------------------------------------------- load_runs
+
+def test_load_runs_one_row_per_run_with_stable_typed_columns(sweep):
+    runs = load_runs(sweep.parent)  # recursive
+    assert len(runs) == 13
+    assert list(runs.columns) == list(COLUMNS)
+    assert runs["seed"].dtype == "Int64" and runs["mmlu_acc"].dtype == "float64"
+    assert runs["model_synthetic"].dtype == "boolean"
+    assert str(runs["created_at"].dtype).startswith("datetime64")
+    nf4 = runs[(runs["method"] == "qlora_nf4") & (runs["mmlu_num_fewshot"] == 5)]
+    assert sorted(nf4["seed"]) == [0, 1, 2]
+    assert nf4["mmlu_stem_acc"].round(4).tolist() == [0.31, 0.32, 0.33]
+    # deterministic order whatever the file system returns
+    assert runs["run_id"].tolist() == load_runs(sweep)["run_id"].tolist()
+
+
+def test_failed_and_oom_runs_are_rows_with_their_status_and_error(sweep):
+    runs = load_runs(sweep)
+    oom = runs[runs["method"] == "qlora_fp4"]
+    assert oom["status"].tolist() == ["oom", "oom"]
+    assert oom["error_type"].tolist() == ["OutOfMemoryError"] * 2
+    assert oom["mmlu_acc"].isna().all()
+    assert oom["quant_format"].tolist() == ["fp4", "fp4"]  # from the config: method.describe never ran
+    assert oom["mmlu_num_fewshot"].tolist() == [5, 5]  # from the config: the table puts it in its column
+    assert runs.loc[runs["method"] == "qlora_gptq", "status"].tolist() == ["failed"]
+
+
+def test_missing_fields_are_empty_cells_not_errors(tmp_path):
+    record = make_record("qlora_nf4")
+    del record["eval"]["perplexity"], record["train"]["losses"], record["env"], record["memory"]
+    record["method"].pop("weight_bits_per_param")
+    runs = load_runs(write(tmp_path, record))
+    row = runs.iloc[0]
+    assert pd.isna(row["perplexity"]) and pd.isna(row["weight_bits_per_param"]) and pd.isna(row["device"])
+    assert row["weight_bytes"] == 116_413_376  # falls back to method.weight_bytes
+    assert row["mmlu_acc"] == pytest.approx(0.30)
+
+
+def test_corrupt_partial_and_foreign_files_are_named_and_skipped(tmp_path):
+    folder = write(tmp_path, make_record("qlora_nf4"))
+    (folder / "truncated.json").write_text(json.dumps(make_record("lora_bf16"))[:200])
+    (folder / "pointer.json").write_text(json.dumps({"run_id": "x", "record_path": "/elsewhere"}))
+    newer = make_record("qlora_fp4")
+    newer["schema_version"] = 99
+    (folder / "newer.json").write_text(json.dumps(newer))
+    (folder / ".half.json.tmp.json").write_text("{")  # an atomic write in progress: not a file to report
+    with pytest.warns(RecordWarning) as caught:
+        runs = load_runs(folder)
+    assert runs["method"].tolist() == ["qlora_nf4"]
+    messages = "\n".join(str(w.message) for w in caught)
+    assert "truncated.json" in messages and "corrupt or partial" in messages
+    assert "pointer.json" in messages and "newer.json" in messages and "schema_version 99" in messages
+    assert ".half" not in messages
+
+
+def test_record_without_schema_version_is_read_with_a_warning(tmp_path):
+    old = make_record("qlora_nf4_dq")
+    del old["schema_version"]
+    with pytest.warns(RecordWarning, match="without schema_version"):
+        runs = load_runs(write(tmp_path, old))
+    assert runs["method"].tolist() == ["qlora_nf4_dq"] and runs["mmlu_acc"].notna().all()
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(NoRecordsError, match="no run records"):
+        load_runs(tmp_path)
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(NoRecordsError, match="bad.json"), pytest.warns(RecordWarning):
+        load_runs(tmp_path)
+
+
+def test_tables_cli_on_empty_folder_exits_nonzero_with_message(tmp_path, capsys):
+    assert tables_main(["--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "no run records" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- tables
+
+def test_main_table_mean_std_seeds_and_failure_cells(sweep):
+    table = main_table(load_runs(sweep)).set_index("Method")
+    nf4 = table.loc["qlora_nf4"]
+    assert nf4["MMLU 5-shot %"] == "31.0 ± 1.0"  # 30, 31, 32 %
+    assert nf4["MMLU 0-shot %"] == "28.0"  # 0-shot and 5-shot runs of one configuration share a row
+    assert nf4["Seeds"] == "3" and nf4["Runs"] == "4 ok"
+    assert nf4["Weight bits/param"] == "4.500"
+    assert table.loc["lora_bf16", "MMLU 0-shot %"] == "—"  # no run
+    fp4 = table.loc["qlora_fp4"]
+    assert fp4["MMLU 5-shot %"] == "oom" and fp4["Peak train GB"] == "oom" and fp4["Runs"] == "2 oom"
+    assert table.loc["qlora_gptq", "MMLU 5-shot %"] == "failed"
+    # method order: LoRA first, then QLoRA variants, GPTQ-based last
+    assert list(table.index[:4]) == ["lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4"]
+
+
+def test_qlora_table4_puts_ours_beside_the_published_numbers(sweep):
+    table, _ = qlora_table4(load_runs(sweep), load_reference())
+    ours = table[table["Source"] == "ours"].set_index("Data type")
+    assert ours.loc["NFloat4", "smollm2_135m / mmlu_reserve"] == "31.0 ± 1.0 (n=3)"
+    assert ours.loc["Float4", "smollm2_135m / mmlu_reserve"] == "oom"
+    paper = table[table["Source"].str.contains("2305.14314")].set_index("Data type")
+    assert paper.loc["NFloat4 + DQ", "LLaMA-7B / Alpaca"] == "39.0"
+    assert paper.loc["BFloat16", "LLaMA-65B / FLAN v2"] == "62.5"
+    assert paper.loc["Float4", "smollm2_135m / mmlu_reserve"] == "—"
+
+
+def test_qalora_table1_rows_by_method_and_bits(sweep):
+    table, notes = qalora_table1(load_runs(sweep), load_reference())
+    ours = table[table["Source"] == "ours"]
+    qa = ours[ours["Method"] == "QA-LoRA"].set_index("#Bits")
+    assert qa.loc["3", "5-shot Avg."] == "28.0" and qa.loc["2", "5-shot STEM"] == "28.0"
+    assert ours.loc[ours["Method"] == "QLoRA w/ GPTQ", "5-shot Avg."].tolist() == ["failed"]
+    assert set(ours.loc[ours["Method"] == "QLoRA", "#Bits"]) == {"4+16"}
+    paper = table[table["Source"].str.contains("2309.14717")]
+    qalora4 = paper[(paper["Method"] == "QA-LoRA") & (paper["#Bits"] == "4")].iloc[0]
+    assert qalora4["5-shot Avg."] == "39.4" and qalora4["0-shot Hums."] == "—"  # unverified cell left out
+    assert any("IR-QLoRA" in note for note in notes)
+
+
+def test_written_tables_are_byte_for_byte_stable(sweep, tmp_path):
+    runs = load_runs(sweep)
+    first = write_tables(runs, tmp_path / "a", "results/sweep")
+    second = write_tables(runs.sample(frac=1, random_state=1), tmp_path / "b", "results/sweep")
+    assert sorted(p.name for p in first) == sorted(
+        f"{t}.{ext}" for t in ("main", "qlora_table4", "qalora_table1", "datatype_perplexity")
+        for ext in ("md", "csv", "tex"))
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    tex = (tmp_path / "a" / "main.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "lora\\_bf16" in tex
+    perplexity = (tmp_path / "a" / "datatype_perplexity.md").read_text()
+    assert "| ours | int4-g32 | gptq | 13.50 (n=1) |" in perplexity  # only the untrained run
+
+
+# ----------------------------------------------------------------------------- plots
+
+def test_plots_write_png_and_pdf_deterministically(sweep, tmp_path):
+    from analysis.plots import write_plots
+
+    runs = load_runs(sweep)
+    first = write_plots(runs, tmp_path / "a")
+    second = write_plots(runs, tmp_path / "b")
+    names = {p.name for p in first}
+    for plot in ("memory_vs_accuracy", "throughput", "memory_breakdown", "loss_curves"):
+        assert {f"{plot}.png", f"{plot}.pdf"} <= names
+    for a, b in zip(first, second):
+        assert a.stat().st_size > 5000 and a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_memory_parts_add_up_to_the_peak_and_pareto_front():
+    from analysis.plots import MEMORY_PARTS, configurations, pareto_front
+    import numpy as np
+
+    runs = load_runs_from([make_record("qlora_nf4_dq")])
+    config = configurations(runs).iloc[0]
+    parts = sum(config[f"{column}_mean"] for column, _ in MEMORY_PARTS)
+    assert parts == pytest.approx(6_600_000_000)
+    assert config["frozen_weight_bytes_mean"] == 111_464_760 - 1_686_968 - 56_693_632
+    front = pareto_front(np.array([1.0, 2.0, 3.0, 2.5]), np.array([0.2, 0.3, 0.25, 0.4]))
+    assert front.tolist() == [0, 1, 3]
+
+
+def load_runs_from(records: list[dict]) -> pd.DataFrame:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        return load_runs(write(Path(folder), *records))
+
+
+# ----------------------------------------------------------------------------- notebook
+
+@pytest.mark.skipif(not QUICKSTART.is_dir() or not any(QUICKSTART.glob("*.json")),
+                    reason="results/quickstart has no committed records")
+def test_notebook_executes_on_committed_results():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(REPO / "analysis" / "results.ipynb", as_version=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # jupyter_client's own, not ours
+        nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                                resources={"metadata": {"path": str(REPO / "analysis")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("MMLU 5-shot %" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2

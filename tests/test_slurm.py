@@ -1,0 +1,145 @@
+"""Sweeps on a real Slurm cluster, as a user runs them on theirs.
+
+A session fixture starts a single-node Slurm on this machine with scripts/slurm_local.sh
+(own ports, own munge socket, stopped by PID at the end) and the tests run
+``python -m experiments.run -m ... hydra/launcher=submitit_slurm`` against it: records
+of ok runs with their Slurm ids, a failed run that does not stop the others, a job
+preempted mid-training that is requeued and continues from its checkpoint, and a re-run
+that does no work. Skipped only when the Slurm packages cannot be installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.record import read_record
+from tests.conftest import REPO
+
+SCRIPT = REPO / "scripts" / "slurm_local.sh"
+TINY = ("model=llama_synthetic", "method.lora.r=4", "threads=1")
+SLURM = ("hydra/launcher=submitit_slurm",)
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory):
+    """Environment of a shell after ``eval "$(scripts/slurm_local.sh env)"`` on a fresh cluster."""
+    folder = tmp_path_factory.mktemp("slurm")
+    script_env = {**os.environ, "QPEFT_SLURM_DIR": str(folder)}
+    started = subprocess.run(["bash", str(SCRIPT), "start"], env=script_env, capture_output=True, text=True,
+                             timeout=300)
+    if started.returncode == 3:
+        pytest.skip(f"Slurm packages cannot be installed here: {started.stderr.strip()[-500:]}")
+    assert started.returncode == 0, started.stderr[-3000:]
+    env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf"),
+           "PATH": f"{folder / 'bin'}:{os.environ['PATH']}", "HYDRA_FULL_ERROR": "0"}
+    try:
+        yield env
+    finally:
+        stopped = subprocess.run(["bash", str(SCRIPT), "stop"], env=script_env, capture_output=True, text=True,
+                                 timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def sweep(env: dict, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.run", "-m", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def records_in(folder: Path) -> list[dict]:
+    return [read_record(p) for p in sorted(folder.glob("*.json"))]
+
+
+def job_logs(sweep_dir: Path) -> list[str]:
+    return [p.read_text() for p in sorted((sweep_dir / ".submitit").glob("*/*_log.out"))]
+
+
+def slurm(env: dict, *args: str) -> str:
+    return subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def test_a_sweep_runs_as_a_slurm_job_array_and_a_rerun_does_no_work(slurm_env, tmp_path):
+    args = (*SLURM, *TINY, "method=lora_bf16,qlora_nf4", "train.max_steps=2", f"results_dir={tmp_path / 'records'}")
+    first = sweep(slurm_env, *args, f"hydra.sweep.dir={tmp_path / 'sweep1'}")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "2 ok, 0 failed" in first.stdout
+    records = records_in(tmp_path / "records")
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    slurm_ids = [r["slurm"] for r in records]
+    assert {s["array_task_id"] for s in slurm_ids} == {"0", "1"}  # one array, one task per run
+    assert len({s["array_job_id"] for s in slurm_ids}) == 1 and all(s["job_id"] for s in slurm_ids)
+    assert all(s["restart_count"] == 0 for s in slurm_ids)
+
+    again = sweep(slurm_env, *args, f"hydra.sweep.dir={tmp_path / 'sweep2'}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 ok, 0 failed" in again.stdout
+    logs = job_logs(tmp_path / "sweep2")
+    assert len(logs) == 2 and all("already says ok" in log for log in logs)  # each job only checked its record
+    assert records_in(tmp_path / "records") == records  # nothing rewritten
+
+
+def test_a_failed_run_is_recorded_and_the_other_run_completes(slurm_env, tmp_path):
+    # launcher=slurm is the project's preset; this cluster has no GPUs and a little memory per job
+    result = sweep(slurm_env, "launcher=slurm", "hydra.launcher.gpus_per_task=null", "hydra.launcher.mem_gb=null",
+                   "hydra.launcher.cpus_per_task=1", *TINY, "train.max_steps=2",
+                   "hydra.searchpath=[file://tests/conf]", "method=lora_bf16,broken_finalize",
+                   f"results_dir={tmp_path / 'records'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    statuses = {r["method"]["name"] if r["method"] else r["config"]["method"]["name"]: r["status"]
+                for r in records_in(tmp_path / "records")}
+    assert statuses == {"lora_bf16": "ok", "broken_finalize": "failed"}
+    assert "FAILED broken_finalize" in result.stdout and "1 ok, 1 failed" in result.stdout
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def job_field(env: dict, job_id: str, name: str) -> str:
+    line = slurm(env, "scontrol", "-o", "show", "job", job_id)
+    return next(f.split("=", 1)[1] for f in line.split() if f.startswith(f"{name}="))
+
+
+def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_env, tmp_path):
+    records, checkpoints = tmp_path / "records", tmp_path / "records" / ".checkpoints"
+    # timeout_min above 10: submitit counts a signal as a time-out when the job has had
+    # min(80%, limit - 10 min) of its time; this test is about preemption
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "-m", *SLURM, "hydra.launcher.timeout_min=30", *TINY,
+         "method=lora_bf16", "train.max_steps=200", f"results_dir={records}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # train.checkpoint_every is not set: under Slurm the run checkpoints on its own
+        wait_for(lambda: list(checkpoints.glob("*/train_state.pt")) or process.poll() is not None, 120,
+                 "a training checkpoint")
+        assert process.poll() is None, "the run finished before it could be preempted"
+        [job_id] = slurm(slurm_env, "squeue", "-h", "-o", "%A").split()
+        # what Slurm sends before preempting a job (submitit's preemption signal)
+        slurm(slurm_env, "scancel", "--signal=USR2", job_id)
+        wait_for(lambda: int(job_field(slurm_env, job_id, "Restarts")) >= 1
+                 and job_field(slurm_env, job_id, "JobState") == "PENDING", 60, "the job to be requeued")
+        # Slurm holds a requeued job for two minutes before it may start again; a cluster
+        # with other work would start it later still. Release it now.
+        slurm(slurm_env, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        output, _ = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-3000:]
+    [record] = records_in(records)
+    assert record["status"] == "ok" and record["train"]["steps"] == 200
+    assert 0 < record["train"]["resumed_from_step"] < 200
+    assert record["slurm"]["restart_count"] >= 1 and record["slurm"]["job_id"] == job_id
+    assert len(record["train"]["losses"]) == 200
+    assert not list(checkpoints.glob("*/train_state.pt"))  # removed once the run finished

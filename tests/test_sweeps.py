@@ -1,0 +1,210 @@
+"""Sweeps as a user runs them: the paper-table experiments compose, the launchers are one
+override away, and a sweep on the local launcher is resumable and writes only where it should.
+
+The same sweeps on a real Slurm cluster are in tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import MissingConfigException
+
+from experiments.record import read_record
+from experiments.run import check_eval, instantiate_method
+from experiments.train import TrainSettings
+from tests.conftest import CONF, REPO
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PAPER_TABLES = ("qlora_table4", "qalora_table1", "datatypes")
+FAST = ("model=llama_synthetic", "train.max_steps=2", "method.lora.r=4", "threads=1")
+
+
+def compose_hydra(*overrides: str):
+    """The config a job sees, with its ``hydra`` node (sweeper params, launcher)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def sweep_jobs(experiment: str) -> list[list[str]]:
+    """The override lists of the jobs ``-m experiment=<experiment>`` launches, as Hydra's basic sweeper makes them."""
+    params = compose_hydra(f"experiment={experiment}").hydra.sweeper.params or {}
+    overrides = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    [jobs] = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    return [[f"experiment={experiment}", *job] for job in jobs]
+
+
+def compose_job(job: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=job)
+
+
+def missing_method(error: MissingConfigException) -> str | None:
+    """The method a job names whose conf/method/<name>.yaml does not exist (yet), else None."""
+    missing = str(error.missing_cfg_file or "")
+    name = missing.removeprefix("method/")
+    if missing.startswith("method/") and not (CONF / "method" / f"{name}.yaml").exists():
+        return name
+    return None
+
+
+# ----------------------------------------------------------------------------- experiment files
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_job_of_every_experiment_composes_into_a_valid_run(experiment):
+    jobs = sweep_jobs(experiment)
+    assert len(jobs) > 1, f"experiment={experiment} is not a sweep"
+    absent, results_dirs, configs = set(), set(), []
+    for job in jobs:
+        try:
+            cfg = compose_job(job)
+        except MissingConfigException as error:
+            name = missing_method(error)
+            if name is None:
+                raise
+            absent.add(name)  # a method being added in parallel: checked the day its file lands
+            continue
+        assert cfg.experiment_name == experiment, job
+        instantiate_method(cfg)
+        TrainSettings(**cfg.train)
+        check_eval(cfg)
+        results_dirs.add(cfg.results_dir)
+        configs.append(cfg)
+    assert results_dirs == {f"results/{experiment}"}  # one table, one folder of records
+    if absent:
+        pytest.skip(f"experiment={experiment}: {len(configs)} of {len(jobs)} jobs composed; "
+                    f"no conf/method/ file yet for {', '.join(sorted(absent))}")
+
+
+def test_each_paper_table_has_a_small_preset_for_this_machine():
+    for table in PAPER_TABLES:
+        assert table in EXPERIMENTS and f"{table}_small" in EXPERIMENTS
+        for job in sweep_jobs(f"{table}_small"):
+            assert compose_job(job).model.name == "smollm2_135m", job  # offline, CPU-sized
+
+
+def test_qlora_table4_is_the_papers_layout_and_settings():
+    jobs = sweep_jobs("qlora_table4")
+    configs = [compose_job(job) for job in jobs]
+    assert {c.method.name for c in configs} == {"lora_bf16", "qlora_fp4", "qlora_nf4", "qlora_nf4_dq"}
+    assert {c.model.name_or_path for c in configs} == {"huggyllama/llama-7b", "huggyllama/llama-13b"}
+    assert {c.data.source for c in configs} == {"alpaca"}
+    assert len(jobs) == 4 * 2
+    for c in configs:
+        assert (c.train.max_steps, c.train.lr, c.train.batch_size * c.train.grad_accum) == (10000, 2e-4, 16)
+        assert (c.method.lora.r, c.method.lora.alpha, c.eval.num_fewshot) == (64, 16, 5)
+
+
+def test_qalora_table1_rows_are_methods_at_4_3_2_bits_with_group_size_32():
+    rows = {}
+    for job in sweep_jobs("qalora_table1"):
+        try:
+            c = compose_job(job)
+        except MissingConfigException as error:
+            if missing_method(error) is None:
+                raise
+            continue
+        assert (c.train.max_steps, c.train.lr) == (10000, 2e-5)
+        rows.setdefault(c.method.name, set()).add((c.method.get("bits"), c.method.get("group_size")))
+    for method in ("qlora_gptq", "qalora"):
+        if (CONF / "method" / f"{method}.yaml").exists():
+            assert rows[method] == {(4, 32), (3, 32), (2, 32)}
+    assert rows["qlora_nf4"] == {(None, None)}      # NF4 is 4-bit only
+    assert rows["base_bf16"] == {(None, None)}      # the base model, no fine-tuning
+
+
+def test_datatypes_evaluates_the_quantized_base_without_fine_tuning():
+    configs = [compose_job(job) for job in sweep_jobs("datatypes_small")]
+    assert {c.method.name for c in configs} == {"base_bf16", "qlora_fp4", "qlora_nf4", "qlora_nf4_dq"}
+    assert all(c.train.max_steps == 0 and c.eval.perplexity.enabled for c in configs)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def test_local_launcher_is_the_default_and_slurm_is_one_override_away():
+    assert compose_hydra().hydra.launcher._target_.endswith("BasicLauncher")
+    for override in ("launcher=slurm", "hydra/launcher=submitit_slurm"):
+        launcher = compose_hydra(override).hydra.launcher
+        assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    slurm = compose_hydra("launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
+    assert slurm.partition == "gpu" and slurm.gpus_per_task == 1 and slurm.mem_gb > 0
+    assert slurm.timeout_min > 10 and slurm.array_parallelism > 0 and slurm.setup
+    assert slurm.max_num_timeout > 0  # a timed-out job is requeued and resumes from its checkpoint
+
+
+def test_checkpoints_live_under_the_results_folder_and_out_of_git():
+    cfg = compose_job(["results_dir=results/some_table"])
+    assert cfg.checkpoint_dir == "results/some_table/.checkpoints"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "results/some_table/.checkpoints/x/train_state.pt"],
+                             cwd=REPO)
+    assert ignored.returncode == 0
+
+
+# ----------------------------------------------------------------------------- local sweeps
+
+
+def run_cli_in(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_local_sweep_writes_only_its_folders_and_a_rerun_does_no_work(tmp_path):
+    args = ("-m", *FAST, "method=lora_bf16,qlora_nf4", "train.checkpoint_every=1",
+            "results_dir=records", "hydra.sweep.dir=sweep", "logger=wandb")
+    first = run_cli_in(tmp_path, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 ok, 0 failed" in first.stdout
+    # every file is a record, or lies in its run's own output folder under the sweep folder
+    top_level = {p.name for p in tmp_path.iterdir()}
+    assert top_level == {"records", "sweep"}, top_level
+    records = sorted((tmp_path / "records").glob("*.json"))
+    assert len(records) == 2 and all(read_record(p)["status"] == "ok" for p in records)
+    assert files_under(tmp_path / "records") == {p.name for p in records}  # checkpoints removed when done
+    wandb_runs = {p.parent.parent.parent.name for p in (tmp_path / "sweep").glob("*/wandb/offline-run-*/files")}
+    assert len(wandb_runs) == 2  # each run's wandb files in its own output folder
+
+    created = {p.name: read_record(p)["created_at"] for p in records}
+    again = run_cli_in(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skip ") == 2 and "2 ok, 0 failed" in again.stdout
+    assert {p.name: read_record(p)["created_at"] for p in sorted((tmp_path / "records").glob("*.json"))} == created
+
+
+def test_a_run_killed_mid_training_continues_from_its_checkpoint_when_the_sweep_is_rerun(tmp_path):
+    args = ("-m", "model=llama_synthetic", "method=lora_bf16", "method.lora.r=4", "threads=1",
+            "train.max_steps=150", "train.checkpoint_every=5", "results_dir=records", "hydra.sweep.dir=sweep")
+    sweep = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = tmp_path / "records" / ".checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("*/train_state.pt")) and time.monotonic() < deadline and sweep.poll() is None:
+        time.sleep(0.2)
+    os.killpg(sweep.pid, signal.SIGKILL)  # a crash, an OOM kill, a lost node: no record, no cleanup
+    sweep.wait()
+    assert list(checkpoints.glob("*/train_state.pt")), "no checkpoint was written before the kill"
+    assert not list((tmp_path / "records").glob("*.json"))
+
+    rerun = run_cli_in(tmp_path, *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    [path] = (tmp_path / "records").glob("*.json")
+    record = read_record(path)
+    assert record["status"] == "ok" and record["train"]["steps"] == 150
+    assert 0 < record["train"]["resumed_from_step"] < 150
+    assert len(record["train"]["losses"]) == 150  # the losses before the kill come back with the checkpoint
+    assert not list(checkpoints.glob("*/train_state.pt"))
