@@ -108,16 +108,19 @@ def synthetic_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16) -> Pa
 
     shape = LLAMA_PRESETS[preset]
     folder = _cache_root() / "models" / f"llama-synthetic-{preset}"
-    if (folder / "config.json").exists():
-        return folder
+    if not (folder / "config.json").exists():
+        def build(tmp: Path):
+            config = LlamaConfig(**shape, tie_word_embeddings=False, dtype=dtype)
+            torch.manual_seed(0)  # the same random weights for every run of a preset
+            model = LlamaForCausalLM(config).to(dtype)
+            model.save_pretrained(tmp)
 
-    def build(tmp: Path):
-        config = LlamaConfig(**shape, tie_word_embeddings=False, dtype=dtype)
-        torch.manual_seed(0)  # the same random weights for every run of a preset
-        model = LlamaForCausalLM(config).to(dtype)
-        model.save_pretrained(tmp)
+        _save_atomically(folder, build)
+    if not (folder / "tokenizer_config.json").exists():
+        # Tools that load a checkpoint by folder (GPTQModel) expect a tokenizer beside it.
+        from transformers import AutoTokenizer
 
-    _save_atomically(folder, build)
+        AutoTokenizer.from_pretrained(bundled_smollm2_checkpoint()).save_pretrained(folder)
     return folder
 
 

@@ -66,6 +66,7 @@ class QLoRAThenGPTQ:
                           else LoRA(name, compute_dtype, lora))
         self.trained_params = 0
         self.model_path: str | None = None
+        self.tokenizer_path: str | None = None
 
     @property
     def calibration(self) -> dict:
@@ -75,7 +76,7 @@ class QLoRAThenGPTQ:
         self.gptq.validate(shape)
 
     def load_base(self, model_spec, context: LoadContext):
-        self.model_path = model_spec.path
+        self.model_path, self.tokenizer_path = model_spec.path, model_spec.tokenizer_path
         return self.finetuner.load_base(model_spec, context)
 
     def add_adapters(self, model):
@@ -84,7 +85,7 @@ class QLoRAThenGPTQ:
         return model
 
     def finalize(self, model, context: LoadContext):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = self.gptq.compute_dtype
         state = merged_state_dict(model, dtype)
@@ -92,8 +93,7 @@ class QLoRAThenGPTQ:
             plain = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
             plain.load_state_dict(state, strict=False)  # tied head: stored once, as the embedding
             plain.save_pretrained(tmp)
-            if context.tokenizer is not None:
-                context.tokenizer.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(self.tokenizer_path).save_pretrained(tmp)  # GPTQModel loads it
             del model, plain
             return load_quantized(self.gptq.quantize_path(tmp, context), context.device)
 
