@@ -149,9 +149,11 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    total = 0
+    """Bytes of the optimizer's state tensors, each storage once (8-bit optimizers share code maps)."""
+    total, seen = 0, set()
     for state in optimizer.state.values():
         for value in state.values():
-            if torch.is_tensor(value):
+            if torch.is_tensor(value) and (value.device, value.data_ptr()) not in seen:
+                seen.add((value.device, value.data_ptr()))
                 total += tensor_bytes(value)
     return total
