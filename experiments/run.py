@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 import traceback
 from dataclasses import dataclass
@@ -263,6 +264,9 @@ def _is_multirun() -> bool:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     limit_heap_retention()
+    # bitsandbytes warns on every CPU start that an optional Hub-fetched kernel is missing;
+    # that kernel is never reachable offline and nothing is wrong: keep the log readable.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         plan = plan_run(cfg)
     except ConfigError as error:

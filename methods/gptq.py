@@ -33,7 +33,7 @@ import torch
 
 from experiments.errors import ConfigError
 from methods.base import LoadContext, parse_dtype
-from methods.int_quant import GroupQuantLinear, check_format, replace_linears
+from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, replace_linears
 from methods.storage import is_gptq_layer, trainable_parameters, weight_storage
 
 
@@ -174,9 +174,7 @@ class GPTQ:
         self.calibration = dict(calibration or {})
 
     def validate(self, shape: dict):
-        for key in ("hidden_size", "intermediate_size"):
-            if shape.get(key):
-                check_format(self.bits, self.group_size, shape[key])
+        check_model_shape(self.bits, self.group_size, shape)
 
     def quantize_path(self, model_path: str, context: LoadContext) -> Path:
         from experiments.assets import cache_dir

@@ -36,6 +36,13 @@ def check_format(bits: int, group_size: int, in_features: int | None = None, whe
         raise ConfigError(f"{where}.group_size={group_size} does not divide a layer's {in_features} input features")
 
 
+def check_model_shape(bits: int, group_size: int, shape: dict):
+    """Before any work: the group size must divide the inputs of every block linear layer."""
+    for key in ("hidden_size", "intermediate_size"):
+        if shape.get(key):
+            check_format(bits, group_size, shape[key])
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes (any shape, numel a multiple of 8) -> uint8 bytes, numel * bits / 8 of them."""
     chunks = codes.reshape(-1, CODES_PER_CHUNK).to(torch.int64)

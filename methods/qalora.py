@@ -31,7 +31,7 @@ import torch
 
 from experiments.errors import ConfigError
 from methods.base import LoadContext, LoraSettings, load_pretrained, parse_dtype
-from methods.int_quant import GroupQuantLinear, check_format, replace_linears, rtn_quantize
+from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, replace_linears, rtn_quantize
 from methods.storage import trainable_parameters, weight_storage
 
 POOLINGS = ("mean", "sum")
@@ -115,9 +115,7 @@ class QALoRA:
 
     def validate(self, shape: dict):
         """Fail before any work if the group size does not divide a target layer's inputs."""
-        for key in ("hidden_size", "intermediate_size"):
-            if shape.get(key):
-                check_format(self.bits, self.group_size, shape[key])
+        check_model_shape(self.bits, self.group_size, shape)
 
     def load_base(self, model_spec, context: LoadContext):
         model = load_pretrained(model_spec, context.device, self.compute_dtype)

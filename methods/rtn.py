@@ -8,7 +8,7 @@ it as "RTN"; it is also QA-LoRA's calibration-free base quantizer.
 from __future__ import annotations
 
 from methods.base import LLAMA_BLOCK_LINEARS, LoadContext, load_pretrained, parse_dtype
-from methods.int_quant import check_format
+from methods.int_quant import check_format, check_model_shape
 from methods.qalora import quantize_linears_rtn
 from methods.storage import trainable_parameters, weight_storage
 
@@ -25,9 +25,7 @@ class RTN:
         self.target_modules = tuple(target_modules or LLAMA_BLOCK_LINEARS)
 
     def validate(self, shape: dict):
-        for key in ("hidden_size", "intermediate_size"):
-            if shape.get(key):
-                check_format(self.bits, self.group_size, shape[key])
+        check_model_shape(self.bits, self.group_size, shape)
 
     def load_base(self, model_spec, context: LoadContext):
         model = load_pretrained(model_spec, context.device, self.compute_dtype)
