@@ -105,7 +105,9 @@ def tokenize_examples(examples, tokenizer, max_length: int, train_on_prompt: boo
 class BatchSource:
     """Deterministic micro-batches: ``micro_batch(i)`` depends only on the seed and i."""
 
-    def __init__(self, examples: list[TokenizedExample], batch_size: int, pad_id: int, seed: int):
+    def __init__(self, examples: list[TokenizedExample], batch_size: int, pad_id: int, seed: int,
+                 group_by_length: bool = False):
+        self.group_by_length = group_by_length
         if len(examples) < batch_size:
             raise ConfigError(f"train.batch_size={batch_size} is larger than the {len(examples)} training examples")
         self.examples = examples
@@ -118,8 +120,23 @@ class BatchSource:
     def _epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._order:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._order = {epoch: torch.randperm(len(self.examples), generator=generator).tolist()}
+            order = torch.randperm(len(self.examples), generator=generator).tolist()
+            if self.group_by_length:
+                order = self._grouped_by_length(order, generator)
+            self._order = {epoch: order}
         return self._order[epoch]
+
+    def _grouped_by_length(self, order: list[int], generator) -> list[int]:
+        """Batches of similar lengths, so little compute goes to padding (as transformers'
+        LengthGroupedSampler): sort each shuffled window of 50 batches by length, cut it into
+        batches, and shuffle the batches."""
+        window = 50 * self.batch_size
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: -len(self.examples[i].input_ids))
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [index for b in shuffled for index in batches[b]]
 
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
         epoch, position = divmod(index, self.batches_per_epoch)

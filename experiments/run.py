@@ -63,6 +63,8 @@ def run_id_of(cfg: DictConfig) -> str:
     for key in NOT_IN_RUN_ID:
         config.pop(key, None)
     config["eval"].pop("batch_size", None)
+    for key in ("checkpoint_every", "log_every"):  # how often, not what: same results
+        config["train"].pop(key, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.method.name}-{cfg.model.name}-s{cfg.seed}-{digest}"
 
@@ -236,7 +238,8 @@ def run_training(plan: RunPlan, model, tokenizer, logger):
     max_len = min(settings.max_seq_len, plan.cfg.model.max_length or settings.max_seq_len)
     tokenized = tokenize_examples(plan.examples, tokenizer, max_len, settings.train_on_prompt,
                                   vocab_size=plan.model_spec.vocab_size)
-    batches = BatchSource(tokenized, settings.batch_size, tokenizer.pad_token_id, plan.cfg.seed)
+    batches = BatchSource(tokenized, settings.batch_size, tokenizer.pad_token_id, plan.cfg.seed,
+                          group_by_length=settings.group_by_length)
     checkpoint = Path(plan.cfg.checkpoint_dir) / plan.run_id / "train_state.pt"
     result = train(model, batches, settings, plan.device, checkpoint_path=checkpoint, log=logger.log)
     checkpoint.unlink(missing_ok=True)  # finished: the record holds what matters

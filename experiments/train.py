@@ -44,6 +44,8 @@ class TrainSettings:
     max_grad_norm: float = 0.3
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = False
+    group_by_length: bool = False
+    compile: bool = False
     max_seq_len: int = 512
     train_on_prompt: bool = True
     measure_after_steps: int = 2
@@ -182,6 +184,7 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    forward = torch.compile(model) if settings.compile else model  # same parameters, fused kernels
     optimizer = make_optimizer(settings, params)
     scheduler = make_scheduler(settings, optimizer)
     result = TrainResult()
@@ -196,7 +199,7 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
         step_loss, step_tokens = 0.0, 0
         for micro in range(settings.grad_accum):
             batch = {k: v.to(device) for k, v in batches.micro_batch(step * settings.grad_accum + micro).items()}
-            loss = model(**batch).loss / settings.grad_accum
+            loss = forward(**batch).loss / settings.grad_accum
             loss.backward()
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].sum())

@@ -80,3 +80,15 @@ def test_records_are_written_atomically(tmp_path):
     path = write_record({"a": 1}, tmp_path / "r.json")
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def test_run_id_is_stable_and_ignores_settings_that_do_not_change_results():
+    from experiments.run import run_id_of
+    from tests.conftest import compose_config
+
+    base = run_id_of(compose_config("method=qlora_nf4"))
+    assert base == run_id_of(compose_config("method=qlora_nf4"))
+    for same in ("train.checkpoint_every=5", "train.log_every=3", "eval.batch_size=2", "results_dir=/elsewhere"):
+        assert run_id_of(compose_config("method=qlora_nf4", same)) == base, same
+    for different in ("seed=1", "train.lr=1e-4", "method.lora.r=8", "eval.num_fewshot=0"):
+        assert run_id_of(compose_config("method=qlora_nf4", different)) != base, different

@@ -153,3 +153,19 @@ def test_lora_rank_must_be_positive():
     with pytest.raises(Exception) as error:
         make_method("qlora_nf4", "method.lora.r=0")
     assert isinstance(error.value.__cause__, ConfigError) or isinstance(error.value, ConfigError)
+
+
+def test_length_grouped_batches_cover_every_example_once_per_epoch_with_less_padding():
+    generator = torch.Generator().manual_seed(0)
+    rows = [TokenizedExample([1] * n, [1] * n) for n in torch.randint(5, 200, (64,), generator=generator).tolist()]
+
+    def padding(source):
+        total = 0
+        for index in range(source.batches_per_epoch):
+            mask = source.micro_batch(index)["attention_mask"]
+            total += int((mask == 0).sum())
+        return total
+
+    grouped = BatchSource(rows, batch_size=4, pad_id=0, seed=1, group_by_length=True)
+    assert sorted(grouped._epoch_order(0)) == list(range(64))
+    assert padding(grouped) < padding(BatchSource(rows, batch_size=4, pad_id=0, seed=1)) / 2
