@@ -42,6 +42,7 @@ from methods.base import LoadContext, Method
 # Config keys that do not change a run's results, left out of its id.
 NOT_IN_RUN_ID = ("results_dir", "checkpoint_dir", "skip_done", "logger", "threads")
 EVAL_BACKENDS = ("harness", "lm_eval")
+PERPLEXITY_SOURCES = ("mmlu_heldout", "wikitext2")
 
 
 @dataclass
@@ -106,6 +107,9 @@ def check_eval(cfg: DictConfig):
         raise ConfigError(f"eval.num_fewshot={ev.num_fewshot!r}: must be an integer from 0 to 5")
     if ev.limit_per_subject is not None and (not isinstance(ev.limit_per_subject, int) or ev.limit_per_subject < 1):
         raise ConfigError(f"eval.limit_per_subject={ev.limit_per_subject!r}: must be a positive integer or null")
+    if ev.perplexity.source not in PERPLEXITY_SOURCES:
+        raise ConfigError(f"eval.perplexity.source={ev.perplexity.source!r} is not one of "
+                          f"{', '.join(PERPLEXITY_SOURCES)}")
     subjects = list(ev.subjects) if ev.subjects is not None else None
     try:
         mmlu_data.check_subjects(subjects)
@@ -118,7 +122,10 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     method = instantiate_method(cfg)
-    settings = TrainSettings(**cfg.train)
+    try:
+        settings = TrainSettings(**cfg.train)
+    except TypeError as error:  # a key TrainSettings does not know
+        raise ConfigError(f"train: {error}") from None
     settings.check_device(device)
     if settings.checkpoint_every == 0 and slurm_info() is not None:
         settings.checkpoint_every = slurm_checkpoint_every(settings.max_steps)
@@ -174,8 +181,8 @@ def run_perplexity(cfg, model, tokenizer, spec: ModelSpec) -> dict:
         from datasets import load_dataset
 
         texts = [t for t in load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"] if t.strip()]
-    else:
-        raise ConfigError(f"eval.perplexity.source={ppl_cfg.source!r} is not one of mmlu_heldout, wikitext2")
+    else:  # check_eval accepted it: a source added there must be added here
+        raise AssertionError(ppl_cfg.source)
     result = perplexity(model, tokenizer, texts, seq_len=ppl_cfg.seq_len, max_tokens=ppl_cfg.max_tokens,
                         vocab_size=spec.vocab_size)
     return {**result, "source": ppl_cfg.source}

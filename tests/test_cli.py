@@ -25,6 +25,9 @@ def records_in(folder):
     (["eval.subjects=[astrology]"], "high school geography"),
     (["model=llama_synthetic", "model.preset=70b"], "llama2_7b"),
     (["train.optimizer=paged_adamw_32bit", "device=cpu"], "adamw_torch"),
+    (["eval.perplexity.source=c4"], "mmlu_heldout, wikitext2"),
+    (["method=qalora", "method.group_size=128"], "does not divide"),
+    (["method=qalora", "method.bits=5"], "is not one of 2, 3, 4, 8"),
 ])
 def test_bad_input_fails_fast_with_one_clear_message_and_no_record(tmp_path, overrides, message):
     result = run_cli(*overrides, f"results_dir={tmp_path / 'records'}", timeout=120)
