@@ -281,7 +281,11 @@ def main(cfg: DictConfig) -> dict:
         plan = plan_run(cfg)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        if not _is_multirun():
+            sys.exit(2)
+        # In a sweep one mis-specified job must not stop the others: the summary lists it.
+        write_pointer(Path(HydraConfig.get().runtime.output_dir), None, None, error=str(error))
+        return {"status": "invalid", "error": str(error)}
     if cfg.skip_done and plan.record_path.exists() and read_record(plan.record_path).get("status") == "ok":
         print(f"skip {plan.run_id}: {plan.record_path} already says ok")
         write_pointer(plan.output_dir, plan.run_id, plan.record_path)

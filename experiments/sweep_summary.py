@@ -19,28 +19,35 @@ from experiments.summary import format_table
 POINTER_NAME = "run_pointer.json"
 
 
-def write_pointer(output_dir: Path, run_id: str, record_path: Path):
+def write_pointer(output_dir: Path, run_id: str | None, record_path: Path | None, error: str | None = None):
+    """Leave the run's record path (or, for a job whose config was rejected, the error) in its folder."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / POINTER_NAME).write_text(json.dumps({"run_id": run_id, "record_path": str(record_path.resolve())}))
+    pointer = {"run_id": run_id, "record_path": str(record_path.resolve()) if record_path else None, "error": error}
+    (output_dir / POINTER_NAME).write_text(json.dumps(pointer))
 
 
 class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs):
         sweep_dir = Path(config.hydra.sweep.dir)
-        records = []
+        records, invalid = [], []
         for pointer in sorted(sweep_dir.glob(f"*/{POINTER_NAME}")):
-            path = Path(json.loads(pointer.read_text())["record_path"])
-            if path.exists():
-                records.append(read_record(path))
-        if not records:
+            content = json.loads(pointer.read_text())
+            if content.get("error"):
+                invalid.append((pointer.parent.name, content["error"]))
+            elif content.get("record_path") and Path(content["record_path"]).exists():
+                records.append(read_record(Path(content["record_path"])))
+        for job, error in invalid:
+            print(f"INVALID job {job}: {error}")
+        if not records and not invalid:
             print(f"\nno run records found under {sweep_dir}")
             return
-        print("\n" + format_table(records))
+        if records:
+            print("\n" + format_table(records))
         failed = [r for r in records if r.get("status") != "ok"]
         for r in failed:
             error = r.get("error") or {}
             print(f"FAILED {r['run_id']} [{r['status']}]: {error.get('type')}: {error.get('message')}")
-        print(f"\n{len(records) - len(failed)} ok, {len(failed)} failed")
+        print(f"\n{len(records) - len(failed)} ok, {len(failed) + len(invalid)} failed")
         sys.stdout.flush()
-        if failed:
+        if failed or invalid:
             raise SystemExit(1)

@@ -100,7 +100,9 @@ def quantize_checkpoint(model_path: str, calibration: list[list[int]], *, bits: 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        with _quiet():
+        # GPTQModel writes its logs to "./logs": run it from inside our temporary folder so
+        # that nothing lands in the user's working directory; the log stays with the checkpoint.
+        with _quiet(), contextlib.chdir(tmp):
             model = gptqmodel.GPTQModel.load(model_path, config, device="cpu" if not torch.cuda.is_available() else None)
             model.quantize(examples, batch_size=batch_size, calibration_data_min_length=1)
             model.save(str(tmp))

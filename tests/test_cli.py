@@ -95,3 +95,12 @@ def test_run_id_is_stable_and_ignores_settings_that_do_not_change_results():
         assert run_id_of(compose_config("method=qlora_nf4", same)) == base, same
     for different in ("seed=1", "train.lr=1e-4", "method.lora.r=8", "eval.num_fewshot=0"):
         assert run_id_of(compose_config("method=qlora_nf4", different)) != base, different
+
+
+def test_a_sweep_goes_on_past_a_job_whose_config_is_rejected(tmp_path):
+    result = run_cli("-m", "model=llama_synthetic", "train.max_steps=2", "method=lora_bf16", "method.lora.r=0,4",
+                     f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 1
+    assert [read_record(p)["status"] for p in records_in(tmp_path)] == ["ok"]
+    assert "INVALID job" in result.stdout and "LoRA rank must be a positive integer" in result.stdout
+    assert "1 ok, 1 failed" in result.stdout
