@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from experiments.record import read_record
-
 COLUMNS = ("method", "status", "bits/param", "weight MB", "peak MB", "train tok/s", "loss first->last", "MMLU acc")
 
 
@@ -42,7 +38,3 @@ def format_table(records: list[dict]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def records_table(paths: list[Path]) -> str:
-    return format_table([read_record(p) for p in paths])

@@ -8,7 +8,7 @@ one config file there.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -70,7 +70,6 @@ class LoadContext:
     device: torch.device
     calibration: Any = None  # experiments.data.Calibration, for methods that need it
     tokenizer: Any = None
-    extra: dict = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -100,7 +99,7 @@ def load_pretrained(model_spec, device: torch.device, dtype: torch.dtype, quanti
     return model
 
 
-def add_lora(model: torch.nn.Module, lora: LoraSettings, seed_offset: int = 0):
+def add_lora(model: torch.nn.Module, lora: LoraSettings):
     """Wrap ``model`` with peft LoRA adapters (A random, B zero; adapters kept in fp32)."""
     from peft import get_peft_model
 

@@ -48,14 +48,6 @@ def _import_gptqmodel():
     return gptqmodel
 
 
-def gptqmodel_available() -> bool:
-    try:
-        _import_gptqmodel()
-        return True
-    except ConfigError:
-        return False
-
-
 @contextlib.contextmanager
 def _quiet(enabled: bool = True):
     """GPTQModel prints progress for every module; keep it out of the user's way (logged on error)."""
@@ -69,6 +61,10 @@ def _quiet(enabled: bool = True):
     except Exception:
         print(buffer.getvalue()[-5000:])
         raise
+
+
+# Calibration batch size for GPTQ bases that have no setting of their own (QA-LoRA's).
+DEFAULT_GPTQ_BATCH_SIZE = 4
 
 
 def check_calibration(calibration: dict, batch_size: int):
@@ -145,7 +141,7 @@ def gptq_quantize_to_group_linears(model, model_spec, target_modules, bits: int,
     from experiments.assets import cache_dir
 
     folder = quantize_checkpoint(model_spec.path, context.calibration, bits=bits, group_size=group_size, sym=False,
-                                 desc_act=False, batch_size=context.extra.get("gptq_batch_size", 4),
+                                 desc_act=False, batch_size=DEFAULT_GPTQ_BATCH_SIZE,
                                  cache_root=cache_dir() / "gptq")
     quantized = load_quantized(folder, torch.device("cpu"))
     layers = {name: m for name, m in quantized.named_modules() if is_gptq_layer(m)}

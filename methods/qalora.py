@@ -109,9 +109,9 @@ class QALoRA:
         self.needs_calibration = base_quantizer == "gptq"
         self.quantize_phase = "load"  # the base is quantized (RTN or GPTQ) as it loads
         if self.needs_calibration:
-            from methods.gptq import check_calibration
+            from methods.gptq import DEFAULT_GPTQ_BATCH_SIZE, check_calibration
 
-            check_calibration(self.calibration, batch_size=4)
+            check_calibration(self.calibration, batch_size=DEFAULT_GPTQ_BATCH_SIZE)
 
     def validate(self, shape: dict):
         """Fail before any work if the group size does not divide a target layer's inputs."""
