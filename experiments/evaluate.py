@@ -13,7 +13,8 @@ Speed, without changing a prediction:
   as lm-eval does (the whole context at once, so no token boundary moves), take the
   longest token prefix all of a subject's prompts share, run it through the model
   once, and reuse its KV cache for the subject's questions;
-- questions are batched by length (left padding, positions continuing after the
+- questions are batched by length, under a padded-token budget so that a long-tail
+  question does not pad a whole batch (left padding, positions continuing after the
   prefix), and only the last position is projected onto the vocabulary.
 
 The cache lives for one subject at a time. A prompt longer than the model's context is
@@ -94,6 +95,27 @@ def _expand_cache(cache, batch: int):
     return fresh
 
 
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, shortest first.
+
+    A batch holds at most ``batch_size`` rows and at most ``batch_size`` average rows'
+    worth of padded tokens: MMLU's lengths have a long tail (a few questions quote a
+    1,000-token passage), and a fixed row count would pad fifteen ordinary questions to
+    the length of one such passage, several times the work of the batch itself.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    budget = batch_size * max(1, math.ceil(sum(lengths) / max(1, len(lengths))))
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        # sorted ascending, so the newcomer sets the batch's width
+        if batch and len(batch) < batch_size and (len(batch) + 1) * lengths[i] <= budget:
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], letter_ids, batch_size: int,
                        device) -> list[list[float]]:
@@ -104,9 +126,7 @@ def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], 
         out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
         cache = out.past_key_values
     scores: list[list[float] | None] = [None] * len(suffixes)
-    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    for rows in length_batches([len(s) for s in suffixes], batch_size):
         width = max(len(suffixes[i]) for i in rows)
         # Left padding puts every row's last token in the last column, so the model
         # projects only that column onto the vocabulary (logits_to_keep=1): the LM head

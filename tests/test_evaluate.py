@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experiments import mmlu_data
-from experiments.evaluate import _encode, evaluate_mmlu, heldout_texts, letter_token_ids, perplexity
+from experiments.evaluate import _encode, evaluate_mmlu, heldout_texts, length_batches, letter_token_ids, perplexity
 
 SUBJECTS = ["abstract algebra", "high school geography", "moral scenarios"]
 
@@ -21,6 +21,16 @@ def naive_letter_logprobs(model, tokenizer, prompt: str) -> list[float]:
         logits = model(input_ids=torch.tensor([whole[:-1]])).logits[0, -1].float()
         scores.append(torch.log_softmax(logits, -1)[whole[len(context)]].item())
     return scores
+
+
+def test_a_long_question_does_not_pad_a_whole_batch():
+    lengths = [60 + i for i in range(31)] + [1000]  # MMLU's shape: one question quotes a long passage
+    batches = length_batches(lengths, batch_size=16)
+    assert sorted(i for b in batches for i in b) == list(range(32))
+    assert all(len(b) <= 16 for b in batches)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < 1.1 * sum(lengths)  # fixed batches of 16 would pad to 2.6x the real tokens
+    assert [len(b) for b in batches[:2]] == [16, 15]  # ordinary questions still fill their batches
 
 
 @pytest.mark.parametrize("num_fewshot", [0, 5])
