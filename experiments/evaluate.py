@@ -118,9 +118,14 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], letter_ids, batch_size: int,
-                       device) -> list[list[float]]:
-    """Letter log-probs for each suffix, every suffix continuing the same ``prefix_ids``."""
+                       device, work: dict) -> list[list[float]]:
+    """Letter log-probs for each suffix, every suffix continuing the same ``prefix_ids``.
+
+    Adds the number of token positions run through the model, padding included, to
+    ``work["tokens_forward"]``.
+    """
     prefix_len = len(prefix_ids)
+    work["tokens_forward"] += prefix_len
     cache = None
     if prefix_len:
         out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
@@ -128,6 +133,7 @@ def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], 
     scores: list[list[float] | None] = [None] * len(suffixes)
     for rows in length_batches([len(s) for s in suffixes], batch_size):
         width = max(len(suffixes[i]) for i in rows)
+        work["tokens_forward"] += len(rows) * width
         # Left padding puts every row's last token in the last column, so the model
         # projects only that column onto the vocabulary (logits_to_keep=1): the LM head
         # over every other position is a fifth of a small model's compute, for nothing.
@@ -176,6 +182,7 @@ def evaluate_mmlu(model, tokenizer, *, num_fewshot: int, subjects: list[str] | N
     model.eval()
 
     predictions = []
+    work = {"tokens_forward": 0, "prompt_tokens": 0}
     n_truncated = 0
     all_single = True
     bar = tqdm(subjects, desc=f"mmlu {num_fewshot}-shot", disable=None if progress else True, leave=False)
@@ -188,6 +195,7 @@ def evaluate_mmlu(model, tokenizer, *, num_fewshot: int, subjects: list[str] | N
         letter_ids, single = letter_token_ids(tokenizer, prompts[0])
         all_single &= single
         encoded = [_encode(tokenizer, p) for p in prompts]
+        work["prompt_tokens"] += sum(min(len(ids), max_length) for ids in encoded)
         fits = [i for i, ids in enumerate(encoded) if len(ids) <= max_length]
         too_long = [i for i, ids in enumerate(encoded) if len(ids) > max_length]
         scores: dict[int, list[float]] = {}
@@ -197,11 +205,11 @@ def evaluate_mmlu(model, tokenizer, *, num_fewshot: int, subjects: list[str] | N
             prefix_len = min(_common_prefix_length(seqs), min(len(s) for s in seqs) - 1)
             suffixes = [s[prefix_len:] for s in seqs]
             for i, row in zip(fits, _score_with_prefix(model, seqs[0][:prefix_len], suffixes, letter_ids,
-                                                      batch_size, device)):
+                                                      batch_size, device, work)):
                 scores[i] = row
         for i in too_long:
             n_truncated += 1
-            [row] = _score_with_prefix(model, [], [_truncate_left(encoded[i], max_length)], letter_ids, 1, device)
+            [row] = _score_with_prefix(model, [], [_truncate_left(encoded[i], max_length)], letter_ids, 1, device, work)
             scores[i] = row
         for i, question in enumerate(questions):
             best = max(range(4), key=lambda k: scores[i][k])  # ties go to the first letter, as argmax does
@@ -212,8 +220,10 @@ def evaluate_mmlu(model, tokenizer, *, num_fewshot: int, subjects: list[str] | N
             })
     if was_training:
         model.train()
+    # prompt_tokens is the work of one full forward per prompt (lm-eval's, less its padding);
+    # tokens_forward is ours, so their ratio bounds what the shortcuts can save.
     return summarize_predictions(predictions, num_fewshot=num_fewshot, n_truncated=n_truncated,
-                                 letter_scoring="single_token" if all_single else "first_token")
+                                 letter_scoring="single_token" if all_single else "first_token", **work)
 
 
 def summarize_predictions(predictions: list[dict], **extra) -> dict:
