@@ -122,7 +122,9 @@ def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], 
     """Letter log-probs for each suffix, every suffix continuing the same ``prefix_ids``.
 
     Adds the number of token positions run through the model, padding included, to
-    ``work["tokens_forward"]``.
+    ``work["tokens_forward"]``, and keeps in ``work["largest_batch_positions"]`` the most
+    positions (prefix included) one batch attended over: its KV cache is that batch's
+    largest activation.
     """
     prefix_len = len(prefix_ids)
     work["tokens_forward"] += prefix_len
@@ -134,6 +136,7 @@ def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], 
     for rows in length_batches([len(s) for s in suffixes], batch_size):
         width = max(len(suffixes[i]) for i in rows)
         work["tokens_forward"] += len(rows) * width
+        work["largest_batch_positions"] = max(work["largest_batch_positions"], len(rows) * (prefix_len + width))
         # Left padding puts every row's last token in the last column, so the model
         # projects only that column onto the vocabulary (logits_to_keep=1): the LM head
         # over every other position is a fifth of a small model's compute, for nothing.
@@ -182,7 +185,7 @@ def evaluate_mmlu(model, tokenizer, *, num_fewshot: int, subjects: list[str] | N
     model.eval()
 
     predictions = []
-    work = {"tokens_forward": 0, "prompt_tokens": 0}
+    work = {"tokens_forward": 0, "prompt_tokens": 0, "largest_batch_positions": 0}
     n_truncated = 0
     all_single = True
     bar = tqdm(subjects, desc=f"mmlu {num_fewshot}-shot", disable=None if progress else True, leave=False)

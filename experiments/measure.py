@@ -89,6 +89,7 @@ class _RssSampler:
 @dataclass
 class PhaseStats:
     wall_s: float = 0.0
+    memory_at_start_bytes: int | None = None  # what the phase found in use: its own growth is peak minus this
     peak_rss_bytes: int | None = None
     cuda_max_allocated_bytes: int | None = None
     cuda_max_reserved_bytes: int | None = None
@@ -104,6 +105,7 @@ class PhaseStats:
         return {
             "wall_s": round(self.wall_s, 3),
             "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_at_start_bytes": self.memory_at_start_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,
             "cuda_max_allocated_bytes": self.cuda_max_allocated_bytes,
             "cuda_max_reserved_bytes": self.cuda_max_reserved_bytes,
@@ -125,6 +127,8 @@ class PhaseMeter:
         if on_cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        stats.memory_at_start_bytes = (torch.cuda.memory_allocated(self.device) if on_cuda
+                                       else current_rss_bytes())
         sampler = contextlib.nullcontext() if _reset_peak_rss() else _RssSampler()
         start = time.perf_counter()
         try:

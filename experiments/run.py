@@ -240,6 +240,17 @@ def execute(plan: RunPlan) -> dict:
     return record
 
 
+def lost_job_record(cfg: DictConfig, run_id: str, state: str, message: str, job_id: str) -> dict:
+    """The record of a run whose Slurm job ended before the run could write one (see hydra_plugins/qpeft_slurm)."""
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "failed",
+        "error": {"type": f"SlurmJob{state.title().replace('_', '')}", "message": message, "traceback": None},
+        "created_at": now_iso(), "finished_at": now_iso(), "config": OmegaConf.to_container(cfg, resolve=True),
+        "env": None, "slurm": {"job_id": str(job_id), "state": state}, "model": None, "method": None,
+        "train": None, "eval": {}, "memory": {}, "phases": {},
+    }
+
+
 def run_training(plan: RunPlan, model, tokenizer, logger):
     settings = plan.train_settings
     max_len = min(settings.max_seq_len, plan.cfg.model.max_length or settings.max_seq_len)

@@ -143,3 +143,31 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_env, 
     assert record["slurm"]["restart_count"] >= 1 and record["slurm"]["job_id"] == job_id
     assert len(record["train"]["losses"]) == 200
     assert not list(checkpoints.glob("*/train_state.pt"))  # removed once the run finished
+
+
+def test_a_job_killed_before_its_record_gets_a_failed_record_and_the_sweep_its_summary(slurm_env, tmp_path):
+    records = tmp_path / "records"
+    # launcher=slurm (the project's launcher); two runs, the long one is cancelled mid-training
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "-m", "launcher=slurm", "hydra.launcher.gpus_per_task=null",
+         "hydra.launcher.mem_gb=null", "hydra.launcher.cpus_per_task=1", *TINY, "method=lora_bf16",
+         "train.max_steps=2,5000", f"results_dir={records}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: list(records.glob("*.json")) or process.poll() is not None, 180, "the short run's record")
+        assert process.poll() is None, "the sweep ended before a job could be cancelled"
+        # the short run's job may still be finishing after its record appeared
+        [job_id] = wait_for(lambda: running if len(running := slurm(slurm_env, "squeue", "-h", "-o", "%i").split()) == 1
+                            else None, 60, "the long run's job alone in the queue")
+        slurm(slurm_env, "scancel", job_id)  # what a node OOM kill or an admin's scancel looks like to the run
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, output[-3000:]  # a failed run fails the sweep, after its summary
+    by_steps = {r["config"]["train"]["max_steps"]: r for r in records_in(records)}
+    assert by_steps[2]["status"] == "ok"
+    lost = by_steps[5000]
+    assert lost["status"] == "failed" and lost["error"]["type"] == "SlurmJobCancelled"
+    assert lost["slurm"]["job_id"] == job_id and "CANCELLED" in lost["error"]["message"]
+    assert f"FAILED {lost['run_id']} [failed]: SlurmJobCancelled" in output and "1 ok, 1 failed" in output

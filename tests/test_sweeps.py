@@ -134,9 +134,11 @@ def test_datatypes_evaluates_the_quantized_base_without_fine_tuning():
 
 def test_local_launcher_is_the_default_and_slurm_is_one_override_away():
     assert compose_hydra().hydra.launcher._target_.endswith("BasicLauncher")
-    for override in ("launcher=slurm", "hydra/launcher=submitit_slurm"):
-        launcher = compose_hydra(override).hydra.launcher
-        assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    stock = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert compose_hydra("hydra/launcher=submitit_slurm").hydra.launcher._target_ == stock
+    # the project's preset: the same launcher, plus a failed record for a job Slurm killed
+    # (tests/test_slurm.py runs it on a real cluster)
+    assert compose_hydra("launcher=slurm").hydra.launcher._target_ == "hydra_plugins.qpeft_slurm.launcher.RecordingSlurmLauncher"
     slurm = compose_hydra("launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
     assert slurm.partition == "gpu" and slurm.gpus_per_task == 1 and slurm.mem_gb > 0
     assert slurm.timeout_min > 10 and slurm.array_parallelism > 0 and slurm.setup

@@ -1,0 +1,108 @@
+"""Slurm launcher for sweeps: hydra-submitit-launcher, plus a record for a job that died.
+
+hydra-submitit-launcher's ``launch`` returns each job's result, and re-raises when a job
+ended without one: cancelled, killed by the node's OOM killer, a node failure, or a time
+limit with no requeue left. One such job then ends the whole sweep with a traceback and
+no summary, although the other jobs ran (and the run itself could not write its record:
+it was killed). This subclass, used by ``launcher=slurm``, catches that per job, writes a
+``failed`` record for the run (its run id, config, Slurm state and log path) unless the
+run wrote one itself, and lets the sweep summary list it with the others. A re-run of the
+sweep redoes only runs without an ok record, so it redoes that one.
+
+Hydra accepts launchers only from the ``hydra_plugins`` package, hence this location;
+everything else is submitit's and hydra-submitit-launcher's own behaviour.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from omegaconf import DictConfig, open_dict
+
+
+class RecordingSlurmLauncher(SlurmLauncher):
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        launcher, stock = self, submitit.AutoExecutor
+
+        class Executor(stock):
+            # the parent builds its executor and reads ``job.results()`` of what map_array returns
+            def map_array(self, fn, *iterables):
+                overrides, _, job_nums = iterables[0], iterables[1], iterables[2]
+                jobs = super().map_array(fn, *iterables)
+                return [_JobOrLoss(job, launcher, list(o), n) for job, o, n in zip(jobs, overrides, job_nums)]
+
+        submitit.AutoExecutor = Executor  # the parent looks it up when it runs; restored below
+        try:
+            return super().launch(job_overrides, initial_job_idx)
+        finally:
+            submitit.AutoExecutor = stock
+
+    def job_config(self, overrides: list[str], job_num: int) -> DictConfig:
+        """The config the job ran with, as hydra-submitit-launcher composes it in the job."""
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config.hydra.job):
+            config.hydra.job.num = job_num
+        return config
+
+
+class _JobOrLoss:
+    def __init__(self, job, launcher: RecordingSlurmLauncher, overrides: list[str], job_num: int):
+        self.job, self.launcher, self.overrides, self.job_num = job, launcher, overrides, job_num
+
+    def results(self) -> list[Any]:
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
+        try:
+            return self.job.results()
+        except (UncompletedJobError, FailedJobError) as error:
+            return [self.record_loss(error)]
+
+    def record_loss(self, error: Exception) -> JobReturn:
+        from submitit.core.utils import UncompletedJobError
+
+        from experiments.record import read_record, write_record
+        from experiments.run import lost_job_record, run_id_of
+        from experiments.sweep_summary import write_pointer
+
+        state = (self.job.state or "UNKNOWN").split()[0]  # "CANCELLED by 0" -> CANCELLED
+        lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        # an uncompleted job's error says why in its first line; a job that raised, in its last
+        reason = lines[0] if isinstance(error, UncompletedJobError) else lines[-1]
+        message = (f"Slurm job {self.job.job_id} ended {state} before the run finished its record "
+                   f"(log: {self.job.paths.stdout}): {reason.strip()}")
+        config = self.launcher.job_config(self.overrides, self.job_num)
+        output_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+        task_config = copy.deepcopy(config)
+        with open_dict(task_config):
+            del task_config["hydra"]
+        try:
+            run_id = run_id_of(task_config)
+        except Exception as resolve_error:  # noqa: BLE001 - the job's config itself is broken: say so
+            write_pointer(output_dir, None, None, error=f"{message}; its config: {resolve_error}")
+            return self._returned(config, task_config, output_dir, {"status": "invalid", "error": message})
+        record_path = Path(task_config.results_dir) / f"{run_id}.json"
+        written = read_record(record_path) if record_path.exists() else {}
+        if not _written_by(written.get("slurm") or {}, str(self.job.job_id)):
+            write_record(lost_job_record(task_config, run_id, state, message, self.job.job_id), record_path)
+        write_pointer(output_dir, run_id, record_path)
+        return self._returned(config, task_config, output_dir,
+                              {"record_path": str(record_path), "status": "failed", "error": message})
+
+    def _returned(self, config, task_config, output_dir: Path, value: dict) -> JobReturn:
+        result = JobReturn(overrides=self.overrides, cfg=task_config, hydra_cfg=config, working_dir=str(output_dir),
+                           task_name=str(config.hydra.job.name), status=JobStatus.COMPLETED)
+        # COMPLETED, not FAILED: Hydra's sweeper re-raises a failed job's error and would stop
+        # before the summary, which lists this run from its record.
+        result.return_value = value
+        return result
+
+
+def _written_by(slurm: dict, job_id: str) -> bool:
+    """Whether a record's Slurm ids name this job (submitit calls an array task "<array id>_<task>")."""
+    return job_id in (slurm.get("job_id"), f"{slurm.get('array_job_id')}_{slurm.get('array_task_id')}")

@@ -1,0 +1,21 @@
+"""Per-phase memory on CPU: a phase reports what it found in use and its own peak above that."""
+
+import torch
+
+from experiments.measure import PhaseMeter, limit_heap_retention
+
+
+def test_a_phase_reports_its_own_growth_not_the_process_lifetime_peak():
+    limit_heap_retention()
+    meter = PhaseMeter(torch.device("cpu"))
+    with meter.phase("big"):
+        big = torch.ones(64 * 2**20)  # 256 MiB, touched
+        del big
+    with meter.phase("small") as small:
+        torch.ones(2**20).sum()
+    big_stats = meter.phases["big"]
+    growth = big_stats.peak_memory_bytes - big_stats.memory_at_start_bytes
+    assert growth >= 250 * 2**20
+    # the second phase starts after the 256 MiB were freed, and its peak does not carry them
+    assert small.peak_memory_bytes - small.memory_at_start_bytes < 64 * 2**20
+    assert meter.as_dict()["small"]["memory_at_start_bytes"] == small.memory_at_start_bytes
