@@ -59,8 +59,9 @@ def memory_check(model, harness: dict, row: dict) -> dict:
     """The issue's memory bound: weights plus evaluation's own growth, against weights plus one batch.
 
     One batch's activations are taken as the KV cache of the largest batch the harness
-    ran (prefix included), a lower bound: the transient tensors of one layer come on
-    top. Held under 1.5, the ratio shows the prefix cache is not kept across subjects.
+    ran (prefix included). That leaves out one layer's transient tensors, so the ratio
+    printed is at or above the issue's. Under 1.5, it also shows that prefix caches are
+    not kept across subjects.
     """
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     batch = harness["largest_batch_positions"] * kv_bytes_per_position(model)

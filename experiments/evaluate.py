@@ -92,9 +92,9 @@ def _expand_cache(cache, batch: int):
 
     ``DynamicCache.update`` starts a layer by concatenating onto an empty tensor, which
     would copy the expanded prefix once here and again when the batch's own keys arrive:
-    two copies of rows x prefix per layer at the peak (measured: 0.97 GB above the
-    weights for 16 rows after a 1,547-token prefix in bf16). Copied layer objects holding
-    views leave one, made by the forward's own concatenation.
+    two copies of rows x prefix per layer at the peak (the first is 570 MB for 16 rows
+    after a 1,547-token prefix in bf16). Copied layer objects holding views leave one,
+    made by the forward's own concatenation.
     """
     fresh = copy.copy(cache)
     fresh.layers = []
