@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from analysis.model_shapes import shape_from_config
 from experiments.evaluate import evaluate_mmlu
 from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
-from experiments.measure import PhaseMeter, limit_heap_retention
+from experiments.measure import PhaseMeter, limit_heap_retention, tensor_bytes
 from experiments.models import load_tokenizer, resolve_model
 from methods.base import DTYPES, load_pretrained
 
@@ -49,10 +50,8 @@ def run_backend(name: str, model, tokenizer, meter: PhaseMeter, **kwargs) -> tup
 
 
 def kv_bytes_per_position(model) -> int:
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = next(model.parameters()).element_size()
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element
+    shape = shape_from_config(model.config.to_dict(), model.config.name_or_path or "model")
+    return 2 * shape.num_layers * shape.kv_dim * next(model.parameters()).element_size()  # keys and values
 
 
 def memory_check(model, harness: dict, row: dict) -> dict:
@@ -63,7 +62,7 @@ def memory_check(model, harness: dict, row: dict) -> dict:
     printed is at or above the issue's. Under 1.5, it also shows that prefix caches are
     not kept across subjects.
     """
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    weights = sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
     batch = harness["largest_batch_positions"] * kv_bytes_per_position(model)
     return {"weights_bytes": weights, "largest_batch_kv_bytes": batch,
             "memory_ratio": (weights + row["memory_growth_bytes"]) / (weights + batch)}

@@ -188,16 +188,22 @@ def run_perplexity(cfg, model, tokenizer, spec: ModelSpec) -> dict:
     return {**result, "source": ppl_cfg.source}
 
 
+def new_record(run_id: str, cfg: DictConfig, **fields) -> dict:
+    """A run record with every top-level field in its fixed order; ``fields`` fill some in."""
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "running", "error": None,
+        "created_at": now_iso(), "config": OmegaConf.to_container(cfg, resolve=True),
+        "env": None, "slurm": None, "model": None, "method": None, "train": None, "eval": {}, "memory": {},
+        "phases": {}, **fields,
+    }
+
+
 def execute(plan: RunPlan) -> dict:
     cfg = plan.cfg
     meter = PhaseMeter(plan.device)
-    record = {
-        "schema_version": SCHEMA_VERSION, "run_id": plan.run_id, "status": "running", "error": None,
-        "created_at": now_iso(), "config": OmegaConf.to_container(cfg, resolve=True),
-        "env": environment(plan.device), "slurm": slurm_info(),
-        "model": {**plan.model_spec.as_dict(), **model_shape(plan.model_spec.path)},
-        "method": None, "train": None, "eval": {}, "memory": {}, "phases": meter.phases,
-    }
+    record = new_record(plan.run_id, cfg, env=environment(plan.device), slurm=slurm_info(),
+                        model={**plan.model_spec.as_dict(), **model_shape(plan.model_spec.path)},
+                        phases=meter.phases)
     logger = make_logger(cfg.logger, plan.run_id, record["config"], group=cfg.get("experiment_name"),
                          folder=plan.output_dir)
     try:
@@ -242,13 +248,10 @@ def execute(plan: RunPlan) -> dict:
 
 def lost_job_record(cfg: DictConfig, run_id: str, state: str, message: str, job_id: str) -> dict:
     """The record of a run whose Slurm job ended before the run could write one (see hydra_plugins/qpeft_slurm)."""
-    return {
-        "schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "failed",
-        "error": {"type": f"SlurmJob{state.title().replace('_', '')}", "message": message, "traceback": None},
-        "created_at": now_iso(), "finished_at": now_iso(), "config": OmegaConf.to_container(cfg, resolve=True),
-        "env": None, "slurm": {"job_id": str(job_id), "state": state}, "model": None, "method": None,
-        "train": None, "eval": {}, "memory": {}, "phases": {},
-    }
+    return new_record(run_id, cfg, status="failed",
+                      error={"type": f"SlurmJob{state.title().replace('_', '')}", "message": message,
+                             "traceback": None},
+                      slurm={"job_id": str(job_id), "state": state}, finished_at=now_iso())
 
 
 def run_training(plan: RunPlan, model, tokenizer, logger):

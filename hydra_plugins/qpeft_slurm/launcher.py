@@ -33,7 +33,7 @@ class RecordingSlurmLauncher(SlurmLauncher):
         class Executor(stock):
             # the parent builds its executor and reads ``job.results()`` of what map_array returns
             def map_array(self, fn, *iterables):
-                overrides, _, job_nums = iterables[0], iterables[1], iterables[2]
+                overrides, job_nums = iterables[0], iterables[2]  # (overrides, dir key, job number, ...)
                 jobs = super().map_array(fn, *iterables)
                 return [_JobOrLoss(job, launcher, list(o), n) for job, o, n in zip(jobs, overrides, job_nums)]
 
