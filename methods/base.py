@@ -87,13 +87,22 @@ class Method(Protocol):
 
 
 def load_pretrained(model_spec, device: torch.device, dtype: torch.dtype, quantization_config=None):
-    """Load a checkpoint the same way for every method, frozen, on ``device``."""
-    from transformers import AutoModelForCausalLM
+    """Load a checkpoint the same way for every method, frozen, on ``device``.
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_spec.path, dtype=dtype, quantization_config=quantization_config,
-        device_map={"": device}, attn_implementation="sdpa",
-    )
+    A spec with a ``random_shape`` (experiments.models.random_llama_spec) has no checkpoint:
+    its random weights are built directly on ``device`` (methods/random_base.py).
+    """
+    if getattr(model_spec, "random_shape", None) is not None:
+        from methods.random_base import build_random_base
+
+        model = build_random_base(model_spec.random_shape, device, dtype, quantization_config)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_spec.path, dtype=dtype, quantization_config=quantization_config,
+            device_map={"": device}, attn_implementation="sdpa",
+        )
     model.requires_grad_(False)
     model.config.use_cache = False
     return model

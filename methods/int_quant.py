@@ -25,6 +25,8 @@ from experiments.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CODES_PER_CHUNK = 8  # 8 codes of k bits are exactly k bytes
+# Weights dequantized per slice: a slice's fp32 work is about 9 bytes per weight (36 MiB).
+DEQUANT_SLICE_WEIGHTS = 1 << 22
 
 
 def check_format(bits: int, group_size: int, in_features: int | None = None, where: str = "method"):
@@ -53,6 +55,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
+    if 8 % bits == 0:  # 2, 4, 8 bits: whole codes per byte, unpacked in uint8 (1 byte per code)
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(shape)
     chunks = packed.reshape(-1, bits).to(torch.int64)
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     words = (chunks << byte_shifts).sum(dim=1)
@@ -119,11 +124,25 @@ class GroupQuantLinear(torch.nn.Module):
         layer.zeros.copy_(zeros)
         return layer
 
-    def codes(self) -> torch.Tensor:
-        return unpack_codes(self.packed_codes, self.bits, torch.Size((self.out_features, self.in_features)))
+    def codes(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The integer codes of output rows ``rows`` (all by default), uint8."""
+        packed = self.packed_codes.view(self.out_features, -1)[rows]
+        return unpack_codes(packed, self.bits, torch.Size((packed.shape[0], self.in_features)))
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.codes(), self.scales, self.zeros, self.group_size).to(dtype)
+        """W in ``dtype``, computed in fp32 a slice of rows at a time.
+
+        Dequantizing the whole layer at once held about 16 bytes per weight of transients
+        (int64 unpacking, fp32 codes and products) besides the result; in slices of
+        ``DEQUANT_SLICE_WEIGHTS`` the transient is the result (2 bytes per weight in 16 bits)
+        plus one slice's work, the budget of the memory model (analysis/memory_model.py).
+        """
+        weight = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.packed_codes.device)
+        step = max(1, DEQUANT_SLICE_WEIGHTS // self.in_features)
+        for start in range(0, self.out_features, step):
+            rows = slice(start, start + step)
+            weight[rows] = dequantize(self.codes(rows), self.scales[rows], self.zeros[rows], self.group_size)
+        return weight
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _RecomputedWeightLinear.apply(x, self)
