@@ -18,9 +18,11 @@ def test_gpu_check_dry_run_passes_and_writes_its_figures(tmp_path):
     assert "all steps passed" in done.stdout
     assert "dry run: 1" in (out / "device.txt").read_text()
     report = json.loads((out / "tiny_b1_s32.json").read_text())
-    assert [r["name"] for r in report["runs"]] == ["lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qalora",
-                                                   "reference_qlora_nf4"]
+    reference = "reference_qlora_nf4"  # paired with the harness's QLoRA NF4 as A B B A, then the others
+    assert [r["name"] for r in report["runs"]] == ["qlora_nf4", reference, reference, "qlora_nf4", "lora_bf16",
+                                                   "qlora_nf4_dq", "qalora"]
     assert all(r["status"] == "ok" for r in report["runs"])
+    assert report["harness_over_reference"] > 0
     assert (out / "tiny_b4_s64_r8.md").exists()
 
 
