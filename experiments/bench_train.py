@@ -113,8 +113,9 @@ class _FixedBatches:
 
 def schedule(methods: list[str], with_reference: bool) -> list[str]:
     """The order of the runs. The harness's QLoRA NF4 and the bare loop that reimplements it run first,
-    as A B B A: on an H100 a process's later runs were up to 25% slower at batch 1 x 512, and this
-    order cancels a steady drift from their ratio."""
+    as A B B A, each twice, so that a steady drift over the process's life cancels from their ratio
+    and each figure has a repeat. (On an H100 at batch 1 x 512, repeats of one configuration differed
+    by 15-25% with no drift; at 4 x 1024 they agree within 1%: results/gpu/README.md.)"""
     if not with_reference:
         return list(methods)
     if PAIRED not in methods:

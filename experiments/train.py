@@ -7,7 +7,9 @@ its own (adapter weights, optimizer, scheduler, RNG, step, losses) written atomi
 every ``checkpoint_every`` steps, from which a restarted run continues exactly.
 
 Throughput counts only non-padding tokens and only steps after ``measure_after_steps``
-warm-up steps; on CUDA it synchronizes before reading the clock.
+warm-up steps; on CUDA it synchronizes before reading the clock. With ``compile``, batches
+are padded to bucketed widths and steps that compile are timed apart (``compile_seconds``).
+A float16 model trains with autocast and a gradient scaler (transformers' Trainer's fp16).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class TrainResult:
     optimizer_state_bytes: int = 0
     optimizer_paged_bytes: int = 0  # of which in CUDA unified memory (paged optimizers)
     loss_scale: float | None = None  # fp16 training: the gradient scaler's scale at the end
+    compile_seconds: float = 0.0  # train.compile: steps that compiled a new width, left out of tokens/s
+    compile_steps: int = 0
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -114,6 +118,8 @@ class TrainResult:
             "optimizer_state_bytes": self.optimizer_state_bytes,
             "optimizer_paged_bytes": self.optimizer_paged_bytes,
             "loss_scale": self.loss_scale,
+            "compile_seconds": round(self.compile_seconds, 3),
+            "compile_steps": self.compile_steps,
         }
 
 
@@ -206,6 +212,30 @@ def repage_optimizer_state(optimizer) -> int:
     return moved
 
 
+MIN_BUCKET_WIDTH = 64
+
+
+def bucket_width(width: int, max_width: int) -> int:
+    """The padded width a compiled model sees: the next power of two from 64, at most ``max_width``.
+
+    A compiled graph is specialised to its input shape; padding every batch to one of a few
+    widths bounds the compilations to about log2(max_width / 64) + 1, all early in training.
+    """
+    bucket = MIN_BUCKET_WIDTH
+    while bucket < width:
+        bucket *= 2
+    return max(width, min(bucket, max_width))
+
+
+def pad_to_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+    """Right-pad a collated batch (experiments.data.collate) to ``width``: attention 0, label -100."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()}
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -218,7 +248,10 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    forward = torch.compile(model) if settings.compile else model  # same parameters, fused kernels
+    # Compiled: one static graph per bucketed width (see bucket_width), so the measured steps
+    # never recompile; a step that meets a new width is timed as compile time instead.
+    forward = torch.compile(model, dynamic=False) if settings.compile else model
+    compiled_widths: set[int] = set()
     optimizer = make_optimizer(settings, params)
     scheduler = make_scheduler(settings, optimizer)
     # A float16 model trains as transformers' Trainer does with fp16=True: forward under
@@ -235,9 +268,14 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
         step = result.steps
         _sync(device)
         started = time.perf_counter()
-        step_loss, step_tokens = 0.0, 0
+        step_loss, step_tokens, compiles = 0.0, 0, False
         for micro in range(settings.grad_accum):
-            batch = {k: v.to(device) for k, v in batches.micro_batch(step * settings.grad_accum + micro).items()}
+            batch = batches.micro_batch(step * settings.grad_accum + micro)
+            if settings.compile:
+                batch = pad_to_width(batch, bucket_width(batch["input_ids"].shape[1], settings.max_seq_len))
+                compiles |= batch["input_ids"].shape[1] not in compiled_widths
+                compiled_widths.add(batch["input_ids"].shape[1])
+            batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
                 loss = forward(**batch).loss / settings.grad_accum
             scaler.scale(loss).backward()
@@ -257,7 +295,10 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
         result.steps += 1
         result.tokens += step_tokens
         result.losses.append(round(step_loss, 6))
-        if step >= settings.measure_after_steps:
+        if compiles:
+            result.compile_seconds += elapsed
+            result.compile_steps += 1
+        elif step >= settings.measure_after_steps:
             result.measured_tokens += step_tokens
             result.measured_seconds += elapsed
         progress.update(1)

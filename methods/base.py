@@ -21,6 +21,11 @@ LLAMA_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name of a torch dtype ("bfloat16"), for records of what actually ran."""
+    return next((name for name, value in DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
+
+
 def parse_dtype(name: str, what: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"{what}={name!r} is not one of {', '.join(DTYPES)}")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from experiments.errors import ConfigError
-from methods.base import LoadContext, parse_dtype
+from methods.base import LoadContext, dtype_name, parse_dtype
 from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, replace_linears
 from methods.storage import is_gptq_layer, trainable_parameters, weight_storage
 
@@ -108,11 +108,15 @@ def quantize_checkpoint(model_path: str, calibration: list[list[int]], *, bits: 
     return folder
 
 
-def load_quantized(folder: Path, device: torch.device):
-    """The GPTQ checkpoint as a Hugging Face model (GPTQModel picks the kernel for the device)."""
+def load_quantized(folder: Path, device: torch.device, dtype: torch.dtype):
+    """The GPTQ checkpoint as a Hugging Face model computing in ``dtype`` (GPTQModel picks the kernel).
+
+    Without a dtype GPTQModel chooses one itself ("auto"), and a record naming the method's
+    compute dtype would describe another run than the one measured.
+    """
     gptqmodel = _import_gptqmodel()
     with _quiet():
-        wrapped = gptqmodel.GPTQModel.load(str(folder), device=str(device))
+        wrapped = gptqmodel.GPTQModel.load(str(folder), device=str(device), dtype=dtype)
     model = wrapped.model
     model.requires_grad_(False)
     model.config.use_cache = False
@@ -143,7 +147,8 @@ def gptq_quantize_to_group_linears(model, model_spec, target_modules, bits: int,
     folder = quantize_checkpoint(model_spec.path, context.calibration, bits=bits, group_size=group_size, sym=False,
                                  desc_act=False, batch_size=DEFAULT_GPTQ_BATCH_SIZE,
                                  cache_root=cache_dir() / "gptq")
-    quantized = load_quantized(folder, torch.device("cpu"))
+    # fp16, the dtype of GPTQ's scales: codes, scales and zeros read back exactly (layer_codes)
+    quantized = load_quantized(folder, torch.device("cpu"), torch.float16)
     layers = {name: m for name, m in quantized.named_modules() if is_gptq_layer(m)}
 
     def make(name, linear):
@@ -152,6 +157,9 @@ def gptq_quantize_to_group_linears(model, model_spec, target_modules, bits: int,
         return layer.to(linear.weight.device)
 
     return replace_linears(model, target_modules, make)
+
+
+GPTQ_COMPUTE_DTYPES = ("bfloat16", "float16")
 
 
 class GPTQ:
@@ -166,6 +174,9 @@ class GPTQ:
         check_format(bits, group_size)
         check_calibration(calibration or {}, batch_size)
         self.name, self.bits, self.group_size, self.sym, self.desc_act = name, bits, group_size, sym, desc_act
+        if compute_dtype not in GPTQ_COMPUTE_DTYPES:  # GPTQModel's kernels compute in 16 bits only
+            raise ConfigError(f"method.compute_dtype={compute_dtype!r} is not one of {', '.join(GPTQ_COMPUTE_DTYPES)}"
+                              " (GPTQModel's kernels)")
         self.compute_dtype_name = compute_dtype
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
         self.batch_size = batch_size
@@ -182,7 +193,7 @@ class GPTQ:
                                    cache_root=cache_dir() / "gptq")
 
     def load_base(self, model_spec, context: LoadContext):
-        return load_quantized(self.quantize_path(model_spec.path, context), context.device)
+        return load_quantized(self.quantize_path(model_spec.path, context), context.device, self.compute_dtype)
 
     def add_adapters(self, model):
         return model
@@ -194,7 +205,7 @@ class GPTQ:
         return {
             "name": self.name, "family": "gptq", "quant_format": f"int{self.bits}-g{self.group_size}",
             "bits": self.bits, "group_size": self.group_size, "block_size": self.group_size, "double_quant": False,
-            "sym": self.sym, "desc_act": self.desc_act, "compute_dtype": self.compute_dtype_name,
+            "sym": self.sym, "desc_act": self.desc_act, "compute_dtype": dtype_name(model.dtype),
             "calibration": self.calibration,
             **weight_storage(model, ()),
             "trainable_params": trainable_parameters(model),

@@ -95,7 +95,7 @@ class QLoRAThenGPTQ:
             plain.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(self.tokenizer_path).save_pretrained(tmp)  # GPTQModel loads it
             del model, plain
-            return load_quantized(self.gptq.quantize_path(tmp, context), context.device)
+            return load_quantized(self.gptq.quantize_path(tmp, context), context.device, dtype)
 
     def describe(self, model) -> dict:
         info = self.gptq.describe(model)

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("gptqmodel", reason="GPTQ methods need the [gptq] extra: pip install -e '.[gptq]'")
 
 from methods.base import LLAMA_BLOCK_LINEARS, LoadContext, load_pretrained  # noqa: E402
-from methods.gptq import layer_codes, load_quantized, quantize_checkpoint  # noqa: E402
+from methods.gptq import GPTQ, layer_codes, load_quantized, quantize_checkpoint  # noqa: E402
 from methods.int_quant import dequantize, rtn_quantize  # noqa: E402
 from methods.qalora import QALoRA, QALoRALinear  # noqa: E402
 from methods.storage import is_gptq_layer  # noqa: E402
@@ -21,10 +21,30 @@ def calibration(tiny_spec):
 
 
 @pytest.fixture(scope="module")
-def gptq_model(tiny_spec, calibration, tmp_path_factory):
-    folder = quantize_checkpoint(tiny_spec.path, calibration, bits=BITS, group_size=GROUP, sym=False, desc_act=False,
-                                 batch_size=4, cache_root=tmp_path_factory.mktemp("gptq"))
-    return load_quantized(folder, torch.device("cpu"))
+def gptq_folder(tiny_spec, calibration, tmp_path_factory):
+    return quantize_checkpoint(tiny_spec.path, calibration, bits=BITS, group_size=GROUP, sym=False, desc_act=False,
+                               batch_size=4, cache_root=tmp_path_factory.mktemp("gptq"))
+
+
+@pytest.fixture(scope="module")
+def gptq_model(gptq_folder):
+    return load_quantized(gptq_folder, torch.device("cpu"), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gptq_model_computes_in_the_configured_dtype_and_the_record_says_so(gptq_folder, dtype):
+    method = GPTQ("gptq", bits=BITS, group_size=GROUP, compute_dtype=dtype)
+    model = load_quantized(gptq_folder, torch.device("cpu"), method.compute_dtype)
+    assert model.dtype == method.compute_dtype
+    assert model.get_input_embeddings().weight.dtype == method.compute_dtype
+    assert method.describe(model)["compute_dtype"] == dtype
+
+
+def test_gptq_rejects_a_compute_dtype_its_kernels_lack():
+    from experiments.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="float32.*bfloat16, float16"):
+        GPTQ("gptq", bits=BITS, group_size=GROUP, compute_dtype="float32")
 
 
 def test_gptq_layers_read_back_as_integer_codes_scales_and_zeros(gptq_model):

@@ -121,3 +121,51 @@ def test_qalora_layer_dequantizes_with_about_two_bytes_per_weight_of_transients(
     growth = phase.peak_rss_bytes - phase.memory_at_start_bytes
     assert growth / (out_features * in_features) < 6, f"{growth / 2**20:.0f} MiB"
     assert set(LLAMA_PRESETS) >= {"tiny", "llama2_7b"}
+
+
+@pytest.mark.slow
+def test_compiled_training_pads_to_bucketed_widths_and_times_compiles_apart(cpu, monkeypatch):
+    """train.compile=true: batches of six widths compile two graphs (widths 64 and 128), in the two
+    steps that first meet them, and those steps are left out of tokens/s."""
+    import functools
+
+    import torch._dynamo
+
+    from experiments.data import BatchSource, TokenizedExample
+
+    compilations = []
+
+    def counting_backend(graph, example_inputs):  # eager: no C++ toolchain needed, dynamo still compiles per shape
+        compilations.append(tuple(getattr(x, "shape", ()) for x in example_inputs))
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    torch._dynamo.reset()
+    spec = random_llama_spec("tiny")
+    generator = torch.Generator().manual_seed(0)
+    rows = [TokenizedExample(ids, ids) for ids in
+            (torch.randint(1, spec.vocab_size, (n,), generator=generator).tolist() for n in (20, 30, 40, 50, 100, 110))]
+    model = make_method("lora_bf16", "method.lora.r=4").add_adapters(
+        make_method("lora_bf16", "method.lora.r=4").load_base(spec, LoadContext(device=cpu)))
+    seen = []  # per step: (graphs compiled so far, tokens of the step)
+    settings = TrainSettings(max_steps=6, batch_size=1, warmup_steps=0, compile=True, measure_after_steps=0,
+                             max_seq_len=256)
+    result = train(model, BatchSource(rows, 1, pad_id=0, seed=0), settings, cpu,
+                   log=lambda metrics, step: seen.append((len(compilations), metrics["train/tokens_per_step"])))
+    compiled = [after > before for before, after in zip([0] + [n for n, _ in seen], [n for n, _ in seen])]
+    assert sum(compiled) == result.compile_steps == 2 and result.compile_seconds > 0
+    assert result.measured_tokens == sum(tokens for (_, tokens), new in zip(seen, compiled) if not new)
+    torch._dynamo.reset()
+
+
+def test_bucket_width_pads_to_powers_of_two_within_the_maximum():
+    from experiments.train import bucket_width, pad_to_width
+
+    assert [bucket_width(w, 512) for w in (1, 64, 65, 200, 300, 512)] == [64, 64, 128, 256, 512, 512]
+    assert bucket_width(700, 600) == 700  # never shorter than the batch
+    assert bucket_width(550, 600) == 600
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.ones(2, 3, dtype=torch.long)}
+    padded = pad_to_width(batch, 5)
+    assert padded["input_ids"].shape == (2, 5) and padded["attention_mask"][:, 3:].sum() == 0
+    assert (padded["labels"][:, 3:] == -100).all()
