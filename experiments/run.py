@@ -110,6 +110,9 @@ def check_eval(cfg: DictConfig):
     if ev.perplexity.source not in PERPLEXITY_SOURCES:
         raise ConfigError(f"eval.perplexity.source={ev.perplexity.source!r} is not one of "
                           f"{', '.join(PERPLEXITY_SOURCES)}")
+    if ev.perplexity.enabled and (not isinstance(ev.perplexity.seq_len, int) or ev.perplexity.seq_len < 2):
+        raise ConfigError(f"eval.perplexity.seq_len={ev.perplexity.seq_len!r}: must be an integer of at least 2 "
+                          "(a window predicts its tokens after the first)")
     subjects = list(ev.subjects) if ev.subjects is not None else None
     try:
         mmlu_data.check_subjects(subjects)
@@ -243,6 +246,11 @@ def execute(plan: RunPlan) -> dict:
     record["phases"] = meter.as_dict()
     record["finished_at"] = now_iso()
     write_record(record, plan.record_path)
+    if record["status"] == "ok":
+        # Kept until now: a job requeued during finalize or evaluation (GPTQ of a merged 7B,
+        # full MMLU: hours) resumes from the final training state instead of training again;
+        # after a failure it is kept too, so a retry does not retrain.
+        training_checkpoint(plan).unlink(missing_ok=True)
     logger.log(_flat_metrics(record))
     logger.finish(failed=record["status"] != "ok")
     return record
@@ -263,10 +271,12 @@ def run_training(plan: RunPlan, model, tokenizer, logger):
                                   vocab_size=plan.model_spec.vocab_size)
     batches = BatchSource(tokenized, settings.batch_size, tokenizer.pad_token_id, plan.cfg.seed,
                           group_by_length=settings.group_by_length)
-    checkpoint = Path(plan.cfg.checkpoint_dir) / plan.run_id / "train_state.pt"
-    result = train(model, batches, settings, plan.device, checkpoint_path=checkpoint, log=logger.log)
-    checkpoint.unlink(missing_ok=True)  # finished: the record holds what matters
-    return result
+    return train(model, batches, settings, plan.device, checkpoint_path=training_checkpoint(plan), log=logger.log)
+
+
+def training_checkpoint(plan: RunPlan) -> Path:
+    """Where the run's training state lives until its ok record is written (see ``execute``)."""
+    return Path(plan.cfg.checkpoint_dir) / plan.run_id / "train_state.pt"
 
 
 def _error_info(error: BaseException) -> dict:

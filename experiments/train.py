@@ -4,7 +4,8 @@ AdamW (torch, or bitsandbytes' paged/8-bit variants on CUDA, QLoRA's default bei
 ``paged_adamw_32bit``), gradient accumulation, an LR schedule with warm-up from
 transformers, gradient clipping, optional gradient checkpointing, and a checkpoint of
 its own (adapter weights, optimizer, scheduler, RNG, step, losses) written atomically
-every ``checkpoint_every`` steps, from which a restarted run continues exactly.
+every ``checkpoint_every`` steps and after the last step, from which a restarted run
+continues exactly (or, after the last step, does not train again).
 
 Throughput counts only non-padding tokens and only steps after ``measure_after_steps``
 warm-up steps; on CUDA it synchronizes before reading the clock. With ``compile``, batches
@@ -66,6 +67,12 @@ class TrainSettings:
             raise ConfigError(f"train.lr={self.lr}: must be a positive number")
         if self.max_steps < 0:
             raise ConfigError(f"train.max_steps={self.max_steps}: must be 0 (no fine-tuning) or more")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every={self.log_every}: must be at least 1 (log every N steps)")
+        if self.max_seq_len < 1:
+            raise ConfigError(f"train.max_seq_len={self.max_seq_len}: must be a positive number of tokens")
+        if self.checkpoint_every < 0 or self.measure_after_steps < 0:
+            raise ConfigError("train.checkpoint_every and train.measure_after_steps must be 0 or more")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
         if self.optimizer not in OPTIMIZERS:
@@ -259,9 +266,10 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
     # with overflowed gradients skipped. bfloat16 has fp32's range and needs neither.
     fp16 = getattr(model, "dtype", None) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    result = TrainResult()
+    result, saved_step = TrainResult(), None
     if checkpoint_path is not None and checkpoint_path.exists():
         result = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)
+        saved_step = result.steps
 
     progress = tqdm(total=settings.max_steps, initial=result.steps, desc="train", disable=None, leave=False)
     while result.steps < settings.max_steps:
@@ -308,7 +316,12 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
                  "train/tokens_per_step": step_tokens}, step=result.steps)
         if checkpoint_path is not None and settings.checkpoint_every and result.steps % settings.checkpoint_every == 0:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler)
+            saved_step = result.steps
     progress.close()
+    if checkpoint_path is not None and saved_step != result.steps:
+        # The final state, whatever checkpoint_every says: the caller deletes it once the run's
+        # record is written, so a job requeued after training does not train again.
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler)
     result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     result.optimizer_paged_bytes = paged_state_bytes(optimizer)
     result.loss_scale = scaler.get_scale() if fp16 else None

@@ -73,7 +73,9 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int):
     low = groups.amin(dim=-1).clamp(max=0)  # include 0 in the range, as GPTQ's quantizer does
     high = groups.amax(dim=-1).clamp(min=0)
     max_code = (1 << bits) - 1
-    scales = ((high - low) / max_code).clamp(min=1e-8)
+    # Clamped to fp16's smallest normal: a constant group (all zeros, e.g. pruned weights) has
+    # zero range, and any smaller floor would become a zero scale in fp16, then NaN codes.
+    scales = ((high - low) / max_code).clamp(min=torch.finfo(torch.float16).tiny)
     scales = scales.to(torch.float16).float()  # quantize against the scale we will store
     zeros = torch.round(-low / scales).clamp(0, max_code)
     codes = torch.clamp(torch.round(groups / scales.unsqueeze(-1)) + zeros.unsqueeze(-1), 0, max_code)

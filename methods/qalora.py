@@ -59,7 +59,9 @@ class QALoRALinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        pooled = self.pool(self.dropout(x)).to(self.qalora_A.dtype)
+        # Pool, then drop out the pooled input: the official implementation's order (and the paper's
+        # adapter input), and L times less work than dropping out every input channel first.
+        pooled = self.dropout(self.pool(x)).to(self.qalora_A.dtype)
         update = (pooled @ self.qalora_A.T) @ self.qalora_B.T
         return out + (self.scaling * update).to(out.dtype)
 

@@ -50,6 +50,22 @@ def merged_state_dict(peft_model, dtype: torch.dtype) -> dict[str, torch.Tensor]
     return merged
 
 
+def load_merged_weights(model, state: dict[str, torch.Tensor]) -> None:
+    """Load the merged fine-tune into a plain model, refusing any mismatch of names.
+
+    Only a tied output head may be missing (stored once, as the embedding). Anything else
+    missing or left over means parameter names drifted (a transformers or peft version),
+    and loading leniently would quantize the untouched base: a "QLoRA w/ GPTQ" row that
+    is plain GPTQ.
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [name for name in missing if not (tied and name == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"merged fine-tune does not match the model: {len(missing)} missing "
+                           f"({missing[:3]}), {len(unexpected)} unexpected ({unexpected[:3]})")
+
+
 class QLoRAThenGPTQ:
     trainable = True
     needs_calibration = True
@@ -91,7 +107,7 @@ class QLoRAThenGPTQ:
         state = merged_state_dict(model, dtype)
         with tempfile.TemporaryDirectory(prefix="qpeft-merged-") as tmp:
             plain = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-            plain.load_state_dict(state, strict=False)  # tied head: stored once, as the embedding
+            load_merged_weights(plain, state)
             plain.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(self.tokenizer_path).save_pretrained(tmp)  # GPTQModel loads it
             del model, plain
