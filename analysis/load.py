@@ -187,7 +187,9 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _record_files(root: Path) -> list[Path]:
     # Temp files of an atomic write in progress start with a dot: never half a record.
-    return sorted(p for p in root.rglob("*.json") if p.is_file() and not p.name.startswith("."))
+    # superseded/: records a later run of the same configuration replaced (experiments.record.set_aside)
+    return sorted(p for p in root.rglob("*.json")
+                  if p.is_file() and not p.name.startswith(".") and "superseded" not in p.relative_to(root).parts)
 
 
 def load_runs(path: str | Path) -> pd.DataFrame:

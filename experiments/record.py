@@ -50,12 +50,22 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows: CPUs of one machine type differ
+    (AVX2 only or native bfloat16), and so do their speeds and bf16 rounding."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     dirty = _git("status", "--porcelain", "--untracked-files=no")
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
     return {
         "packages": package_versions(),
         "python": platform.python_version(),
@@ -104,3 +114,42 @@ def write_record(record: dict, path: Path) -> Path:
 def read_record(path: Path) -> dict:
     with open(path) as handle:
         return json.load(handle)
+
+
+SUPERSEDED_DIR = "superseded"  # where a record that a new run replaces is kept (analysis skips it)
+
+
+def reuse_refusal(old: dict, env: dict) -> str | None:
+    """Why the record ``old`` (same run id: same configuration) may not stand for a run now, or None.
+
+    It may only if it is ok and was made by the same code on the same kind of device. Same
+    code means the same git commit with a clean tree, on both sides: an uncommitted change
+    could change any figure, so a dirty tree never matches, nor does a tree without git.
+    The kind of device is its type and name (GPU model or CPU model).
+    """
+    if old.get("status") != "ok":
+        return f"its status is {old.get('status')}"
+    then = old.get("env") or {}
+    if not env.get("git_commit") or env.get("git_dirty") is not False:
+        return "this code is not a clean git commit"
+    if then.get("git_commit") != env["git_commit"] or then.get("git_dirty") is not False:
+        made_by = (then.get("git_commit") or "unknown")[:10] + (" (dirty)" if then.get("git_dirty") else "")
+        return f"it was made by commit {made_by}, this is {env['git_commit'][:10]}"
+    old_device = (then.get("device"), then.get("device_name"))
+    if old_device != (env.get("device"), env.get("device_name")):
+        return f"it was made on {old_device[0]} ({old_device[1]}), this is {env['device']} ({env['device_name']})"
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Move the record at ``path`` into ``superseded/`` beside it, under a name that never collides."""
+    old = read_record(path)
+    stamp = (old.get("finished_at") or old.get("created_at") or "").replace(":", "").replace("-", "")[:15]
+    commit = ((old.get("env") or {}).get("git_commit") or "nogit")[:10]
+    folder = path.parent / SUPERSEDED_DIR
+    folder.mkdir(exist_ok=True)
+    target, n = folder / f"{path.stem}.{commit}.{stamp}.json", 1
+    while target.exists():
+        target, n = folder / f"{path.stem}.{commit}.{stamp}.{n}.json", n + 1
+    os.replace(path, target)
+    return target

@@ -6,7 +6,9 @@
 Read top to bottom: ``plan_run`` checks the whole config and fails within seconds on a
 user error (one message, no traceback, no record); ``execute`` does the work and always
 ends in a record, ``ok`` or ``oom``/``failed`` with the error. A run whose record already
-says ``ok`` is skipped (``skip_done``), which makes re-running a sweep cheap.
+says ``ok`` and was made by the same clean commit on the same kind of device is skipped
+(``skip_done``), which makes re-running a sweep cheap; any other record at that path is
+moved to ``superseded/`` beside it before the run starts again.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity
 from experiments.loggers import make_logger
 from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
-from experiments.record import SCHEMA_VERSION, environment, now_iso, read_record, slurm_info, write_record
+from experiments.record import (SCHEMA_VERSION, environment, now_iso, read_record, reuse_refusal, set_aside,
+                                slurm_info, write_record)
 from experiments.summary import format_table
 from experiments.sweep_summary import write_pointer
 from experiments.train import TrainSettings, train
 from methods.base import LoadContext, Method
 
 # Config keys that do not change a run's results, left out of its id.
-NOT_IN_RUN_ID = ("results_dir", "checkpoint_dir", "skip_done", "logger", "threads")
+NOT_IN_RUN_ID = ("results_dir", "checkpoint_dir", "skip_done", "logger", "threads", "reference_results")
 EVAL_BACKENDS = ("harness", "lm_eval")
 PERPLEXITY_SOURCES = ("mmlu_heldout", "wikitext2")
 
@@ -312,10 +315,14 @@ def main(cfg: DictConfig) -> dict:
         # In a sweep one mis-specified job must not stop the others: the summary lists it.
         write_pointer(Path(HydraConfig.get().runtime.output_dir), None, None, error=str(error))
         return {"status": "invalid", "error": str(error)}
-    if cfg.skip_done and plan.record_path.exists() and read_record(plan.record_path).get("status") == "ok":
-        print(f"skip {plan.run_id}: {plan.record_path} already says ok")
-        write_pointer(plan.output_dir, plan.run_id, plan.record_path)
-        return {"record_path": str(plan.record_path), "status": "ok", "skipped": True}
+    if plan.record_path.exists():
+        refusal = reuse_refusal(read_record(plan.record_path), environment(plan.device))
+        if cfg.skip_done and refusal is None:
+            print(f"skip {plan.run_id}: {plan.record_path} already says ok (same commit, same device)")
+            write_pointer(plan.output_dir, plan.run_id, plan.record_path)
+            return {"record_path": str(plan.record_path), "status": "ok", "skipped": True}
+        kept = set_aside(plan.record_path)  # never overwrite a result: keep it beside the new one
+        print(f"run {plan.run_id} again ({refusal or 'skip_done=false'}); the old record is kept as {kept}")
     record = execute(plan)
     write_pointer(plan.output_dir, plan.run_id, plan.record_path)
     if not _is_multirun():

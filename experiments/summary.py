@@ -21,7 +21,7 @@ def table_row(record: dict) -> list[str]:
     if mmlu.get("acc") is not None:
         acc = f"{mmlu['acc']:.3f} ({mmlu['num_fewshot']}-shot, n={mmlu['n_questions']})"
     return [
-        method.get("name") or record.get("config", {}).get("method", {}).get("name", "?"),
+        method_name(record),
         record.get("status", "?"),
         _fmt(method.get("weight_bits_per_param"), ".3f"),
         _fmt(method.get("weight_bytes") and method["weight_bytes"] / 1e6, ".1f"),
@@ -32,8 +32,17 @@ def table_row(record: dict) -> list[str]:
     ]
 
 
-def format_table(records: list[dict]) -> str:
-    rows = [list(COLUMNS)] + [table_row(r) for r in records]
+def method_name(record: dict) -> str:
+    return (record.get("method") or {}).get("name") or record.get("config", {}).get("method", {}).get("name", "?")
+
+
+def format_table(records: list[dict], reference: dict[str, dict] | None = None) -> str:
+    """One row per record; with ``reference`` (method name -> record), each run's reference row under it."""
+    rows = [list(COLUMNS)]
+    for record in records:
+        rows.append(table_row(record))
+        if reference and method_name(record) in reference:
+            rows.append(["  reference", *table_row(reference[method_name(record)])[1:]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from experiments.record import read_record
-from experiments.summary import format_table
+from experiments.summary import format_table, method_name
 
 POINTER_NAME = "run_pointer.json"
 
@@ -24,6 +24,21 @@ def write_pointer(output_dir: Path, run_id: str | None, record_path: Path | None
     output_dir.mkdir(parents=True, exist_ok=True)
     pointer = {"run_id": run_id, "record_path": str(record_path.resolve()) if record_path else None, "error": error}
     (output_dir / POINTER_NAME).write_text(json.dumps(pointer))
+
+
+def load_reference(folder: str | None) -> dict[str, dict]:
+    """The committed reference records of an experiment (``reference_results``), by method name."""
+    if not folder or not Path(folder).is_dir():
+        return {}
+    records = [read_record(p) for p in sorted(Path(folder).glob("*.json"))]
+    return {method_name(r): r for r in records if r.get("status") == "ok"}
+
+
+def describe_reference(folder: str, reference: dict[str, dict]) -> str:
+    envs = {((r.get("env") or {}).get("git_commit") or "?")[:7] + " on " + str((r.get("env") or {}).get("device_name"))
+            for r in reference.values()}
+    return (f"reference rows: the committed records in {folder} ({'; '.join(sorted(envs))}); "
+            "the same figures within noise mean this machine reproduces them")
 
 
 class SweepSummary(Callback):
@@ -42,7 +57,10 @@ class SweepSummary(Callback):
             print(f"\nno run records found under {sweep_dir}")
             return
         if records:
-            print("\n" + format_table(records))
+            reference = load_reference(config.get("reference_results"))
+            print("\n" + format_table(records, reference))
+            if reference:
+                print(describe_reference(config.reference_results, reference))
         failed = [r for r in records if r.get("status") != "ok"]
         for r in failed:
             error = r.get("error") or {}
