@@ -33,7 +33,8 @@ from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity
 from experiments.loggers import make_logger
 from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
-from experiments.record import SCHEMA_VERSION, environment, now_iso, read_record, slurm_info, write_record
+from experiments.record import (SCHEMA_VERSION, environment, model_identity, now_iso, read_record, slurm_info,
+                                write_record)
 from experiments.summary import format_table
 from experiments.sweep_summary import write_pointer
 from experiments.train import TrainSettings, train
@@ -202,7 +203,8 @@ def execute(plan: RunPlan) -> dict:
     cfg = plan.cfg
     meter = PhaseMeter(plan.device)
     record = new_record(plan.run_id, cfg, env=environment(plan.device), slurm=slurm_info(),
-                        model={**plan.model_spec.as_dict(), **model_shape(plan.model_spec.path)},
+                        model={**plan.model_spec.as_dict(), "id": model_identity(cfg.model.kind, plan.model_spec),
+                               **model_shape(plan.model_spec.path)},
                         phases=meter.phases)
     logger = make_logger(cfg.logger, plan.run_id, record["config"], group=cfg.get("experiment_name"),
                          folder=plan.output_dir)
