@@ -7,15 +7,25 @@ timestamps). Failed and out-of-memory runs are rows like any other, with their s
 error. A file that cannot be read as a record (corrupt, truncated, not a record, or from
 a schema this reader does not know) is reported by name with a ``RecordWarning`` and
 skipped; it never stops the load. Tables, plots and the notebook all go through here.
+
+Each row names its model by what the run loaded (``model``: the Hub id, a local folder
+as ``<name>@<content id>``, the synthetic preset, the bundled model), never by the config
+group's name (``model_config``: ``hf`` for every checkpoint). ``settings`` holds everything
+in the run's config that can change a result except the seed (``experiments.record.
+comparison_settings``) and ``config_id`` a short hash of it: runs with one ``config_id``
+differ in nothing but the seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
 
 import pandas as pd
+
+from experiments.record import comparison_settings
 
 # The newest record schema this reader understands (experiments/record.py SCHEMA_VERSION).
 READER_SCHEMA_VERSION = 1
@@ -73,7 +83,8 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "compute_dtype": ("string", ("method.compute_dtype", "config.method.compute_dtype")),
         "lora_r": ("Int64", ("method.lora.r", "config.method.lora.r")),
         "lora_alpha": ("float64", ("method.lora.alpha", "config.method.lora.alpha")),
-        "model": ("string", ("config.model.name", "model.name")),
+        "model": ("string", ("model.id",)),  # filled by _model_identity for records from before model.id
+        "model_config": ("string", ("config.model.name", "model.name")),
         "model_synthetic": ("boolean", ("model.synthetic",)),
         "data": ("string", ("config.data.source",)),
         "train_max_steps": ("Int64", ("config.train.max_steps",)),
@@ -114,6 +125,9 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "git_commit": ("string", ("env.git_commit",)),
         "git_dirty": ("boolean", ("env.git_dirty",)),
         "slurm_job_id": ("string", ("slurm.job_id",)),
+        # what makes two runs one configuration (filled by _row)
+        "config_id": ("string", ()),
+        "settings": ("object", ()),
     }
     for category in MMLU_CATEGORIES:
         spec[f"mmlu_{category}_acc"] = ("float64", (f"eval.mmlu.categories.{category}.acc",))
@@ -159,8 +173,29 @@ def _format_from_config(record: dict) -> tuple[str | None, str | None]:
     return family, method.get("dtype")  # 16-bit LoRA
 
 
+def _model_identity(record: dict) -> str | None:
+    """``model.id``; for a record written before it, the closest name the record holds:
+    the resolved folder or Hub id a checkpoint run loaded, the synthetic preset's model
+    name, or the bundled model's name. (A folder is then named by its full path, not
+    ``<name>@<content id>``: the folder may have changed since.)"""
+    kind = _first(record, "config.model.kind")
+    if kind == "hf":
+        return _first(record, "model.id", "model.source", "config.model.name_or_path")
+    if kind == "synthetic" and _first(record, "model.name") is None:  # failed before the model block
+        return f"{_first(record, 'config.model.name')}_{_first(record, 'config.model.preset')}"
+    return _first(record, "model.id", "model.name", "config.model.name")
+
+
+def _settings(record: dict, model_id: str | None) -> tuple[dict, str]:
+    settings = comparison_settings(_first(record, "config") or {}, model_id)
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return settings, hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def _row(record: dict) -> dict:
     row = {name: _first(record, *paths) for name, (_, paths) in COLUMNS.items()}
+    row["model"] = _model_identity(record)
+    row["settings"], row["config_id"] = _settings(record, row["model"])
     if row["quant_format"] is None or row["method_family"] is None:
         family, quant_format = _format_from_config(record)
         row["method_family"] = row["method_family"] or family

@@ -11,7 +11,10 @@
   activations and the rest (peak training memory minus the tensors counted before).
 - ``loss_curves``: training loss per step.
 
-Every point is the mean over the seeds of a configuration's ok runs (error bars: std).
+Every point is the mean over the seeds of a configuration's ok runs (error bars: std); a
+configuration is what ``analysis.tables`` groups (runs that differ in nothing but the seed
+and the shots), labelled by method and then by whatever tells it apart from the others;
+a label ending in ‡ averages runs of more than one code version or device.
 Files are deterministic for the same records and matplotlib version: fixed dpi and
 style, no creation date in the metadata, a fixed SVG hash salt.
 """
@@ -29,7 +32,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from analysis.load import NoRecordsError, load_runs
-from analysis.tables import CONFIG_KEY, _method_rank
+from analysis.tables import LABEL_COLUMNS, MIXED, configuration_groups, mixed_environment
 
 DPI = 150
 STYLE = {"figure.dpi": DPI, "savefig.dpi": DPI, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
@@ -53,12 +56,11 @@ def configurations(runs: pd.DataFrame) -> pd.DataFrame:
                                  - ok["unquantized_bytes"].astype("float64"))
     counted = weights + ok["adapter_bytes"].astype("float64").fillna(0) + ok["optimizer_state_bytes"].astype("float64").fillna(0)
     ok["activation_and_rest_bytes"] = ok["train_peak_memory_bytes"].astype("float64") - counted
-    ok["_key"] = [tuple("" if pd.isna(v) else str(v) for v in row) for row in ok[CONFIG_KEY].itertuples(index=False)]
     numeric = ["mmlu_acc", "weight_bytes", "train_peak_memory_bytes", "train_tokens_per_second",
                *(part for part, _ in MEMORY_PARTS)]
     rows = []
-    for key, group in ok.groupby("_key", sort=True):
-        row = dict(zip(CONFIG_KEY, key))
+    for key, settings, group in configuration_groups(ok, LABEL_COLUMNS):
+        row = dict(zip(LABEL_COLUMNS, key), settings=settings, mixed=mixed_environment(group))
         row["n_seeds"] = group["seed"].nunique()
         for shots, at_shots in group.groupby("mmlu_num_fewshot"):
             acc = at_shots["mmlu_acc"].astype("float64").dropna() * 100
@@ -68,13 +70,10 @@ def configurations(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{column}_mean"], row[f"{column}_std"] = values.mean(), values.std(ddof=1)
         row["losses"] = [list(map(float, l)) for l in group["train_losses"] if isinstance(l, list) and l]
         rows.append(row)
-    configs = pd.DataFrame(rows)
+    configs = pd.DataFrame(rows)  # in the tables' order: method, then labels
     if configs.empty:
         return configs
-    configs = configs.iloc[sorted(range(len(configs)), key=lambda i: (_method_rank(configs["method"].iat[i]),
-                                                                       tuple(configs[CONFIG_KEY].iloc[i])))]
-    configs = configs.reset_index(drop=True)
-    configs["label"] = _labels(configs)
+    configs["label"] = [label + MIXED * mixed for label, mixed in zip(_labels(configs), configs["mixed"])]
     palette = plt.get_cmap("tab10").colors
     configs["color"] = [palette[i % len(palette)] for i in range(len(configs))]
     configs["marker"] = [("o", "s", "^", "D", "v", "P", "X", "*")[i % 8] for i in range(len(configs))]
@@ -82,14 +81,14 @@ def configurations(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _labels(configs: pd.DataFrame) -> list[str]:
-    """Method name, plus only what tells configurations apart (format, model, data, steps)."""
+    """Method name, plus only what tells configurations apart (format, model, data, settings)."""
     labels = list(configs["method"])
-    for column in ("quant_format", "model", "data", "lora_r", "train_max_steps"):
-        clash = pd.Series(labels).duplicated(keep=False)
-        if clash.any():
-            prefix = {"lora_r": "r=", "train_max_steps": "steps="}.get(column, "")
-            labels = [f"{lab} {prefix}{value}" if clash.iat[i] and value else lab
-                      for i, (lab, value) in enumerate(zip(labels, configs[column]))]
+    for column in ("quant_format", "model", "data", "settings"):
+        shared = pd.Series(labels)
+        # a label shared by configurations that this column tells apart
+        split = {label for label in shared[shared.duplicated()] if configs.loc[shared == label, column].nunique() > 1}
+        labels = [f"{label} {value}" if label in split and value else label
+                  for label, value in zip(labels, configs[column])]
     return labels
 
 

@@ -18,12 +18,21 @@ the output depends on no optional package and is byte-for-byte stable):
 Published numbers come from ``analysis/reference/published.csv`` and are shown as rows
 marked with their paper and table. "—" is a cell with no run (or a published value we
 did not verify); "oom"/"failed" is a cell whose only runs ended so. Accuracies are in %.
+
+A cell averages runs that differ in nothing but the seed: the same ``config_id`` of
+``analysis.load`` (everything in the resolved config that can change a result, the model
+named by what was loaded), apart from the shots where a table spreads them over columns.
+Configurations that a table's labels do not tell apart (two learning rates, say) get rows
+of their own and a Settings column naming what differs. A cell whose runs come from more
+than one code version (git commit, or uncommitted changes) or device is marked ‡.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -41,9 +50,15 @@ DATA_TYPE_LABELS = {"bfloat16": "BFloat16", "float16": "Float16", "fp4": "Float4
                     "nf4": "NFloat4", "nf4+dq": "NFloat4 + DQ"}
 CATEGORY_LABELS = {"humanities": "Hums.", "stem": "STEM", "social_sciences": "Social", "other": "Other",
                    "overall": "Avg."}
-# Everything that makes two runs the same configuration apart from the seed (and the shots,
-# which the main table spreads over columns).
-CONFIG_KEY = ["model", "data", "method", "quant_format", "bits", "group_size", "lora_r", "train_max_steps"]
+# What a row of the main table shows to say which configuration it is. Runs are grouped by
+# their whole settings (analysis.load's ``settings``); these only label the groups.
+LABEL_COLUMNS = ["model", "data", "method", "quant_format"]
+# Settings that tables spread over columns instead of rows: the 0-shot and 5-shot runs of
+# one configuration share a row (and held-out perplexity does not depend on the shots).
+SPREAD_SETTINGS = ("eval.num_fewshot",)
+MIXED = "‡"
+MIXED_NOTE = (f"{MIXED} the runs of this cell come from more than one code version (git commit, or "
+              "uncommitted changes) or device: the spread is not the seeds' alone.")
 
 
 # ----------------------------------------------------------------------------- cells
@@ -80,25 +95,92 @@ def _method_rank(method) -> tuple:
     return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
 
 
+def compared_settings(settings: dict, spread: tuple[str, ...] = SPREAD_SETTINGS) -> dict:
+    """A run's settings less those a table spreads over its columns."""
+    return {key: value for key, value in settings.items() if key not in spread}
+
+
+def _config_text(settings: dict) -> str:
+    return json.dumps(compared_settings(settings), sort_keys=True, default=str)
+
+
 def _groups(runs: pd.DataFrame, keys: list[str]):
-    """(key tuple, runs) for each configuration, in a fixed order: method order, then keys."""
-    labelled = runs.assign(_key=[tuple("" if pd.isna(v) else str(v) for v in row)
-                                 for row in runs[keys].itertuples(index=False)])
+    """(label tuple, runs) for each configuration, in a fixed order: method order, then labels.
+
+    One group is the runs whose settings are equal but for the seed (and the shots): two
+    groups may share their labels ``keys``; ``_distinctions`` then says what differs.
+    """
+    labelled = runs.assign(_key=[(tuple("" if pd.isna(v) else str(v) for v in row), _config_text(settings))
+                                 for row, settings in zip(runs[keys].itertuples(index=False), runs["settings"])])
     ordered = sorted(labelled["_key"].unique(),
-                     key=lambda k: (_method_rank(k[keys.index("method")]) if "method" in keys else (0, ""), k))
+                     key=lambda k: (_method_rank(k[0][keys.index("method")]) if "method" in keys else (0, ""), k))
     for key in ordered:
-        yield key, labelled[labelled["_key"] == key].drop(columns="_key")
+        yield key[0], labelled[labelled["_key"] == key].drop(columns="_key")
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _distinctions(settings: list[dict], cells: list) -> list[str]:
+    """For each configuration, ``key=value, ...`` over the settings that differ between two
+    configurations sharing a cell (``cells[i]`` is where configuration i is shown): what a
+    reader needs to tell them apart. All empty when no cell is shared."""
+    by_cell = defaultdict(list)
+    for one, where in zip(settings, cells):
+        by_cell[where].append(one)
+    keys = sorted({key for one in settings for key in one})
+    differing = [key for key in keys if any(len({_show(one.get(key, MISSING)) for one in shared}) > 1
+                                            for shared in by_cell.values())]
+    return [", ".join(f"{key}={_show(one.get(key, MISSING))}" for key in differing) for one in settings]
+
+
+def configuration_groups(runs: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, str, pd.DataFrame]]:
+    """(labels, settings that tell it apart, runs) for each configuration, in ``_groups`` order."""
+    groups = list(_groups(runs, keys))
+    settings = [compared_settings(group["settings"].iloc[0]) for _, group in groups]
+    distinctions = _distinctions(settings, [key for key, _ in groups])
+    return [(key, distinction, group) for (key, group), distinction in zip(groups, distinctions)]
+
+
+def _pivot(runs: pd.DataFrame, row_keys: list[str], column_keys: list[str]) -> dict:
+    """{(row labels, settings): {column labels: runs}} for a table whose rows are ``row_keys``
+    and columns ``column_keys``, one configuration per cell: configurations that would share
+    a cell are rows of their own, labelled by what differs."""
+    rows: dict = {}
+    for key, distinction, group in configuration_groups(runs, [*row_keys, *column_keys]):
+        rows.setdefault((key[:len(row_keys)], distinction), {})[key[len(row_keys):]] = group
+    return rows
+
+
+def mixed_environment(runs: pd.DataFrame) -> bool:
+    """Whether the ok runs (those a cell averages) come from more than one code version or device."""
+    ok = runs[runs["status"] == "ok"]
+    code = ok[["git_commit", "git_dirty"]].astype("string").fillna("?").drop_duplicates()
+    device = ok[["device", "device_name"]].astype("string").fillna("?").drop_duplicates()
+    return len(code) > 1 or len(device) > 1
+
+
+def _marked(text: str, runs: pd.DataFrame) -> str:
+    return text + MIXED if mixed_environment(runs) else text
+
+
+def _drop_empty_settings(table: pd.DataFrame) -> pd.DataFrame:
+    """The Settings column only where some row needs it."""
+    if "Settings" in table and not table["Settings"].fillna("").astype(bool).any():
+        return table.drop(columns="Settings")
+    return table
 
 
 # ----------------------------------------------------------------------------- tables
 
 def main_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for key, group in _groups(runs, CONFIG_KEY):
-        first = dict(zip(CONFIG_KEY, key))
+    for key, distinction, group in configuration_groups(runs, LABEL_COLUMNS):
+        first = dict(zip(LABEL_COLUMNS, key))
         row = {
             "Model": first["model"], "Data": first["data"], "Method": first["method"],
-            "Format": first["quant_format"] or MISSING,
+            "Format": first["quant_format"] or MISSING, "Settings": distinction,
             "Weight bits/param": cell(group, "weight_bits_per_param", digits=3),
             "Weight MB": cell(group, "weight_bytes", scale=1e-6),
             "Peak train GB": cell(group, "train_peak_memory_bytes", scale=1e-9, digits=2),
@@ -111,10 +193,10 @@ def main_table(runs: pd.DataFrame) -> pd.DataFrame:
             for category in MMLU_CATEGORIES:
                 row[f"{shots}-shot {CATEGORY_LABELS[category]}"] = cell(at_shots, f"mmlu_{category}_acc", scale=100)
         row["Perplexity"] = cell(group, "perplexity", digits=2)
-        row["Seeds"] = str(_n_seeds(group))
+        row["Seeds"] = _marked(str(_n_seeds(group)), group)
         row["Runs"] = _runs_summary(group)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return _drop_empty_settings(pd.DataFrame(rows))
 
 
 def load_reference(path: Path = REFERENCE_CSV) -> pd.DataFrame:
@@ -148,20 +230,24 @@ def qlora_table4(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFr
     ref_cols = list(dict.fromkeys(ref[["model", "data"]].itertuples(index=False, name=None)))
     notes: list[str] = []
     rows = []
+    pivot = _pivot(five, ["quant_format"], ["model", "data"])
     shown = [fmt for fmt in DATA_TYPE_LABELS if fmt != "float16" or (five["quant_format"] == "float16").any()]
     for fmt in shown:
-        row = {"Source": OURS, "Data type": DATA_TYPE_LABELS[fmt]}
-        for model, data in ours_cols + ref_cols:
-            mine = five[(five["quant_format"] == fmt) & (five["model"] == model) & (five["data"] == data)]
-            row[f"{model} / {data}"] = cell(mine, "mmlu_acc", scale=100, with_n=True)
-        rows.append(row)
+        variants = sorted(((settings, cells) for (key, settings), cells in pivot.items() if key == (fmt,)),
+                          key=lambda variant: variant[0]) or [("", {})]
+        for settings, cells in variants:
+            row = {"Source": OURS, "Data type": DATA_TYPE_LABELS[fmt], "Settings": settings}
+            for model, data in ours_cols + ref_cols:
+                mine = cells.get((model, data), five.iloc[:0])
+                row[f"{model} / {data}"] = _marked(cell(mine, "mmlu_acc", scale=100, with_n=True), mine)
+            rows.append(row)
     for label in dict.fromkeys(ref["row"]):
-        row = {"Source": _reference_source(ref), "Data type": label}
+        row = {"Source": _reference_source(ref), "Data type": label, "Settings": ""}
         for model, data in ours_cols + ref_cols:
             published = ref[(ref["row"] == label) & (ref["model"] == model) & (ref["data"] == data)]
             row[f"{model} / {data}"] = _reference_cell(published, notes)
         rows.append(row)
-    return pd.DataFrame(rows), notes
+    return _drop_empty_settings(pd.DataFrame(rows)), notes
 
 
 def _qalora_row_label(method: str, family: str) -> str | None:
@@ -203,11 +289,12 @@ def qalora_table1(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataF
     score_columns = [f"{s}-shot {CATEGORY_LABELS[c]}" for s in (0, 5) for c in (*MMLU_CATEGORIES, "overall")]
     rows = []
     keys = ["_row", "_bits", "model", "data", "method", "quant_format"]
-    for key, group in sorted(_groups(mine, keys), key=lambda kg: (
-            _bits_rank(kg[0][1]), QALORA_ROW_ORDER.index(kg[0][0]), kg[0])):
+    for key, settings, group in sorted(configuration_groups(mine, keys), key=lambda config: (
+            _bits_rank(config[0][1]), QALORA_ROW_ORDER.index(config[0][0]), config[0], config[1])):
         row_label, bits, model, data, method, fmt = key
         row = {"Source": OURS, "Model": model, "Data": data, "Method": row_label,
-               "Run": f"{method} ({fmt})" if fmt else method, "#Bits": bits, "Seeds": str(_n_seeds(group))}
+               "Run": f"{method} ({fmt})" if fmt else method, "Settings": settings, "#Bits": bits,
+               "Seeds": _marked(str(_n_seeds(group)), group)}
         for shots in (0, 5):
             at_shots = group[group["mmlu_num_fewshot"] == shots]
             for category in (*MMLU_CATEGORIES, "overall"):
@@ -218,15 +305,16 @@ def qalora_table1(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataF
     notes: list[str] = []
     for (method_row, bits, model, data), published in ref.groupby(["method_row", "bits", "model", "data"], sort=False):
         row = {"Source": _reference_source(ref), "Model": model, "Data": data,
-               "Method": QALORA_REF_LABELS[method_row], "Run": MISSING, "#Bits": bits, "Seeds": MISSING}
+               "Method": QALORA_REF_LABELS[method_row], "Run": MISSING, "Settings": "", "#Bits": bits,
+               "Seeds": MISSING}
         for column in score_columns:
             shots, label = column.split("-shot ")
             category = next(c for c, lab in CATEGORY_LABELS.items() if lab == label)
             row[column] = _reference_cell(published[(published["num_fewshot"] == int(shots))
                                                     & (published["category"] == category)], notes)
         rows.append(row)
-    columns = ["Source", "Model", "Data", "Method", "Run", "#Bits", "Seeds", *score_columns]
-    return pd.DataFrame(rows, columns=columns), notes
+    columns = ["Source", "Model", "Data", "Method", "Run", "Settings", "#Bits", "Seeds", *score_columns]
+    return _drop_empty_settings(pd.DataFrame(rows, columns=columns)), notes
 
 
 def datatype_perplexity(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -240,20 +328,22 @@ def datatype_perplexity(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd
     untrained = runs[runs["train_max_steps"].eq(0).fillna(False) | post_training.fillna(False)]
     models = sorted(untrained["model"].dropna().unique())
     rows = []
-    for (fmt, method), group in _groups(untrained, ["quant_format", "method"]):
-        row = {"Source": OURS, "Data type": DATA_TYPE_LABELS.get(fmt, fmt or MISSING), "Run": method}
+    for ((fmt, method), settings), cells in _pivot(untrained, ["quant_format", "method"], ["model"]).items():
+        row = {"Source": OURS, "Data type": DATA_TYPE_LABELS.get(fmt, fmt or MISSING), "Run": method,
+               "Settings": settings}
         for model in models:
-            row[f"{model} (held-out)"] = cell(group[group["model"] == model], "perplexity", digits=2, with_n=True)
+            mine = cells.get((model,), untrained.iloc[:0])
+            row[f"{model} (held-out)"] = _marked(cell(mine, "perplexity", digits=2, with_n=True), mine)
         rows.append(row)
     if not rows:
-        rows.append({"Source": OURS, "Data type": MISSING, "Run": "no run without fine-tuning"})
+        rows.append({"Source": OURS, "Data type": MISSING, "Run": "no run without fine-tuning", "Settings": ""})
     ref = reference[reference["table"].eq("Table 2") & reference["arxiv"].eq("2305.14314")]
     notes: list[str] = []
     for _, published in ref.iterrows():
         column = f"{published['model']}, {published['category']}"
         rows.append({"Source": _reference_source(ref), "Data type": published["row"], "Run": MISSING,
-                     column: _reference_cell(published.to_frame().T, notes)})
-    return pd.DataFrame(rows).fillna(MISSING), notes
+                     "Settings": "", column: _reference_cell(published.to_frame().T, notes)})
+    return _drop_empty_settings(pd.DataFrame(rows).fillna(MISSING)), notes
 
 
 # ----------------------------------------------------------------------------- writers
@@ -267,7 +357,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "—": "---", "†": r"$^\dagger$"}
+                  "±": r"$\pm$", "—": "---", "†": r"$^\dagger$", MIXED: r"$^\ddagger$"}
 
 
 def _latex_escape(text: str) -> str:
@@ -297,7 +387,8 @@ CAPTIONS = {
                            "Pile Common Crawl means over many models, not our text).",
 }
 LEGEND = ("— : no run (ours) or no verified published value; oom/failed: every run of the cell "
-          "ended so; n: number of seeds.")
+          "ended so; n: number of seeds; Settings (where shown): what tells apart configurations "
+          "that the other labels do not.")
 
 
 def build_tables(runs: pd.DataFrame, reference: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, list[str]]]:
@@ -317,6 +408,8 @@ def write_tables(runs: pd.DataFrame, out: Path, results_label: str, reference: p
     source = f"Generated by `python -m analysis.tables` from {len(runs)} run record(s) in `{results_label}`."
     for name, (table, notes) in build_tables(runs, reference).items():
         footnotes = [f"{'†' * (i + 1)} {note}" for i, note in enumerate(notes)]
+        if table.astype(str).apply(lambda column: column.str.contains(MIXED, regex=False)).any(axis=None):
+            footnotes.append(MIXED_NOTE)
         markdown = "\n\n".join([f"**{CAPTIONS[name]}**", to_markdown(table).rstrip("\n"), LEGEND, *footnotes, source])
         paths = {out / f"{name}.md": markdown + "\n",
                  out / f"{name}.csv": table.to_csv(index=False, lineterminator="\n"),

@@ -6,11 +6,16 @@ Schema (version 1), top-level keys: ``schema_version``, ``run_id``, ``status``
 dirty flag, device, threads), ``method`` (``Method.describe``), ``model``, ``train``,
 ``eval`` (``mmlu``, ``perplexity``), ``memory`` (exact tensor bytes by part),
 ``phases`` (wall time and peak memory per phase), ``slurm`` (job ids when under Slurm),
-``created_at``.
+``created_at``. ``model.id`` names the model by what was loaded (``model_identity``).
+
+This module also says which config keys can change a result (``NOT_RESULT_KEYS`` and
+``comparison_settings``): the run id and the tables' grouping both rest on it, and
+``analysis/`` imports it, so it stays light (torch is imported only where it is used).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -19,11 +24,30 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is heavy: analysis/ reads records without it
+    import torch
 
 SCHEMA_VERSION = 1
+
+# Config keys (dotted) that do not change a run's results: where files go, how progress is
+# logged, CPU threads, the evaluation batch size, how often a run checkpoints and logs.
+# experiments/run.py's run_id_of leaves the same keys out of the run id.
+NOT_RESULT_KEYS = ("results_dir", "checkpoint_dir", "skip_done", "logger", "threads", "reference_results",
+                   "eval.batch_size", "train.checkpoint_every", "train.log_every")
+# Left out of what makes two runs one table cell, besides NOT_RESULT_KEYS: the seed (a cell
+# is the mean over seeds), the experiment's name (a label), the device asked for (the device
+# used is in ``env``; a table marks a cell whose runs used different devices) and the model's
+# path as written in the config (relative to where the run started: ``model.id`` names it).
+NOT_COMPARED_KEYS = ("seed", "experiment_name", "device", "model.name_or_path")
+
+# How much of a checkpoint file model_identity reads: the whole file when small, else this
+# many chunks spread over it, so that naming a 13 GB checkpoint takes milliseconds.
+SAMPLED_CHUNKS = 32
+CHUNK_BYTES = 1 << 16
 
 PACKAGES = (
     "torch", "transformers", "peft", "bitsandbytes", "accelerate", "hydra-core",
@@ -64,6 +88,8 @@ def cpu_model_name() -> str:
 
 
 def environment(device: torch.device) -> dict:
+    import torch
+
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
     return {
@@ -77,6 +103,74 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "hostname": socket.gethostname(),
     }
+
+
+def without_keys(config: dict, dotted: Iterable[str]) -> dict:
+    """A copy of a nested ``config`` without the keys at the ``dotted`` paths (absent ones are fine)."""
+    kept = json.loads(json.dumps(config, default=str))
+    for path in dotted:
+        *parents, last = path.split(".")
+        node = kept
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return kept
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}``; lists stay values."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def comparison_settings(config: dict, model_id: str | None) -> dict:
+    """Everything in a resolved config that can change a result except the seed, flat
+    (dotted keys), with the model named by what was loaded: two runs are seeds of one
+    table cell only if these are equal."""
+    settings = flatten(without_keys(config, (*NOT_RESULT_KEYS, *NOT_COMPARED_KEYS)))
+    settings["model.id"] = model_id
+    return settings
+
+
+def model_identity(kind: str, spec) -> str:
+    """The model a run loaded, by name: the Hub id, a local folder as ``<name>@<content id>``,
+    the synthetic preset (``llama_synthetic_<preset>``) or the bundled model's name.
+
+    ``spec`` is an ``experiments.models.ModelSpec`` (its ``name`` and ``source``).
+    """
+    if kind != "hf":
+        return spec.name
+    folder = Path(spec.source)
+    return f"{folder.name}@{folder_digest(folder)}" if folder.is_dir() else spec.source
+
+
+def folder_digest(folder: Path) -> str:
+    """A short id of a checkpoint folder: its resolved path, and each top-level file's name,
+    size and sampled content. The path keeps two folders apart even when they hold copies;
+    the content tells a checkpoint overwritten in place from the one that was there."""
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = file.stat().st_size
+        digest.update(f"\0{file.name}\0{size}\0".encode())
+        digest.update(_sampled_content(file, size))
+    return digest.hexdigest()[:8]
+
+
+def _sampled_content(file: Path, size: int) -> bytes:
+    with open(file, "rb") as handle:
+        if size <= SAMPLED_CHUNKS * CHUNK_BYTES:
+            return handle.read()
+        chunks = []
+        for i in range(SAMPLED_CHUNKS):  # evenly spread, the first and last chunk included
+            handle.seek((size - CHUNK_BYTES) * i // (SAMPLED_CHUNKS - 1))
+            chunks.append(handle.read(CHUNK_BYTES))
+        return b"".join(chunks)
 
 
 def slurm_info() -> dict | None:

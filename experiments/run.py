@@ -35,15 +35,13 @@ from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity
 from experiments.loggers import make_logger
 from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
-from experiments.record import (SCHEMA_VERSION, environment, now_iso, read_record, reuse_refusal, set_aside,
-                                slurm_info, write_record)
+from experiments.record import (NOT_RESULT_KEYS, SCHEMA_VERSION, environment, model_identity, now_iso, read_record,
+                                reuse_refusal, set_aside, slurm_info, without_keys, write_record)
 from experiments.summary import format_table
 from experiments.sweep_summary import write_pointer
 from experiments.train import TrainSettings, train
 from methods.base import LoadContext, Method
 
-# Config keys that do not change a run's results, left out of its id.
-NOT_IN_RUN_ID = ("results_dir", "checkpoint_dir", "skip_done", "logger", "threads", "reference_results")
 EVAL_BACKENDS = ("harness", "lm_eval")
 PERPLEXITY_SOURCES = ("mmlu_heldout", "wikitext2")
 
@@ -62,13 +60,9 @@ class RunPlan:
 
 
 def run_id_of(cfg: DictConfig) -> str:
-    """A stable id from the resolved config: same config, same id, on any machine."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    for key in NOT_IN_RUN_ID:
-        config.pop(key, None)
-    config["eval"].pop("batch_size", None)
-    for key in ("checkpoint_every", "log_every"):  # how often, not what: same results
-        config["train"].pop(key, None)
+    """A stable id from the resolved config: same config, same id, on any machine. Keys that cannot
+    change a result (experiments.record.NOT_RESULT_KEYS: where, how often, how fast) are left out."""
+    config = without_keys(OmegaConf.to_container(cfg, resolve=True), NOT_RESULT_KEYS)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.method.name}-{cfg.model.name}-s{cfg.seed}-{digest}"
 
@@ -208,7 +202,8 @@ def execute(plan: RunPlan) -> dict:
     cfg = plan.cfg
     meter = PhaseMeter(plan.device)
     record = new_record(plan.run_id, cfg, env=environment(plan.device), slurm=slurm_info(),
-                        model={**plan.model_spec.as_dict(), **model_shape(plan.model_spec.path)},
+                        model={**plan.model_spec.as_dict(), "id": model_identity(cfg.model.kind, plan.model_spec),
+                               **model_shape(plan.model_spec.path)},
                         phases=meter.phases)
     logger = make_logger(cfg.logger, plan.run_id, record["config"], group=cfg.get("experiment_name"),
                          folder=plan.output_dir)

@@ -7,6 +7,7 @@ analysis/results.ipynb on the committed results/quickstart records.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -286,3 +287,137 @@ def test_notebook_executes_on_committed_results():
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("MMLU 5-shot %" in o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+
+
+# ----------------------------------------------------------------------------- one cell, one configuration
+
+def configured(record: dict, **settings) -> dict:
+    """``record`` with config values set by dotted path: ``configured(r, **{"train.lr": 1e-4})``."""
+    record = json.loads(json.dumps(record))
+    for path, value in settings.items():
+        *parents, last = path.split(".")
+        node = record["config"]
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    record["run_id"] += "-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return record
+
+
+def hf_record(name_or_path: str, seed: int, model_id: str | None, acc: float) -> dict:
+    """A LoRA run on a checkpoint (model=hf), as a record with (model_id) or without model.id."""
+    record = configured(make_record("lora_bf16", seed=seed, acc=acc),
+                        **{"model.name": "hf", "model.kind": "hf", "model.name_or_path": name_or_path})
+    record["model"] = {"name": "hf", "path": name_or_path, "source": name_or_path, "synthetic": False,
+                       **({"id": model_id} if model_id else {})}
+    return record
+
+
+@pytest.mark.parametrize("setting, values", [
+    ("train.lr", (1e-4, 2e-4)), ("method.lora.alpha", (16, 32)), ("method.lora.dropout", (0.05, 0.1)),
+    ("eval.limit_per_subject", (4, None)), ("eval.backend", ("harness", "lm_eval")),
+    ("method.base_quantizer", ("rtn", "gptq")), ("method.name", ("lora_bf16", "lora_bf16_variant")),
+])
+def test_runs_that_differ_in_one_setting_are_two_rows_and_seeds_of_each_stay_together(setting, values):
+    records = [configured(make_record("lora_bf16", seed=seed, acc=0.30 + i / 10 + seed / 100), **{setting: value})
+               for i, value in enumerate(values) for seed in (0, 1)]
+    runs = load_runs_from(records)
+    table = main_table(runs)
+    assert sorted(table["MMLU 5-shot %"]) == ["30.5 ± 0.7", "40.5 ± 0.7"]  # never the four averaged
+    assert table["Seeds"].tolist() == ["2", "2"] and runs["config_id"].nunique() == 2
+    shown = {json.dumps(v) if not isinstance(v, str) else v for v in values}
+    assert {s.split("=", 1)[1] for s in table["Settings"]} == shown and all(s.startswith(setting) for s in table["Settings"])
+
+
+def test_settings_that_do_not_change_results_do_not_split_a_cell():
+    records = [configured(make_record("lora_bf16", seed=0), **{"eval.batch_size": 16, "threads": None,
+                                                               "results_dir": "a", "experiment_name": "x"}),
+               configured(make_record("lora_bf16", seed=1), **{"eval.batch_size": 2, "threads": 1,
+                                                               "results_dir": "b", "experiment_name": "y"})]
+    table = main_table(load_runs_from(records))
+    assert table["Seeds"].tolist() == ["2"] and "Settings" not in table
+
+
+def test_the_table_key_leaves_out_exactly_what_the_run_id_leaves_out_and_the_seed():
+    from experiments.record import NOT_RESULT_KEYS, comparison_settings, without_keys
+    from experiments.run import run_id_of
+    from omegaconf import OmegaConf
+    from tests.conftest import compose_config
+
+    for overrides in ((), ("train.lr=1e-4", "eval.batch_size=2", "train.log_every=7", "train.checkpoint_every=3")):
+        cfg = compose_config("method=qlora_nf4", *overrides)
+        kept = without_keys(OmegaConf.to_container(cfg, resolve=True), NOT_RESULT_KEYS)
+        digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
+        assert run_id_of(cfg).endswith(digest)  # one definition of "does not change results"
+    base = comparison_settings(OmegaConf.to_container(compose_config(), resolve=True), "m")
+    for same in ("seed=3", "eval.batch_size=2", "threads=1", "results_dir=/x", "experiment_name=y", "device=cpu"):
+        assert comparison_settings(OmegaConf.to_container(compose_config(same), resolve=True), "m") == base, same
+    for different in ("train.lr=1e-4", "method.lora.alpha=32", "eval.limit_per_subject=1", "eval.backend=lm_eval"):
+        assert comparison_settings(OmegaConf.to_container(compose_config(different), resolve=True), "m") != base
+
+
+def test_two_checkpoints_are_two_models_in_every_table():
+    records = [hf_record(f"huggyllama/llama-{size}", seed, None, 0.30 + i / 10 + seed / 100)
+               for i, size in enumerate(("7b", "13b")) for seed in (0, 1)]
+    runs = load_runs_from(records)
+    main = main_table(runs)
+    assert sorted(main["Model"]) == ["huggyllama/llama-13b", "huggyllama/llama-7b"] and list(main["Seeds"]) == ["2", "2"]
+    assert sorted(runs["model"].unique()) == ["huggyllama/llama-13b", "huggyllama/llama-7b"]
+    assert set(runs["model_config"]) == {"hf"}  # the config group, all the old model column showed
+    table, _ = qlora_table4(runs, load_reference())
+    ours = table[table["Source"] == "ours"].set_index("Data type")
+    assert ours.loc["BFloat16", "huggyllama/llama-7b / mmlu_reserve"] == "30.5 ± 0.7 (n=2)"
+    assert ours.loc["BFloat16", "huggyllama/llama-13b / mmlu_reserve"] == "40.5 ± 0.7 (n=2)"
+
+
+def test_a_qlora_table4_cell_with_two_configurations_becomes_two_rows():
+    records = [configured(make_record("qlora_nf4", seed=seed, acc=0.30 + i / 10), **{"train.lr": lr})
+               for i, lr in enumerate((1e-4, 2e-4)) for seed in (0, 1)]
+    table, _ = qlora_table4(load_runs_from(records), load_reference())
+    nf4 = table[(table["Source"] == "ours") & (table["Data type"] == "NFloat4")]
+    assert nf4["smollm2_135m / mmlu_reserve"].tolist() == ["30.0 (n=2)", "40.0 (n=2)"]
+    assert nf4["Settings"].tolist() == ["train.lr=0.0001", "train.lr=0.0002"]
+
+
+def test_model_identity_of_records_from_before_model_id():
+    local = hf_record("ckpt", 0, None, 0.3)
+    local["model"]["path"] = local["model"]["source"] = "/data/run1/ckpt"  # as resolve_model wrote it
+    lost = hf_record("ckpt2", 0, None, 0.3)
+    lost["model"] = None  # a Slurm job lost before the run wrote its model block
+    synthetic = configured(make_record("lora_bf16"), **{"model.name": "llama_synthetic", "model.kind": "synthetic",
+                                                        "model.preset": "small"})
+    synthetic["model"] = None
+    new = hf_record("ckpt", 1, "ckpt@0123abcd", 0.3)
+    runs = load_runs_from([local, lost, synthetic, new]).set_index("run_id")
+    assert runs.loc[local["run_id"], "model"] == "/data/run1/ckpt"
+    assert runs.loc[lost["run_id"], "model"] == "ckpt2"
+    assert runs.loc[synthetic["run_id"], "model"] == "llama_synthetic_small"
+    assert runs.loc[new["run_id"], "model"] == "ckpt@0123abcd"
+    assert load_runs(QUICKSTART)["model"].unique().tolist() == ["smollm2_135m"]  # the committed records
+
+
+def test_a_cell_mixing_code_versions_or_devices_is_marked(tmp_path):
+    same = [make_record("qlora_nf4", seed=s) for s in (0, 1)]
+    commits = [make_record("lora_bf16", seed=s) for s in (0, 1)]
+    commits[1]["env"]["git_commit"] = "def"
+    devices = [make_record("qlora_nf4_dq", seed=s) for s in (0, 1)]
+    devices[1]["env"].update(device="cuda", device_name="NVIDIA H100 80GB HBM3")
+    runs = load_runs_from(same + commits + devices)
+    seeds = main_table(runs).set_index("Method")["Seeds"]
+    assert (seeds["qlora_nf4"], seeds["lora_bf16"], seeds["qlora_nf4_dq"]) == ("2", "2‡", "2‡")
+    table4, _ = qlora_table4(runs, load_reference())
+    ours = table4[table4["Source"] == "ours"].set_index("Data type")
+    assert ours.loc["BFloat16", "smollm2_135m / mmlu_reserve"] == "30.0 (n=2)‡"
+    write_tables(runs, tmp_path, "results/x")
+    assert "‡ the runs of this cell come from more than one code version" in (tmp_path / "main.md").read_text()
+    assert r"$^\ddagger$" in (tmp_path / "main.tex").read_text()
+    assert "‡" not in (tmp_path / "datatype_perplexity.md").read_text()  # no mixed cell there: no note
+
+
+def test_plots_show_each_configuration_apart():
+    from analysis.plots import configurations
+
+    records = [configured(make_record("lora_bf16", seed=seed), **{"train.lr": lr}) for lr in (1e-4, 2e-4) for seed in (0, 1)]
+    configs = configurations(load_runs_from(records))
+    assert configs["label"].tolist() == ["lora_bf16 train.lr=0.0001", "lora_bf16 train.lr=0.0002"]
+    assert configs["n_seeds"].tolist() == [2, 2]
