@@ -22,7 +22,8 @@ from pathlib import Path
 from analysis.model_shapes import BLOCK_LINEARS
 
 CONF_METHODS = Path(__file__).resolve().parent.parent / "conf" / "method"
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# compute_dtype "auto" is bfloat16 or float16 on the GPUs this model predicts for (experiments/compute_dtype.py)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 SIXTEEN_BIT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 WEIGHT_FORMATS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8", "int_group", "gptq")
 

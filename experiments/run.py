@@ -29,6 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import mmlu_data
+from experiments.compute_dtype import resolve_auto_compute_dtype
 from experiments.data import BatchSource, calibration_segments, load_examples, tokenize_examples
 from experiments.errors import ConfigError
 from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity
@@ -57,6 +58,7 @@ class RunPlan:
     device: torch.device
     record_path: Path
     output_dir: Path
+    compute_dtype_choice: dict | None = None  # how compute_dtype=auto was resolved, and why
 
 
 def run_id_of(cfg: DictConfig) -> str:
@@ -121,6 +123,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
+    # Before the run id: a bf16 run and an fp32 run are different configurations.
+    dtype_choice = resolve_auto_compute_dtype(cfg.method, device)
     method = instantiate_method(cfg)
     try:
         settings = TrainSettings(**cfg.train)
@@ -145,7 +149,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     run_id = run_id_of(cfg)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     return RunPlan(cfg, run_id, method, model_spec, settings, examples, device,
-                   Path(cfg.results_dir) / f"{run_id}.json", output_dir)
+                   Path(cfg.results_dir) / f"{run_id}.json", output_dir, dtype_choice)
 
 
 def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter) -> dict:
@@ -201,7 +205,9 @@ def new_record(run_id: str, cfg: DictConfig, **fields) -> dict:
 def execute(plan: RunPlan) -> dict:
     cfg = plan.cfg
     meter = PhaseMeter(plan.device)
-    record = new_record(plan.run_id, cfg, env=environment(plan.device), slurm=slurm_info(),
+    record = new_record(plan.run_id, cfg, env={**environment(plan.device),
+                                               "compute_dtype_choice": plan.compute_dtype_choice},
+                        slurm=slurm_info(),
                         model={**plan.model_spec.as_dict(), "id": model_identity(cfg.model.kind, plan.model_spec),
                                **model_shape(plan.model_spec.path)},
                         phases=meter.phases)

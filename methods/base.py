@@ -27,6 +27,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_dtype(name: str, what: str) -> torch.dtype:
+    """A dtype by config name; "auto" (experiments/compute_dtype.py) as it resolves on this machine's default
+    device. The harness resolves "auto" for the run's own device before instantiating a method."""
+    if name == "auto":
+        from experiments.compute_dtype import native_compute_dtype
+
+        name, _ = native_compute_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name not in DTYPES:
         raise ConfigError(f"{what}={name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]

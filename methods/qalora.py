@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from experiments.errors import ConfigError
-from methods.base import LoadContext, LoraSettings, load_pretrained, parse_dtype
+from methods.base import LoadContext, LoraSettings, dtype_name, load_pretrained, parse_dtype
 from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, replace_linears, rtn_quantize
 from methods.storage import trainable_parameters, weight_storage
 
@@ -103,8 +103,8 @@ class QALoRA:
             raise ConfigError(f"method.base_quantizer={base_quantizer!r} is not one of {', '.join(BASE_QUANTIZERS)}")
         self.name, self.bits, self.group_size = name, bits, group_size
         self.base_quantizer, self.pooling, self.merge = base_quantizer, pooling, bool(merge)
-        self.compute_dtype_name = compute_dtype
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
+        self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
         self.lora = LoraSettings.from_config(lora)
         self.calibration = dict(calibration or {})
         self.trained_params = 0

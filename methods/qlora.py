@@ -14,7 +14,7 @@ LoRA baseline, so that comparisons isolate the quantization of the linear layers
 
 from __future__ import annotations
 
-from methods.base import LoadContext, LoraSettings, add_lora, load_pretrained, parse_dtype
+from methods.base import LoadContext, LoraSettings, add_lora, dtype_name, load_pretrained, parse_dtype
 from methods.storage import trainable_parameters, weight_storage
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -33,8 +33,8 @@ class QLoRA:
         self.name = name
         self.quant_type = quant_type
         self.double_quant = bool(double_quant)
-        self.compute_dtype_name = compute_dtype
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
+        self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
         self.lora = LoraSettings.from_config(lora)
 
     def quantization_config(self):

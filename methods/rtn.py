@@ -7,7 +7,7 @@ it as "RTN"; it is also QA-LoRA's calibration-free base quantizer.
 
 from __future__ import annotations
 
-from methods.base import LLAMA_BLOCK_LINEARS, LoadContext, load_pretrained, parse_dtype
+from methods.base import LLAMA_BLOCK_LINEARS, LoadContext, dtype_name, load_pretrained, parse_dtype
 from methods.int_quant import check_format, check_model_shape
 from methods.qalora import quantize_linears_rtn
 from methods.storage import trainable_parameters, weight_storage
@@ -20,8 +20,8 @@ class RTN:
                  target_modules: list[str] | None = None):
         check_format(bits, group_size)
         self.name, self.bits, self.group_size = name, bits, group_size
-        self.compute_dtype_name = compute_dtype
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
+        self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
         self.target_modules = tuple(target_modules or LLAMA_BLOCK_LINEARS)
 
     def validate(self, shape: dict):
