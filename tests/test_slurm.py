@@ -115,6 +115,19 @@ def job_field(env: dict, job_id: str, name: str) -> str:
     return next(f.split("=", 1)[1] for f in line.split() if f.startswith(f"{name}="))
 
 
+def preempt_the_only_job(env: dict) -> str:
+    """Preempt the one job in the queue as Slurm does (submitit requeues it) and let it start again now."""
+    [job_id] = slurm(env, "squeue", "-h", "-o", "%A").split()
+    # what Slurm sends before preempting a job (submitit's preemption signal)
+    slurm(env, "scancel", "--signal=USR2", job_id)
+    wait_for(lambda: int(job_field(env, job_id, "Restarts")) >= 1
+             and job_field(env, job_id, "JobState") == "PENDING", 60, "the job to be requeued")
+    # Slurm holds a requeued job for two minutes before it may start again; a cluster
+    # with other work would start it later still. Release it now.
+    slurm(env, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    return job_id
+
+
 def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_env, tmp_path):
     records, checkpoints = tmp_path / "records", tmp_path / "records" / ".checkpoints"
     # timeout_min above 10: submitit counts a signal as a time-out when the job has had
@@ -128,14 +141,7 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_env, 
         wait_for(lambda: list(checkpoints.glob("*/train_state.pt")) or process.poll() is not None, 120,
                  "a training checkpoint")
         assert process.poll() is None, "the run finished before it could be preempted"
-        [job_id] = slurm(slurm_env, "squeue", "-h", "-o", "%A").split()
-        # what Slurm sends before preempting a job (submitit's preemption signal)
-        slurm(slurm_env, "scancel", "--signal=USR2", job_id)
-        wait_for(lambda: int(job_field(slurm_env, job_id, "Restarts")) >= 1
-                 and job_field(slurm_env, job_id, "JobState") == "PENDING", 60, "the job to be requeued")
-        # Slurm holds a requeued job for two minutes before it may start again; a cluster
-        # with other work would start it later still. Release it now.
-        slurm(slurm_env, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        job_id = preempt_the_only_job(slurm_env)
         output, _ = process.communicate(timeout=180)
     finally:
         if process.poll() is None:
@@ -176,11 +182,7 @@ def test_a_job_requeued_after_training_does_not_train_again(slurm_env, tmp_path)
         wait_for(lambda: any(_checkpoint_step(c) == 3 for c in checkpoints.glob("*/train_state.pt"))
                  or process.poll() is not None, 180, "the final training state")
         assert process.poll() is None and not list(records.glob("*.json")), "the run ended before its evaluation"
-        [job_id] = slurm(slurm_env, "squeue", "-h", "-o", "%A").split()
-        slurm(slurm_env, "scancel", "--signal=USR2", job_id)  # preemption, while it evaluates
-        wait_for(lambda: int(job_field(slurm_env, job_id, "Restarts")) >= 1
-                 and job_field(slurm_env, job_id, "JobState") == "PENDING", 60, "the job to be requeued")
-        slurm(slurm_env, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        preempt_the_only_job(slurm_env)  # while it evaluates
         output, _ = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
