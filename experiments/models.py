@@ -8,27 +8,31 @@ Hugging Face checkpoint folder (or Hub id) that every method loads the same way 
   reads the GGUF file with ``GgufConfig(dequantize=True)``; we save the dequantized
   model once (fp32, so the Q4_1 dequantization is kept exactly) as a plain checkpoint
   in the cache and reuse it. Its weights passed through Q4_1 once: its "16-bit"
-  baseline is that dequantized model.
+  baseline is that dequantized model. ``python -m experiments.assets prefetch`` does
+  the download and conversion ahead, for compute nodes without network.
 - ``hf``: a Hub id or a local checkpoint, used as is.
 - ``synthetic``: a Llama architecture with random weights built from a size preset,
   for memory and throughput only (no accuracy). It is saved once per preset to the
-  cache so that quantizing methods load it through the same path as real models. It
-  uses the bundled tokenizer; token ids are folded into its vocabulary (the text is
-  meaningless to it anyway, only shapes matter).
+  cache so that quantizing methods load it through the same path as real models. Its
+  tokenizer is made in code (``byte_tokenizer``: one token per UTF-8 byte, plus pad and
+  end-of-text), so a synthetic run needs no download: the text is meaningless to random
+  weights anyway, only shapes matter. Token ids are still folded into the vocabulary.
+
+Cache entries are named by what determines their content and filled through
+``experiments.cache.build_once``, so array jobs that start together on a cold cache
+convert or build each one once and all succeed.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from experiments.cache import build_once, content_key
 from experiments.errors import ConfigError
 
 # Shapes of real models (config.json of each), and a tiny one for tests.
@@ -70,28 +74,17 @@ def _cache_root() -> Path:
     return cache_dir()
 
 
-def _save_atomically(folder: Path, save) -> None:
-    """Run ``save(tmp_folder)`` and rename it into place, so a cache entry is whole or absent."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        save(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def bundled_smollm2_checkpoint() -> Path:
     """The dequantized SmolLM2-135M-Instruct as a plain HF checkpoint (converted on first use)."""
     from experiments.assets import SMOLLM2_GGUF, fetch
 
-    folder = _cache_root() / "models" / "smollm2-135m-instruct-from-q4_1"
-    if (folder / "config.json").exists():
+    # Named by the GGUF's pinned checksum: another pinned file is another entry.
+    folder = _cache_root() / "models" / f"smollm2-135m-instruct-from-q4_1-{SMOLLM2_GGUF.sha256[:12]}"
+    if folder.exists():
         return folder
     gguf = fetch(SMOLLM2_GGUF)
 
-    def convert(tmp: Path):
+    def convert(scratch: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -99,32 +92,65 @@ def bundled_smollm2_checkpoint() -> Path:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
         )
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        return scratch
 
-    _save_atomically(folder, convert)
-    return folder
+    return build_once(folder, convert)
+
+
+# The synthetic tokenizer's special tokens, after the 256 byte tokens (ids 256 and 257).
+BYTE_TOKENIZER_SPECIALS = {"pad_token": "<|pad|>", "eos_token": "<|endoftext|>"}
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each byte value, in byte order (so a byte's id is its value)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins, spare = {}, 256
+    for byte in range(256):
+        if byte in printable:
+            stand_ins[byte] = chr(byte)
+        else:
+            stand_ins[byte], spare = chr(spare), spare + 1
+    return [stand_ins[byte] for byte in range(256)]
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer made in code, with no download: 258 tokens, ids 0-255 the bytes.
+
+    A byte-level BPE without merges never meets an unknown character, and fits every
+    preset's vocabulary (the smallest has 512 entries).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: byte for byte, symbol in enumerate(_byte_alphabet())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **BYTE_TOKENIZER_SPECIALS)
 
 
 def synthetic_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A random Llama of ``preset``'s shape with the byte tokenizer beside it (GPTQModel loads
+    both from the folder), built once per content."""
     shape = LLAMA_PRESETS[preset]
-    folder = _cache_root() / "models" / f"llama-synthetic-{preset}"
-    if not (folder / "config.json").exists():
-        def build(tmp: Path):
-            config = LlamaConfig(**shape, tie_word_embeddings=False, dtype=dtype)
-            torch.manual_seed(0)  # the same random weights for every run of a preset
-            model = LlamaForCausalLM(config).to(dtype)
-            model.save_pretrained(tmp)
+    seed = 0  # the same random weights for every run of a preset
+    key = content_key(shape, str(dtype), seed, "byte-tokenizer/1", BYTE_TOKENIZER_SPECIALS)
+    folder = _cache_root() / "models" / f"llama-synthetic-{preset}-{key}"
+    if folder.exists():
+        return folder
 
-        _save_atomically(folder, build)
-    if not (folder / "tokenizer_config.json").exists():
-        # Tools that load a checkpoint by folder (GPTQModel) expect a tokenizer beside it.
-        from transformers import AutoTokenizer
+    def build(scratch: Path) -> Path:
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-        AutoTokenizer.from_pretrained(bundled_smollm2_checkpoint()).save_pretrained(folder)
-    return folder
+        config = LlamaConfig(**shape, tie_word_embeddings=False, dtype=dtype)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).to(dtype).save_pretrained(scratch)
+        byte_tokenizer().save_pretrained(scratch)
+        return scratch
+
+    return build_once(folder, build)
 
 
 def random_llama_spec(preset: str) -> ModelSpec:
@@ -168,9 +194,8 @@ def resolve_model(cfg) -> ModelSpec:
     if preset not in LLAMA_PRESETS:
         raise ConfigError(f"model.preset={preset!r} is not one of {', '.join(LLAMA_PRESETS)}")
     path = str(synthetic_checkpoint(preset))
-    tokenizer = str(bundled_smollm2_checkpoint())
     return ModelSpec(
-        f"{cfg.name}_{preset}", path, tokenizer, True, vocab_size=LLAMA_PRESETS[preset]["vocab_size"],
+        f"{cfg.name}_{preset}", path, path, True, vocab_size=LLAMA_PRESETS[preset]["vocab_size"],
         max_length=max_length, source=f"random Llama, preset {preset}",
     )
 

@@ -7,6 +7,12 @@ of the layer's output on calibration inputs, using second-order (Hessian) inform
 GPTQModel (ModelCloud), the maintained successor of AutoGPTQ, does the work; we only
 prepare calibration data, cache the quantized checkpoint, and load it back.
 
+A quantized checkpoint is cached under a key made of what determines it: the source
+model's content (``checkpoint_identity``, or a digest of the tensors for a model that
+exists only in memory, ``state_dict_digest``), the settings and the calibration tokens.
+It is built through ``experiments.cache.build_once``: array jobs that need the same
+one quantize it once, the others wait and reuse it.
+
 GPTQModel is imported only here, inside functions, so that every other method runs
 without it (``pip install -e '.[gptq]'``). On a CPU with 2 cores it refuses to start
 its worker pool unless ``GPTQMODEL_CPU_WORKERS`` is set; we set it before the import.
@@ -25,12 +31,13 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from experiments.cache import build_once
 from experiments.errors import ConfigError
 from methods.base import LoadContext, dtype_name, parse_dtype
 from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, replace_linears
@@ -76,36 +83,73 @@ def check_calibration(calibration: dict, batch_size: int):
         raise ConfigError(f"method.calibration.seq_len={calibration.get('seq_len')!r}: must be a positive integer")
 
 
-def checkpoint_key(model_path: str, settings: dict, calibration: list[list[int]]) -> str:
-    digest = hashlib.sha256(json.dumps({"model": model_path, **settings}, sort_keys=True).encode())
+def checkpoint_identity(model_path: str) -> dict:
+    """What names a source checkpoint's content, cheaply: a Hub id as is; for a local folder its
+    name and each file's name, size and modification time (rewriting a file changes the key)."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return {"hub_id": model_path}
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+    return {"folder": folder.name, "files": files}
+
+
+@torch.no_grad()
+def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes: the identity of an in-memory model."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # bytes as stored: bf16 included
+    return digest.hexdigest()
+
+
+def checkpoint_key(model_identity: dict, settings: dict, calibration: list[list[int]]) -> str:
+    digest = hashlib.sha256(json.dumps({"model": model_identity, **settings}, sort_keys=True).encode())
     for segment in calibration:
         digest.update(torch.tensor(segment, dtype=torch.int32).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def run_gptq(model_path: str, calibration: list[list[int]], settings: dict, batch_size: int, into: Path) -> Path:
+    """GPTQ-quantize the checkpoint at ``model_path`` and save the result into the folder ``into``."""
+    gptqmodel = _import_gptqmodel()
+    config = gptqmodel.QuantizeConfig(**settings)
+    examples = [{"input_ids": seg, "attention_mask": [1] * len(seg)} for seg in calibration]
+    # GPTQModel writes its logs to "./logs": run it from inside the output folder so that
+    # nothing lands in the user's working directory; the log stays with the checkpoint.
+    with _quiet(), contextlib.chdir(into):
+        model = gptqmodel.GPTQModel.load(model_path, config, device="cpu" if not torch.cuda.is_available() else None)
+        model.quantize(examples, batch_size=batch_size, calibration_data_min_length=1)
+        model.save(str(into))
+    return into
+
+
+def quantize_once(model_identity: dict, write_model: Callable[[Path], None] | None, model_path: str | None,
+                  calibration: list[list[int]], settings: dict, batch_size: int, cache_root: Path) -> Path:
+    """The cached GPTQ checkpoint of a model, quantized on first use by one process.
+
+    The source is the checkpoint at ``model_path``, or, for a model that exists only in
+    memory, the one ``write_model(folder)`` saves (only when the cache does not hold it).
+    """
+    folder = cache_root / f"gptq-{checkpoint_key(model_identity, settings, calibration)}"
+
+    def quantize(scratch: Path) -> Path:
+        if write_model is None:
+            return run_gptq(model_path, calibration, settings, batch_size, scratch)
+        with tempfile.TemporaryDirectory(prefix=".merged-", dir=scratch.parent) as source:
+            write_model(Path(source))
+            return run_gptq(source, calibration, settings, batch_size, scratch)
+
+    return build_once(folder, quantize)
 
 
 def quantize_checkpoint(model_path: str, calibration: list[list[int]], *, bits: int, group_size: int, sym: bool,
                         desc_act: bool, batch_size: int, cache_root: Path) -> Path:
     """GPTQ-quantize the checkpoint at ``model_path``; the result is cached by its inputs."""
     settings = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
-    folder = cache_root / f"gptq-{checkpoint_key(model_path, settings, calibration)}"
-    if (folder / "config.json").exists():
-        return folder
-    gptqmodel = _import_gptqmodel()
-    config = gptqmodel.QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
-    examples = [{"input_ids": seg, "attention_mask": [1] * len(seg)} for seg in calibration]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        # GPTQModel writes its logs to "./logs": run it from inside our temporary folder so
-        # that nothing lands in the user's working directory; the log stays with the checkpoint.
-        with _quiet(), contextlib.chdir(tmp):
-            model = gptqmodel.GPTQModel.load(model_path, config, device="cpu" if not torch.cuda.is_available() else None)
-            model.quantize(examples, batch_size=batch_size, calibration_data_min_length=1)
-            model.save(str(tmp))
-        os.replace(tmp, folder)  # a cached checkpoint is whole or absent
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return quantize_once(checkpoint_identity(model_path), None, model_path, calibration, settings, batch_size,
+                         cache_root)
 
 
 def load_quantized(folder: Path, device: torch.device, dtype: torch.dtype):
@@ -185,12 +229,20 @@ class GPTQ:
     def validate(self, shape: dict):
         check_model_shape(self.bits, self.group_size, shape)
 
+    @property
+    def settings(self) -> dict:
+        return dict(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.desc_act)
+
     def quantize_path(self, model_path: str, context: LoadContext) -> Path:
+        return self.quantize_model(checkpoint_identity(model_path), context, model_path=model_path)
+
+    def quantize_model(self, model_identity: dict, context: LoadContext, *, model_path: str | None = None,
+                       write_model: Callable[[Path], None] | None = None) -> Path:
+        """The cached GPTQ checkpoint of a model on disk (``model_path``) or in memory (``write_model``)."""
         from experiments.assets import cache_dir
 
-        return quantize_checkpoint(model_path, context.calibration, bits=self.bits, group_size=self.group_size,
-                                   sym=self.sym, desc_act=self.desc_act, batch_size=self.batch_size,
-                                   cache_root=cache_dir() / "gptq")
+        return quantize_once(model_identity, write_model, model_path, context.calibration, self.settings,
+                             self.batch_size, cache_dir() / "gptq")
 
     def load_base(self, model_spec, context: LoadContext):
         return load_quantized(self.quantize_path(model_spec.path, context), context.device, self.compute_dtype)

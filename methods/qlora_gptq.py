@@ -4,18 +4,21 @@ Fine-tune LoRA adapters on a QLoRA NF4 base (or a 16-bit base), merge them into 
 16-bit weights, then GPTQ-quantize the merged model to INT-k (methods/gptq.py). The
 merge into the NF4 base dequantizes each weight (bitsandbytes), adds B @ A * scaling
 (peft's ``get_delta_weight``) in 16 bits and writes a plain checkpoint for GPTQModel.
+
+The GPTQ result is cached under a digest of the merged tensors (with the settings and
+calibration), so a rerun that trains the same model reuses it, and the merged
+checkpoint is only written when the cache does not hold it.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 
 from experiments.errors import ConfigError
 from methods.base import LoadContext
-from methods.gptq import GPTQ, load_quantized
+from methods.gptq import GPTQ, checkpoint_identity, load_quantized, state_dict_digest
 from methods.lora import LoRA
 from methods.qlora import QLoRA
 
@@ -101,17 +104,21 @@ class QLoRAThenGPTQ:
         return model
 
     def finalize(self, model, context: LoadContext):
+        state = merged_state_dict(model, self.gptq.compute_dtype)
+        del model
+        identity = {"merged_tensors": state_dict_digest(state), "base": checkpoint_identity(self.model_path),
+                    "tokenizer": checkpoint_identity(self.tokenizer_path)}
+        folder = self.gptq.quantize_model(identity, context, write_model=lambda into: self.write_merged(state, into))
+        return load_quantized(folder, context.device, self.gptq.compute_dtype)
+
+    def write_merged(self, state: dict[str, torch.Tensor], folder: Path):
+        """The merged model as a plain checkpoint with its tokenizer, as GPTQModel loads it."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = self.gptq.compute_dtype
-        state = merged_state_dict(model, dtype)
-        with tempfile.TemporaryDirectory(prefix="qpeft-merged-") as tmp:
-            plain = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-            load_merged_weights(plain, state)
-            plain.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(self.tokenizer_path).save_pretrained(tmp)  # GPTQModel loads it
-            del model, plain
-            return load_quantized(self.gptq.quantize_path(tmp, context), context.device, dtype)
+        plain = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.gptq.compute_dtype)
+        load_merged_weights(plain, state)
+        plain.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(self.tokenizer_path).save_pretrained(folder)
 
     def describe(self, model) -> dict:
         info = self.gptq.describe(model)
