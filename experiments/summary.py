@@ -37,12 +37,12 @@ def method_name(record: dict) -> str:
 
 
 def format_table(records: list[dict], reference: dict[str, dict] | None = None) -> str:
-    """One row per record; with ``reference`` (method name -> record), each run's reference row under it."""
+    """One row per record; with ``reference`` (run id -> record), each run's reference row under it."""
     rows = [list(COLUMNS)]
     for record in records:
         rows.append(table_row(record))
-        if reference and method_name(record) in reference:
-            rows.append(["  reference", *table_row(reference[method_name(record)])[1:]])
+        if reference and record.get("run_id") in reference:
+            rows.append(["  reference", *table_row(reference[record["run_id"]])[1:]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from experiments.record import read_record
-from experiments.summary import format_table, method_name
+from experiments.summary import format_table
 
 POINTER_NAME = "run_pointer.json"
 
@@ -27,11 +27,12 @@ def write_pointer(output_dir: Path, run_id: str | None, record_path: Path | None
 
 
 def load_reference(folder: str | None) -> dict[str, dict]:
-    """The committed reference records of an experiment (``reference_results``), by method name."""
+    """The committed reference records of an experiment (``reference_results``), by run id: the run id
+    comes from the configuration alone, so a reference row is the same configuration run elsewhere."""
     if not folder or not Path(folder).is_dir():
         return {}
     records = [read_record(p) for p in sorted(Path(folder).glob("*.json"))]
-    return {method_name(r): r for r in records if r.get("status") == "ok"}
+    return {r["run_id"]: r for r in records if r.get("status") == "ok"}
 
 
 def describe_reference(folder: str, reference: dict[str, dict]) -> str:
@@ -57,7 +58,8 @@ class SweepSummary(Callback):
             print(f"\nno run records found under {sweep_dir}")
             return
         if records:
-            reference = load_reference(config.get("reference_results"))
+            committed = load_reference(config.get("reference_results"))
+            reference = {r["run_id"]: committed[r["run_id"]] for r in records if r.get("run_id") in committed}
             print("\n" + format_table(records, reference))
             if reference:
                 print(describe_reference(config.reference_results, reference))
