@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.record import comparison_settings
+from experiments.record import SUPERSEDED_DIR, comparison_settings
 
 # The newest record schema this reader understands (experiments/record.py SCHEMA_VERSION).
 READER_SCHEMA_VERSION = 1
@@ -224,7 +224,7 @@ def _record_files(root: Path) -> list[Path]:
     # Temp files of an atomic write in progress start with a dot: never half a record.
     # superseded/: records a later run of the same configuration replaced (experiments.record.set_aside)
     return sorted(p for p in root.rglob("*.json")
-                  if p.is_file() and not p.name.startswith(".") and "superseded" not in p.relative_to(root).parts)
+                  if p.is_file() and not p.name.startswith(".") and SUPERSEDED_DIR not in p.relative_to(root).parts)
 
 
 def load_runs(path: str | Path) -> pd.DataFrame:

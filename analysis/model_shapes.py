@@ -98,10 +98,9 @@ def shape_from_config(config: dict, name: str) -> ModelShape:
 
 
 def _preset_shape(preset: str) -> ModelShape:
-    from experiments.models import LLAMA_PRESETS
+    from experiments.models import synthetic_shape
 
-    # The synthetic checkpoints are saved with tie_word_embeddings=False (experiments.models).
-    return shape_from_config({**LLAMA_PRESETS[preset], "tie_word_embeddings": False}, f"synthetic-{preset}")
+    return shape_from_config(synthetic_shape(preset), f"synthetic-{preset}")
 
 
 def known_names() -> list[str]:

@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else "cpu (smoke test: no memory figures)"),
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "bitsandbytes": bitsandbytes.__version__},
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__},
         "settings": {"preset": args.preset, "batch": args.batch, "seq": args.seq, "rank": args.rank,
                      "steps": args.steps, "warmup": args.warmup, "optimizer": optimizer,
                      "gradient_checkpointing": not args.no_gradient_checkpointing},

@@ -11,22 +11,16 @@ Storage formats are not affected: an NF4 base stays NF4, only its compute dtype 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+
+from experiments.record import cpuinfo_field
 
 AUTO = "auto"
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def cpu_flags() -> set[str]:
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def native_compute_dtype(device: torch.device, flags: set[str] | None = None) -> tuple[str, str]:

@@ -156,27 +156,24 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors, each storage once (8-bit optimizers share code maps)."""
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, paged_only: bool = False) -> int:
+    """Bytes of the optimizer's state tensors, each storage once (8-bit optimizers share code maps);
+    with ``paged_only``, of those in CUDA unified memory (bitsandbytes marks them ``is_paged``)."""
     total, seen = 0, set()
     for state in optimizer.state.values():
         for value in state.values():
-            if torch.is_tensor(value) and (value.device, value.data_ptr()) not in seen:
+            if not torch.is_tensor(value) or (paged_only and not getattr(value, "is_paged", False)):
+                continue
+            if (value.device, value.data_ptr()) not in seen:
                 seen.add((value.device, value.data_ptr()))
                 total += tensor_bytes(value)
     return total
 
 
 def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state held in CUDA unified memory (bitsandbytes marks such tensors ``is_paged``).
+    """Bytes of the optimizer's state held in CUDA unified memory.
 
     ``torch.cuda.max_memory_allocated`` does not see them: a paged optimizer's GPU peak is
     the allocator's peak plus these (they stay on the GPU while it has room).
     """
-    total, seen = 0, set()
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value) and getattr(value, "is_paged", False) and value.data_ptr() not in seen:
-                seen.add(value.data_ptr())
-                total += tensor_bytes(value)
-    return total
+    return optimizer_state_bytes(optimizer, paged_only=True)

@@ -131,6 +131,14 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, **BYTE_TOKENIZER_SPECIALS)
 
 
+def synthetic_shape(preset: str) -> dict:
+    """LlamaConfig keywords of a synthetic preset, checked: its shape with untied embeddings
+    (as real Llama-2 checkpoints are), the same whether saved to disk or built on the device."""
+    if preset not in LLAMA_PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is not one of {', '.join(LLAMA_PRESETS)}")
+    return {**LLAMA_PRESETS[preset], "tie_word_embeddings": False}
+
+
 def synthetic_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A random Llama of ``preset``'s shape with the byte tokenizer beside it (GPTQModel loads
     both from the folder), built once per content."""
@@ -144,7 +152,7 @@ def synthetic_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16) -> Pa
     def build(scratch: Path) -> Path:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(**shape, tie_word_embeddings=False, dtype=dtype)
+        config = LlamaConfig(**synthetic_shape(preset), dtype=dtype)
         torch.manual_seed(seed)
         LlamaForCausalLM(config).to(dtype).save_pretrained(scratch)
         byte_tokenizer().save_pretrained(scratch)
@@ -160,11 +168,9 @@ def random_llama_spec(preset: str) -> ModelSpec:
     feed token ids. Writing the Llama-2-7B shape to disk and reading it back (13.5 GB) cost
     minutes of a GPU lease; building it on the GPU takes seconds.
     """
-    if preset not in LLAMA_PRESETS:
-        raise ConfigError(f"model.preset={preset!r} is not one of {', '.join(LLAMA_PRESETS)}")
-    return ModelSpec(f"llama_synthetic_{preset}", f"synthetic_{preset}", "", True,
-                     vocab_size=LLAMA_PRESETS[preset]["vocab_size"], source=f"random Llama, preset {preset}",
-                     random_shape={**LLAMA_PRESETS[preset], "tie_word_embeddings": False})
+    shape = synthetic_shape(preset)
+    return ModelSpec(f"llama_synthetic_{preset}", f"synthetic_{preset}", "", True, vocab_size=shape["vocab_size"],
+                     source=f"random Llama, preset {preset}", random_shape=shape)
 
 
 def resolve_model(cfg) -> ModelSpec:
@@ -191,11 +197,10 @@ def resolve_model(cfg) -> ModelSpec:
         tokenizer = cfg.get("tokenizer") or source
         return ModelSpec(cfg.name, source, tokenizer, False, max_length=max_length, source=source)
     preset = cfg.get("preset")
-    if preset not in LLAMA_PRESETS:
-        raise ConfigError(f"model.preset={preset!r} is not one of {', '.join(LLAMA_PRESETS)}")
+    vocab_size = synthetic_shape(preset)["vocab_size"]  # checks the preset before any work
     path = str(synthetic_checkpoint(preset))
     return ModelSpec(
-        f"{cfg.name}_{preset}", path, path, True, vocab_size=LLAMA_PRESETS[preset]["vocab_size"],
+        f"{cfg.name}_{preset}", path, path, True, vocab_size=vocab_size,
         max_length=max_length, source=f"random Llama, preset {preset}",
     )
 

@@ -74,17 +74,22 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def cpu_model_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows: CPUs of one machine type differ
-    (AVX2 only or native bfloat16), and so do their speeds and bf16 rounding."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first CPU's ``name`` field in /proc/cpuinfo ("model name", "flags"), None where there is none."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("model name"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows: CPUs of one machine type differ
+    (AVX2 only or native bfloat16), and so do their speeds and bf16 rounding."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict:
@@ -235,9 +240,9 @@ def reuse_refusal(old: dict, env: dict) -> str | None:
     return None
 
 
-def set_aside(path: Path) -> Path:
-    """Move the record at ``path`` into ``superseded/`` beside it, under a name that never collides."""
-    old = read_record(path)
+def set_aside(path: Path, old: dict) -> Path:
+    """Move the record ``old``, read from ``path``, into ``superseded/`` beside it, under a name that never
+    collides."""
     stamp = (old.get("finished_at") or old.get("created_at") or "").replace(":", "").replace("-", "")[:15]
     commit = ((old.get("env") or {}).get("git_commit") or "nogit")[:10]
     folder = path.parent / SUPERSEDED_DIR

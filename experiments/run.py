@@ -317,12 +317,13 @@ def main(cfg: DictConfig) -> dict:
         write_pointer(Path(HydraConfig.get().runtime.output_dir), None, None, error=str(error))
         return {"status": "invalid", "error": str(error)}
     if plan.record_path.exists():
-        refusal = reuse_refusal(read_record(plan.record_path), environment(plan.device))
+        old = read_record(plan.record_path)
+        refusal = reuse_refusal(old, environment(plan.device))
         if cfg.skip_done and refusal is None:
             print(f"skip {plan.run_id}: {plan.record_path} already says ok (same commit, same device)")
             write_pointer(plan.output_dir, plan.run_id, plan.record_path)
             return {"record_path": str(plan.record_path), "status": "ok", "skipped": True}
-        kept = set_aside(plan.record_path)  # never overwrite a result: keep it beside the new one
+        kept = set_aside(plan.record_path, old)  # never overwrite a result: keep it beside the new one
         print(f"run {plan.run_id} again ({refusal or 'skip_done=false'}); the old record is kept as {kept}")
     record = execute(plan)
     write_pointer(plan.output_dir, plan.run_id, plan.record_path)
