@@ -86,7 +86,8 @@ def spec_from_method_config(cfg: dict) -> MethodSpec:
     target, name = str(cfg.get("_target_", "")), str(cfg.get("name", "method"))
     if target.endswith("lora.LoRA"):
         dtype = cfg.get("dtype", "bfloat16")
-        return MethodSpec(name, SIXTEEN_BIT[dtype], 8 * DTYPE_BYTES[dtype], compute_bytes=DTYPE_BYTES[dtype],
+        return MethodSpec(name, SIXTEEN_BIT[dtype], 8 * DTYPE_BYTES[dtype],
+                          compute_bytes=DTYPE_BYTES[cfg.get("compute_dtype") or dtype],
                           **_lora_fields(cfg.get("lora")))
     if target.endswith("qlora.QLoRA"):
         return MethodSpec(name, cfg.get("quant_type", "nf4"), 4, 64, bool(cfg.get("double_quant", False)),

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from experiments.data import BatchSource
 from experiments.errors import ConfigError
 from experiments.measure import optimizer_state_bytes, paged_state_bytes
+from methods.upcast import model_compute_dtype
 
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -264,7 +265,7 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
     # A float16 model trains as transformers' Trainer does with fp16=True: forward under
     # autocast, loss scaled so that small gradients do not underflow fp16's range, steps
     # with overflowed gradients skipped. bfloat16 has fp32's range and needs neither.
-    fp16 = getattr(model, "dtype", None) == torch.float16
+    fp16 = model_compute_dtype(model) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     result, saved_step = TrainResult(), None
     if checkpoint_path is not None and checkpoint_path.exists():

@@ -26,13 +26,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next((name for name, value in DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
 
 
-def parse_dtype(name: str, what: str) -> torch.dtype:
+def parse_dtype(name: str, what: str, storage_dtype: str | None = None) -> torch.dtype:
     """A dtype by config name; "auto" (experiments/compute_dtype.py) as it resolves on this machine's default
-    device. The harness resolves "auto" for the run's own device before instantiating a method."""
+    device for a base stored in ``storage_dtype``. The harness resolves "auto" for the run's own device
+    before instantiating a method."""
     if name == "auto":
-        from experiments.compute_dtype import native_compute_dtype
+        from experiments.compute_dtype import auto_compute_dtype
 
-        name, _ = native_compute_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        name, _ = auto_compute_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"), storage_dtype)
     if name not in DTYPES:
         raise ConfigError(f"{what}={name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -116,6 +117,28 @@ def load_pretrained(model_spec, device: torch.device, dtype: torch.dtype, quanti
         )
     model.requires_grad_(False)
     model.config.use_cache = False
+    return model
+
+
+def parse_16bit_compute_dtype(compute_dtype: str | None, dtype: str) -> torch.dtype:
+    """A 16-bit base's compute dtype: its own (None), float32, or "auto" (the device's choice between them)."""
+    if compute_dtype is None:
+        return parse_dtype(dtype, "method.dtype")
+    parsed = parse_dtype(compute_dtype, "method.compute_dtype", storage_dtype=dtype)
+    if parsed not in (DTYPES[dtype], torch.float32):
+        raise ConfigError(f"method.compute_dtype={compute_dtype!r} with method.dtype={dtype!r}: a base stored in "
+                          f"{dtype} computes in {dtype}, float32 or auto")
+    return parsed
+
+
+def load_16bit(model_spec, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype):
+    """A base stored in the 16-bit ``dtype``, computing in ``compute_dtype`` (float32 where the device
+    emulates the 16-bit one: methods/upcast.py)."""
+    model = load_pretrained(model_spec, device, dtype)
+    if compute_dtype != dtype:
+        from methods.upcast import compute_in
+
+        model = compute_in(model, compute_dtype)
     return model
 
 
