@@ -1,1 +1,4 @@
-"""Reading run records back: tables, plots, notebooks."""
+"""Reading run records back: tables, plots, notebooks; and the memory model.
+
+Imports core, methods and experiments (record layout, model resolution); never benchmarks.
+"""

@@ -5,11 +5,12 @@ ones issue 7 asks us to compare with: LLaMA-Factory's README hardware table, and
 QLoRA paper (Dettmers et al., arXiv 2305.14314): a 65B model fine-tunes on one 48 GB
 GPU, and double quantization saves about 0.37 bits per parameter, about 3 GB at 65B.
 
-    python -m analysis.memory_model --hardware-table --out results/
+    python -m analysis.hardware_table --out results/
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 from dataclasses import replace
 from pathlib import Path
@@ -33,8 +34,10 @@ METHODS = {
 # The training setting the table states: QLoRA's recipe (paged AdamW, gradient
 # checkpointing, LoRA r=64 on every linear layer of the blocks) at batch 1 x 512 tokens,
 # and a second, larger batch (4 x 1024, the setting of the issue's throughput anchors).
-SETTINGS = {"b1 s512": TrainShape(1, 512, "paged_adamw_32bit", True),
-            "b4 s1024": TrainShape(4, 1024, "paged_adamw_32bit", True)}
+SETTINGS = {
+    "b1 s512": TrainShape(1, 512, "paged_adamw_32bit", True),
+    "b4 s1024": TrainShape(4, 1024, "paged_adamw_32bit", True),
+}
 
 # LLaMA-Factory README, "Hardware Requirement" (GB; its columns 7B/13B/30B/70B).
 LLAMA_FACTORY = {
@@ -69,16 +72,22 @@ def table_rows() -> list[dict]:
                 row[f"peak_device_gb {setting}"] = p["peak_device_bytes"] / GB
                 if setting == "b1 s512":
                     parts = p["parts"]
-                    row.update({
-                        "bits_per_param": p["weights"]["weight_bits_per_param"],
-                        "weights_gb": (parts["frozen_weights"] + parts["quantization_constants"]
-                                       + parts["unquantized"]) / GB,
-                        "quant_constants_gb": parts["quantization_constants"] / GB,
-                        "adapters_grads_optimizer_gb": (parts["adapters"] + parts["adapter_gradients"]
-                                                        + parts["optimizer_state"]) / GB,
-                        "activations_logits_gb": (p["peak_device_bytes"] - p["floor_device_bytes"]) / GB,
-                        "peak_allocated_gib": p["peak_allocated_bytes"] / GiB,
-                    })
+                    row.update(
+                        {
+                            "bits_per_param": p["weights"]["weight_bits_per_param"],
+                            "weights_gb": (
+                                parts["frozen_weights"] + parts["quantization_constants"] + parts["unquantized"]
+                            )
+                            / GB,
+                            "quant_constants_gb": parts["quantization_constants"] / GB,
+                            "adapters_grads_optimizer_gb": (
+                                parts["adapters"] + parts["adapter_gradients"] + parts["optimizer_state"]
+                            )
+                            / GB,
+                            "activations_logits_gb": (p["peak_device_bytes"] - p["floor_device_bytes"]) / GB,
+                            "peak_allocated_gib": p["peak_allocated_bytes"] / GiB,
+                        }
+                    )
             row["published"] = published(method, size)
             rows.append(row)
     return rows
@@ -89,8 +98,7 @@ def dq_saving(size: str) -> tuple[float, float]:
     shape = NAMED_MODELS[SIZES[size]]
     nf4 = predict(shape, BUILTIN_METHODS["qlora_nf4"])["weights"]
     dq = predict(shape, BUILTIN_METHODS["qlora_nf4_dq"])["weights"]
-    return (nf4["weight_bits_per_param"] - dq["weight_bits_per_param"],
-            (nf4["weight_bytes"] - dq["weight_bytes"]) / GB)
+    return (nf4["weight_bits_per_param"] - dq["weight_bits_per_param"], (nf4["weight_bytes"] - dq["weight_bytes"]) / GB)
 
 
 def _fmt(value) -> str:
@@ -98,11 +106,30 @@ def _fmt(value) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["size", "method", "bits_per_param", "weights_gb", "quant_constants_gb", "adapters_grads_optimizer_gb",
-               "activations_logits_gb", "peak_device_gb b1 s512", "peak_device_gb b4 s1024", "published"]
-    headers = ["size", "method", "bits/param (linears)", "weights GB", "of which quant. constants GB",
-               "adapters + grads + optimizer GB", "activations + logits + transients GB",
-               "**predicted peak GB** (b1 x 512)", "predicted peak GB (b4 x 1024)", "published estimate"]
+    columns = [
+        "size",
+        "method",
+        "bits_per_param",
+        "weights_gb",
+        "quant_constants_gb",
+        "adapters_grads_optimizer_gb",
+        "activations_logits_gb",
+        "peak_device_gb b1 s512",
+        "peak_device_gb b4 s1024",
+        "published",
+    ]
+    headers = [
+        "size",
+        "method",
+        "bits/param (linears)",
+        "weights GB",
+        "of which quant. constants GB",
+        "adapters + grads + optimizer GB",
+        "activations + logits + transients GB",
+        "**predicted peak GB** (b1 x 512)",
+        "predicted peak GB (b4 x 1024)",
+        "published estimate",
+    ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = []
@@ -150,16 +177,20 @@ def notes(rows: list[dict]) -> str:
 - **LLaMA-Factory's table** gives no batch size, sequence length, rank or optimizer. Its
   figures follow a rule of thumb of about 2, 1, 0.5 and 0.25 bytes per parameter for
   16-, 8-, 4- and 2-bit bases, rounded up (for 7B: 16/10/6/4 GB against 7 x 2 = 14, 7,
-  3.5, 1.75 GB of weights). Our weights alone are {weights('7B', 'lora_bf16'):.1f} / {weights('7B', 'qlora_int8'):.1f} / {weights('7B', 'qlora_nf4'):.1f} GB at 7B
+  3.5, 1.75 GB of weights). Our weights alone are {weights("7B", "lora_bf16"):.1f} /
+  {weights("7B", "qlora_int8"):.1f} / {weights("7B", "qlora_nf4"):.1f} GB at 7B
   (16-bit, LLM.int8, NF4: embeddings and head stay 16-bit, NF4 adds its absmax), leaving
-  {headroom[0]:.1f} / {headroom[1]:.1f} / {headroom[2]:.1f} GB of their figures for adapters, optimizer state and activations. At
+  {headroom[0]:.1f} / {headroom[1]:.1f} / {headroom[2]:.1f} GB of their figures for adapters, optimizer state and
+  activations. At
   r=64 on all layers, adapters + gradients + Adam moments take
-  {by[('7B', 'qlora_nf4')]['adapters_grads_optimizer_gb']:.1f} GB, which is why our 7B NF4 prediction ({peak('7B', 'qlora_nf4'):.1f} GB) is {_under(peak('7B', 'qlora_nf4'), 6)} their
-  6 GB; at r=8 it is {rank8_7b:.1f} GB. The same holds at 70B: NF4 r=64 {peak('70B', 'qlora_nf4'):.1f} GB, r=8
+  {by[("7B", "qlora_nf4")]["adapters_grads_optimizer_gb"]:.1f} GB, which is why our 7B NF4 prediction
+  ({peak("7B", "qlora_nf4"):.1f} GB) is {_under(peak("7B", "qlora_nf4"), 6)} their
+  6 GB; at r=8 it is {rank8_7b:.1f} GB. The same holds at 70B: NF4 r=64 {peak("70B", "qlora_nf4"):.1f} GB, r=8
   {rank8_70b:.1f} GB, against their 48 GB.
 - **16-bit LoRA**: dominated by 2 bytes per weight (Llama-2-70B has
-  {NAMED_MODELS['llama2_70b'].total_params() / 1e9:.1f}B parameters = {weights('70B', 'lora_bf16'):.0f} GB; predicted peak {peak('70B', 'lora_bf16'):.0f} GB vs their 160 GB). At 33B
-  their 64 GB is 2 x 30 rounded, below the {weights('33B', 'lora_bf16'):.0f} GB that LLaMA-33B's weights alone take.
+  {NAMED_MODELS["llama2_70b"].total_params() / 1e9:.1f}B parameters = {weights("70B", "lora_bf16"):.0f} GB; predicted
+  peak {peak("70B", "lora_bf16"):.0f} GB vs their 160 GB). At 33B
+  their 64 GB is 2 x 30 rounded, below the {weights("33B", "lora_bf16"):.0f} GB that LLaMA-33B's weights alone take.
 - **8-bit**: LLM.int8 stores int8 weights plus an fp32 scale per output row (8.01 bits per
   weight), so our 8-bit figures track 1 byte/parameter plus the same adapter and optimizer
   cost as every other trainable row; their 8-bit column is half of the 16-bit column.
@@ -169,15 +200,17 @@ def notes(rows: list[dict]) -> str:
   QA-LoRA's A is r x D_in/32, so its adapters,
   gradients and optimizer state are about half of LoRA's.
 - **QLoRA paper, 65B on one 48 GB GPU**: with our setting (fp32 adapters, everything
-  counted) NF4 + DQ at batch 1 x 512 is {dq_65b:.1f} GB, {_under(dq_65b, QLORA_PAPER_65B_GB)} 48 GB. The paper's code keeps
+  counted) NF4 + DQ at batch 1 x 512 is {dq_65b:.1f} GB, {_under(dq_65b, QLORA_PAPER_65B_GB)} 48 GB. The paper's code
+  keeps
   the LoRA modules in bf16 and pages the optimizer state (it can be evicted to CPU memory
-  when the GPU runs short): with bf16 adapters the GPU must hold {paper_65b['allocated']:.1f} GB
-  allocated ({_under(paper_65b['allocated'], QLORA_PAPER_65B_GB)} 48 GB) plus up to {paper_65b['device'] - paper_65b['allocated']:.1f} GB of pageable optimizer
-  state, consistent with the paper's claim. NF4 without DQ: {peak('65B', 'qlora_nf4'):.1f} GB in our setting.
+  when the GPU runs short): with bf16 adapters the GPU must hold {paper_65b["allocated"]:.1f} GB
+  allocated ({_under(paper_65b["allocated"], QLORA_PAPER_65B_GB)} 48 GB) plus up to
+  {paper_65b["device"] - paper_65b["allocated"]:.1f} GB of pageable optimizer
+  state, consistent with the paper's claim. NF4 without DQ: {peak("65B", "qlora_nf4"):.1f} GB in our setting.
 - **Double quantization**: from the model, DQ saves {bits65:.3f} bits/parameter on the
   quantized linear layers (4.5 -> 4.127; the paper: about 0.37) and {gb65:.2f} GB at 65B (the
   paper: about 3 GB); only the linear layers are quantized, so the saving is 0.373 bits
-  times their {NAMED_MODELS['llama_65b'].block_linear_params() / 1e9:.1f}B weights.
+  times their {NAMED_MODELS["llama_65b"].block_linear_params() / 1e9:.1f}B weights.
 - **GPTQ INT4 inference**: 4 + 16/128 (fp16 scale) + 4/128 (packed zero) bits per weight
   plus an int32 g_idx per input channel; the issue gives no published figure to compare with.
   Llama-2-70B's grouped-query attention (8 KV heads) makes its KV cache 8x smaller than
@@ -199,9 +232,22 @@ def write_hardware_table(out: str | Path) -> list[Path]:
     settings = "; ".join(f"{name}: batch {t.batch} x {t.seq_len} tokens" for name, t in SETTINGS.items())
     md_path.write_text(
         "# Predicted GPU memory for fine-tuning, by model size and method\n\n"
-        "Generated by `python -m analysis.memory_model --hardware-table --out results/` "
+        "Generated by `python -m analysis.hardware_table --out results/` "
         "(analysis/memory_model.py, analysis/hardware_table.py); do not edit by hand.\n"
         f"Settings: {settings}; optimizer paged_adamw_32bit, gradient checkpointing, LoRA r=64 "
         "on q,k,v,o,gate,up,down.\n\n" + markdown(rows) + "\n\n" + notes(rows)
     )
     return [md_path, csv_path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.hardware_table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results", help="folder for hardware_table.{md,csv}")
+    args = parser.parse_args(argv)
+    for path in write_hardware_table(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,13 +25,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.record import SUPERSEDED_DIR, comparison_settings
+from experiments.record import FINISHED, SCHEMA_VERSION, SUPERSEDED_DIR, Phase, comparison_settings
 
-# The newest record schema this reader understands (experiments/record.py SCHEMA_VERSION).
-READER_SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "failed")
+# The newest record schema this reader understands: the one experiments/record.py writes.
+READER_SCHEMA_VERSION = SCHEMA_VERSION
+STATUSES = tuple(status.value for status in FINISHED)
 MMLU_CATEGORIES = ("humanities", "stem", "social_sciences", "other")
-PHASES = ("load", "train", "finalize", "eval_mmlu", "eval_perplexity")
+PHASES = tuple(phase.value for phase in Phase)
+# Record sections whose every scalar field also becomes a column, "<prefix>_<field>", beside
+# the named columns below: a field a run starts writing appears here without an edit.
+SECTION_PREFIXES = {"method": "method", "train": "train", "memory": "memory", "eval.mmlu": "mmlu",
+                    "eval.perplexity": "perplexity", "env": "env"}  # fmt: skip
 
 
 class RecordWarning(UserWarning):
@@ -93,8 +97,10 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "weight_bytes": ("Int64", ("memory.weight_bytes", "method.weight_bytes")),
         "quantized_linear_params": ("Int64", ("method.quantized_linear_params",)),
         "quantized_linear_bytes": ("Int64", ("method.quantized_linear_bytes",)),
-        "quantization_constant_bytes": ("Int64", ("memory.quantization_constant_bytes",
-                                                  "method.quantization_constant_bytes")),
+        "quantization_constant_bytes": (
+            "Int64",
+            ("memory.quantization_constant_bytes", "method.quantization_constant_bytes"),
+        ),
         "unquantized_bytes": ("Int64", ("memory.unquantized_bytes", "method.unquantized_bytes")),
         "adapter_bytes": ("Int64", ("memory.adapter_bytes", "method.adapter_bytes")),
         "optimizer_state_bytes": ("Int64", ("memory.optimizer_state_bytes",)),
@@ -140,6 +146,20 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
 
 
 COLUMNS = _column_spec()
+_NAMED_PATHS = {path for _, paths in COLUMNS.values() for path in paths}
+
+
+def _section_columns(record: dict) -> dict:
+    """The scalar fields of the record's sections that no named column reads, as "<prefix>_<field>"."""
+    columns = {}
+    for section, prefix in SECTION_PREFIXES.items():
+        values = _first(record, section)
+        for key, value in values.items() if isinstance(values, dict) else ():
+            name = f"{prefix}_{key}"
+            if f"{section}.{key}" in _NAMED_PATHS or name in COLUMNS or isinstance(value, dict | list):
+                continue
+            columns[name] = value
+    return columns
 
 
 def _problem(record) -> str | None:
@@ -154,15 +174,17 @@ def _problem(record) -> str | None:
         if _first(record, "method.name", "config.method.name") is None:
             return "schema without a version and without a method name: cannot be read"
     elif not isinstance(version, int) or version > READER_SCHEMA_VERSION:
-        return f"schema_version {version!r} is newer than this reader ({READER_SCHEMA_VERSION}); update analysis/load.py"
+        return (
+            f"schema_version {version!r} is newer than this reader ({READER_SCHEMA_VERSION}); update analysis/load.py"
+        )
     if record["status"] not in STATUSES:
         return f"status {record['status']!r} is not one of {STATUSES} (a run that never finished?)"
     return None
 
 
 def _format_from_config(record: dict) -> tuple[str | None, str | None]:
-    """(family, quant_format) from the resolved method config, for a run that failed before
-    ``Method.describe`` wrote the ``method`` block: the failed cell still needs its row."""
+    """(family, quant_format) from the resolved method config, for a schema-1 run that failed before
+    ``Method.describe`` wrote the ``method`` block (schema 2 writes it when the run starts)."""
     method = _first(record, "config.method") or {}
     target = str(method.get("_target_", ""))
     family = target.split(".")[1] if target.count(".") >= 2 else None
@@ -193,7 +215,7 @@ def _settings(record: dict, model_id: str | None) -> tuple[dict, str]:
 
 
 def _row(record: dict) -> dict:
-    row = {name: _first(record, *paths) for name, (_, paths) in COLUMNS.items()}
+    row = {**_section_columns(record), **{name: _first(record, *paths) for name, (_, paths) in COLUMNS.items()}}
     row["model"] = _model_identity(record)
     row["settings"], row["config_id"] = _settings(record, row["model"])
     if row["quant_format"] is None or row["method_family"] is None:
@@ -223,15 +245,19 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 def _record_files(root: Path) -> list[Path]:
     # Temp files of an atomic write in progress start with a dot: never half a record.
     # superseded/: records a later run of the same configuration replaced (experiments.record.set_aside)
-    return sorted(p for p in root.rglob("*.json")
-                  if p.is_file() and not p.name.startswith(".") and SUPERSEDED_DIR not in p.relative_to(root).parts)
+    return sorted(
+        p
+        for p in root.rglob("*.json")
+        if p.is_file() and not p.name.startswith(".") and SUPERSEDED_DIR not in p.relative_to(root).parts
+    )
 
 
 def load_runs(path: str | Path) -> pd.DataFrame:
     """Every run record under ``path`` (a folder, read recursively, or one JSON file).
 
     Returns one row per run, sorted by method, model, data, seed and run id, with the
-    columns of ``COLUMNS``. Raises ``NoRecordsError`` when nothing readable is found.
+    columns of ``COLUMNS`` and then every other scalar field of the record's sections
+    (``SECTION_PREFIXES``). Raises ``NoRecordsError`` when nothing readable is found.
     """
     root = Path(path)
     if not root.exists():
@@ -252,12 +278,18 @@ def load_runs(path: str | Path) -> pd.DataFrame:
             warnings.warn(f"skipped {file}: {problem}", RecordWarning, stacklevel=2)
             continue
         if record.get("schema_version") is None:
-            warnings.warn(f"{file}: record without schema_version read as the oldest layout; "
-                          "missing fields are left empty", RecordWarning, stacklevel=2)
+            warnings.warn(
+                f"{file}: record without schema_version read as the oldest layout; missing fields are left empty",
+                RecordWarning,
+                stacklevel=2,
+            )
         rows.append({**_row(record), "path": name})
     if not rows:
         detail = f" ({len(skipped)} unreadable file(s) skipped: {', '.join(skipped)})" if skipped else ""
         raise NoRecordsError(f"no run records (*.json) found under {root}{detail}")
-    frame = _typed(pd.DataFrame(rows, columns=list(COLUMNS)))
+    extra = sorted({name for row in rows for name in row} - set(COLUMNS))
+    frame = _typed(pd.DataFrame(rows, columns=[*COLUMNS, *extra]))
+    for name in extra:  # typed as pandas infers them: numbers, strings, booleans, nullable
+        frame[name] = frame[name].convert_dtypes()
     order = ["method", "model", "data", "seed", "run_id"]
     return frame.sort_values(order, na_position="last", kind="mergesort").reset_index(drop=True)

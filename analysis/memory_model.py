@@ -11,11 +11,11 @@ The weight parts are exact: they reproduce, byte for byte up to rounding of part
 blocks, what methods/storage.py counts from the tensors of a loaded model, so a test can
 hold them to 1%. The activation, logits and peak figures are a model of what PyTorch's
 autograd keeps; they are checked against ``torch.cuda.max_memory_allocated`` by
-experiments/bench_train.py on a GPU.
+benchmarks/bench_train.py on a GPU.
 
     python -m analysis.memory_model --model llama2_7b --method qlora_nf4_dq --batch 1 --seq 512
     python -m analysis.memory_model --model path/to/config.json --method qalora_int4 --gradient-checkpointing
-    python -m analysis.memory_model --hardware-table --out results/
+    python -m analysis.hardware_table --out results/
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from analysis.method_specs import MethodSpec, resolve_method
 from analysis.model_shapes import ModelShape, resolve_shape
 
-GiB = 1024 ** 3
+GiB = 1024**3
 BNB_CODE_TABLE = 16 * 4  # NF4/FP4: 16 fp32 values, one table per model (storage.py counts it once)
 BNB_DQ_CODE_TABLE = 256 * 4  # the 8-bit second level's dynamic map
 BNB_DQ_BLOCK = 256  # double quantization: one fp32 absmax per 256 first-level blocks
@@ -59,6 +59,7 @@ def ceil_div(a: int, b: int) -> int:
 
 
 # ---------------------------------------------------------------- weights (exact)
+
 
 def _quantized_linears(shape: ModelShape, method: MethodSpec) -> list[tuple[int, int]]:
     """(in, out) of every linear layer stored in the method's weight format.
@@ -107,9 +108,14 @@ def unquantized_bytes(shape: ModelShape, method: MethodSpec) -> int:
     rotary = 2 * (shape.head_dim // 2) * 4  # inv_freq and original_inv_freq, fp32 buffers
     other_linears = 0
     if method.weight_format in ("bf16", "fp16", "fp32"):
-        other_linears = shape.num_layers * sum(
-            d_in * d_out for name, (d_in, d_out) in shape.block_linears().items() if name not in method.lora_targets
-        ) * method.bits // 8
+        other_linears = (
+            shape.num_layers
+            * sum(
+                d_in * d_out for name, (d_in, d_out) in shape.block_linears().items() if name not in method.lora_targets
+            )
+            * method.bits
+            // 8
+        )
     return embeddings + norms + rotary + other_linears
 
 
@@ -151,6 +157,7 @@ def weight_parts(shape: ModelShape, method: MethodSpec) -> dict:
 
 # ---------------------------------------------------------------- optimizer (exact)
 
+
 def optimizer_parts(shape: ModelShape, method: MethodSpec, optimizer: str) -> dict:
     """Optimizer state bytes, and how much of it lives outside PyTorch's allocator (paged).
 
@@ -188,6 +195,7 @@ def _adapter_tensor_sizes(shape: ModelShape, method: MethodSpec) -> list[int]:
 
 
 # ---------------------------------------------------------------- activations (modelled)
+
 
 def layer_activation_bytes(shape: ModelShape, method: MethodSpec, tokens: int, cuda: bool = True) -> int:
     """Bytes autograd keeps for backward in one decoder block (frozen base, LoRA on targets).
@@ -234,8 +242,12 @@ def activation_parts(shape: ModelShape, method: MethodSpec, train: TrainShape) -
     # at that moment the compute-dtype logits, the fp32 copy and the log-probs coexist.
     logits_peak = t * shape.vocab * (c + 4 + 4)
     logits_kept = t * shape.vocab * 4
-    return {"activation_bytes": kept, "recomputed_layer_bytes": recomputed,
-            "logits_bytes": logits_peak, "logits_kept_bytes": logits_kept}
+    return {
+        "activation_bytes": kept,
+        "recomputed_layer_bytes": recomputed,
+        "logits_bytes": logits_peak,
+        "logits_kept_bytes": logits_kept,
+    }
 
 
 def _transient_bytes(shape: ModelShape, method: MethodSpec, tokens: int) -> int:
@@ -249,6 +261,7 @@ def _transient_bytes(shape: ModelShape, method: MethodSpec, tokens: int) -> int:
 
 
 # ---------------------------------------------------------------- the whole prediction
+
 
 def predict(shape: ModelShape, method: MethodSpec, train: TrainShape | None = None) -> dict:
     """Every part of training (or, for methods without adapters, inference) memory, in bytes."""
@@ -274,12 +287,18 @@ def predict(shape: ModelShape, method: MethodSpec, train: TrainShape | None = No
         # set and the last position's logits (generation) or all logits (scoring).
         kv_cache = 2 * shape.num_layers * train.tokens * shape.kv_dim * method.compute_bytes
         # no autograd: nothing is kept for a backward pass
-        acts = {**acts, "activation_bytes": 0, "recomputed_layer_bytes": 0,
-                "logits_bytes": train.tokens * shape.vocab * (method.compute_bytes + 4)}
+        acts = {
+            **acts,
+            "activation_bytes": 0,
+            "recomputed_layer_bytes": 0,
+            "logits_bytes": train.tokens * shape.vocab * (method.compute_bytes + 4),
+        }
         dynamic = kv_cache + transient + acts["logits_bytes"]
     peak_allocated = static + on_allocator + dynamic
     return {
-        "model": shape.name, "method": method.name, **asdict(train),
+        "model": shape.name,
+        "method": method.name,
+        **asdict(train),
         "parts": {
             "frozen_weights": weights["quantized_linear_bytes"] - weights["quantization_constant_bytes"],
             "quantization_constants": weights["quantization_constant_bytes"],
@@ -314,9 +333,11 @@ def predict_named(model: str, method: str, train: TrainShape | None = None, rank
 
 
 def format_prediction(prediction: dict) -> str:
-    rows = [f"{prediction['model']} / {prediction['method']}: batch {prediction['batch']} x seq "
-            f"{prediction['seq_len']}, optimizer {prediction['optimizer']}, gradient checkpointing "
-            f"{'on' if prediction['gradient_checkpointing'] else 'off'}"]
+    rows = [
+        f"{prediction['model']} / {prediction['method']}: batch {prediction['batch']} x seq "
+        f"{prediction['seq_len']}, optimizer {prediction['optimizer']}, gradient checkpointing "
+        f"{'on' if prediction['gradient_checkpointing'] else 'off'}"
+    ]
     for part, value in prediction["parts"].items():
         rows.append(f"  {part:<24}{value / GiB:>10.3f} GiB")
     bits = prediction["weights"]["weight_bits_per_param"]
@@ -324,16 +345,21 @@ def format_prediction(prediction: dict) -> str:
     rows.append(f"  {'floor (allocated)':<24}{prediction['floor_allocated_bytes'] / GiB:>10.3f} GiB")
     rows.append(f"  {'peak allocated':<24}{prediction['peak_allocated_bytes'] / GiB:>10.3f} GiB")
     if prediction["optimizer_paged_bytes"]:
-        rows.append(f"  {'+ paged optimizer state':<24}{prediction['optimizer_paged_bytes'] / GiB:>10.3f} GiB"
-                    " (unified memory, not in max_memory_allocated)")
+        rows.append(
+            f"  {'+ paged optimizer state':<24}{prediction['optimizer_paged_bytes'] / GiB:>10.3f} GiB"
+            " (unified memory, not in max_memory_allocated)"
+        )
     return "\n".join(r for r in rows if r)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.memory_model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="llama2_7b",
-                        help="named model (llama2_7b/13b/70b, llama_33b/65b, synthetic_<preset>, smollm2_135m), "
-                             "a config.json path, or a Hub id")
+    parser.add_argument(
+        "--model",
+        default="llama2_7b",
+        help="named model (llama2_7b/13b/70b, llama_33b/65b, synthetic_<preset>, smollm2_135m), "
+        "a config.json path, or a Hub id",
+    )
     parser.add_argument("--method", default="qlora_nf4_dq", help="conf/method name, built-in name, or YAML path")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
@@ -341,15 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", default="adamw_torch", choices=OPTIMIZERS)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
-    parser.add_argument("--hardware-table", action="store_true", help="write results/hardware_table.{md,csv}")
-    parser.add_argument("--out", default="results", help="folder for --hardware-table")
     args = parser.parse_args(argv)
-    if args.hardware_table:
-        from analysis.hardware_table import write_hardware_table
-
-        for path in write_hardware_table(args.out):
-            print(f"wrote {path}")
-        return 0
     try:
         train = TrainShape(args.batch, args.seq, args.optimizer, args.gradient_checkpointing)
         prediction = predict_named(args.model, args.method, train, args.rank)

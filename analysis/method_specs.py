@@ -1,8 +1,10 @@
 """What the memory model needs to know about a method: weight format, bits, block or group size, LoRA.
 
 A ``MethodSpec`` is read from the harness's own ``conf/method/<name>.yaml`` when that file
-exists (so a prediction describes exactly what ``experiments.run`` would train), and
-otherwise from the built-in formats below, which cover the hardware table's columns:
+exists: the method it configures says its format (``methods.base.Method.method_format``),
+so a prediction describes exactly what ``experiments.run`` would train and a new method
+is covered without an edit here. Otherwise it comes from the built-in formats below, which
+cover the hardware table's columns:
 
 - 16-bit LoRA (Hu et al. 2022): the base in bf16/fp16.
 - QLoRA (Dettmers et al., arXiv 2305.14314): bitsandbytes NF4/FP4 in blocks of 64, with or
@@ -19,13 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from analysis.model_shapes import BLOCK_LINEARS
+from core.shapes import LLAMA_BLOCK_LINEARS
+from methods.base import WEIGHT_FORMATS
 
 CONF_METHODS = Path(__file__).resolve().parent.parent / "conf" / "method"
-# compute_dtype "auto" is bfloat16 or float16 on the GPUs this model predicts for (experiments/compute_dtype.py)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
-SIXTEEN_BIT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-WEIGHT_FORMATS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8", "int_group", "gptq")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class MethodSpec:
     block_size: int | None = None  # bitsandbytes block (4-bit: 64) or quantization group size
     double_quant: bool = False
     lora_rank: int | None = 64  # None: no adapters (inference only)
-    lora_targets: tuple[str, ...] = BLOCK_LINEARS
+    lora_targets: tuple[str, ...] = LLAMA_BLOCK_LINEARS
     lora_dropout: float = 0.05
     compute_bytes: int = 2  # bf16/fp16 compute, the dtype of embeddings, norms and head
     adapter_bytes_per_param: int = 4  # peft upcasts 16-bit adapters to fp32 (autocast_adapter_dtype)
@@ -49,11 +49,15 @@ class MethodSpec:
     def trainable(self) -> bool:
         return self.lora_rank is not None
 
-    def with_lora(self, rank: int | None = None, targets: tuple[str, ...] | None = None,
-                  dropout: float | None = None) -> "MethodSpec":
-        return replace(self, lora_rank=rank if rank is not None else self.lora_rank,
-                       lora_targets=tuple(targets) if targets else self.lora_targets,
-                       lora_dropout=dropout if dropout is not None else self.lora_dropout)
+    def with_lora(
+        self, rank: int | None = None, targets: tuple[str, ...] | None = None, dropout: float | None = None
+    ) -> MethodSpec:
+        return replace(
+            self,
+            lora_rank=rank if rank is not None else self.lora_rank,
+            lora_targets=tuple(targets) if targets else self.lora_targets,
+            lora_dropout=dropout if dropout is not None else self.lora_dropout,
+        )
 
 
 BUILTIN_METHODS = {
@@ -73,39 +77,35 @@ BUILTIN_METHODS = {
 }
 
 
-def _lora_fields(lora: dict | None) -> dict:
-    lora = dict(lora or {})
-    fields = {"lora_rank": int(lora.get("r", 64)), "lora_dropout": float(lora.get("dropout", 0.05))}
-    if lora.get("target_modules"):
-        fields["lora_targets"] = tuple(lora["target_modules"])
-    return fields
+def spec_from_format(fmt) -> MethodSpec:
+    """A MethodSpec from a method's own ``methods.base.MethodFormat``: what it stores and trains."""
+    lora = fmt.lora
+    return MethodSpec(
+        fmt.name,
+        fmt.weight_format,
+        fmt.bits,
+        fmt.block_size,
+        fmt.double_quant,
+        lora_rank=lora.r if lora is not None else None,
+        lora_targets=lora.target_modules if lora is not None else LLAMA_BLOCK_LINEARS,
+        lora_dropout=lora.dropout if lora is not None else 0.05,
+        compute_bytes=DTYPE_BYTES[fmt.compute_dtype],
+    )
 
 
 def spec_from_method_config(cfg: dict) -> MethodSpec:
-    """Map a conf/method/*.yaml (its ``_target_`` and parameters) onto a MethodSpec."""
-    target, name = str(cfg.get("_target_", "")), str(cfg.get("name", "method"))
-    if target.endswith("lora.LoRA"):
-        dtype = cfg.get("dtype", "bfloat16")
-        return MethodSpec(name, SIXTEEN_BIT[dtype], 8 * DTYPE_BYTES[dtype],
-                          compute_bytes=DTYPE_BYTES[cfg.get("compute_dtype") or dtype],
-                          **_lora_fields(cfg.get("lora")))
-    if target.endswith("qlora.QLoRA"):
-        return MethodSpec(name, cfg.get("quant_type", "nf4"), 4, 64, bool(cfg.get("double_quant", False)),
-                          compute_bytes=DTYPE_BYTES[cfg.get("compute_dtype", "bfloat16")],
-                          **_lora_fields(cfg.get("lora")))
-    if "qalora" in target.lower():
-        group = cfg.get("group_size") or cfg.get("group") or 32
-        return MethodSpec(name, "int_group", int(cfg.get("bits", 4)), int(group),
-                          compute_bytes=DTYPE_BYTES[cfg.get("compute_dtype", "float16")],
-                          **_lora_fields(cfg.get("lora")))
-    if target.endswith("rtn.RTN"):  # round-to-nearest into the same INT-k group format, no adapters
-        return MethodSpec(name, "int_group", int(cfg.get("bits", 4)), int(cfg.get("group_size", 128)),
-                          lora_rank=None, compute_bytes=DTYPE_BYTES[cfg.get("compute_dtype", "bfloat16")])
-    if "gptq" in target.lower():
-        lora = cfg.get("lora")
-        fields = _lora_fields(lora) if lora else {"lora_rank": None}
-        return MethodSpec(name, "gptq", int(cfg.get("bits", 4)), int(cfg.get("group_size", 128)), **fields)
-    raise ValueError(f"method {name}: the memory model does not know {target!r}")
+    """The MethodSpec of a conf/method/*.yaml: the method built from it (no model is loaded) says its format.
+
+    ``compute_dtype: auto`` is read as on the GPUs this model predicts for: the stored 16-bit
+    dtype, or bfloat16 for a quantized base (not as on the machine that runs the prediction).
+    """
+    import hydra
+
+    cfg = dict(cfg)
+    if cfg.get("compute_dtype") == "auto":
+        cfg["compute_dtype"] = cfg.get("dtype", "bfloat16")
+    method = hydra.utils.instantiate(cfg, _convert_="all")
+    return spec_from_format(method.method_format())
 
 
 def resolve_method(name_or_path: str) -> MethodSpec:

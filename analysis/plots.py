@@ -33,10 +33,18 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.load import NoRecordsError, load_runs
 from analysis.tables import LABEL_COLUMNS, MIXED, configuration_groups, mixed_environment
+from experiments.record import Status
 
 DPI = 150
-STYLE = {"figure.dpi": DPI, "savefig.dpi": DPI, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
-         "svg.hashsalt": "qpeft-bench", "legend.fontsize": 8}
+STYLE = {
+    "figure.dpi": DPI,
+    "savefig.dpi": DPI,
+    "font.size": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "svg.hashsalt": "qpeft-bench",
+    "legend.fontsize": 8,
+}
 METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None, "Producer": None}}
 MEMORY_PARTS = (
     ("frozen_weight_bytes", "frozen quantized / 16-bit weights"),
@@ -50,14 +58,24 @@ MEMORY_PARTS = (
 
 def configurations(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per method configuration (ok runs only): means and stds over seeds, a label, a colour."""
-    ok = runs[runs["status"] == "ok"].copy()
+    ok = runs[runs["status"] == Status.OK].copy()
     weights = ok["weight_bytes"].astype("float64")
-    ok["frozen_weight_bytes"] = (weights - ok["quantization_constant_bytes"].astype("float64")
-                                 - ok["unquantized_bytes"].astype("float64"))
-    counted = weights + ok["adapter_bytes"].astype("float64").fillna(0) + ok["optimizer_state_bytes"].astype("float64").fillna(0)
+    ok["frozen_weight_bytes"] = (
+        weights - ok["quantization_constant_bytes"].astype("float64") - ok["unquantized_bytes"].astype("float64")
+    )
+    counted = (
+        weights
+        + ok["adapter_bytes"].astype("float64").fillna(0)
+        + ok["optimizer_state_bytes"].astype("float64").fillna(0)
+    )
     ok["activation_and_rest_bytes"] = ok["train_peak_memory_bytes"].astype("float64") - counted
-    numeric = ["mmlu_acc", "weight_bytes", "train_peak_memory_bytes", "train_tokens_per_second",
-               *(part for part, _ in MEMORY_PARTS)]
+    numeric = [
+        "mmlu_acc",
+        "weight_bytes",
+        "train_peak_memory_bytes",
+        "train_tokens_per_second",
+        *(part for part, _ in MEMORY_PARTS),
+    ]
     rows = []
     for key, settings, group in configuration_groups(ok, LABEL_COLUMNS):
         row = dict(zip(LABEL_COLUMNS, key), settings=settings, mixed=mixed_environment(group))
@@ -68,7 +86,8 @@ def configurations(runs: pd.DataFrame) -> pd.DataFrame:
         for column in numeric[1:]:
             values = group[column].astype("float64")
             row[f"{column}_mean"], row[f"{column}_std"] = values.mean(), values.std(ddof=1)
-        row["losses"] = [list(map(float, l)) for l in group["train_losses"] if isinstance(l, list) and l]
+        curves = [curve for curve in group["train_losses"] if isinstance(curve, list) and curve]
+        row["losses"] = [list(map(float, curve)) for curve in curves]
         rows.append(row)
     configs = pd.DataFrame(rows)  # in the tables' order: method, then labels
     if configs.empty:
@@ -87,8 +106,9 @@ def _labels(configs: pd.DataFrame) -> list[str]:
         shared = pd.Series(labels)
         # a label shared by configurations that this column tells apart
         split = {label for label in shared[shared.duplicated()] if configs.loc[shared == label, column].nunique() > 1}
-        labels = [f"{label} {value}" if label in split and value else label
-                  for label, value in zip(labels, configs[column])]
+        labels = [
+            f"{label} {value}" if label in split and value else label for label, value in zip(labels, configs[column])
+        ]
     return labels
 
 
@@ -120,8 +140,10 @@ def _shots(configs: pd.DataFrame) -> int | None:
 def plot_memory_vs_accuracy(configs: pd.DataFrame):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True, layout="constrained")
     shots = None if configs.empty else _shots(configs)
-    panels = (("weight_bytes", 1e-6, "Weight storage (MB, all quantization constants included)"),
-              ("train_peak_memory_bytes", 1e-9, "Peak training memory (GB)"))
+    panels = (
+        ("weight_bytes", 1e-6, "Weight storage (MB, all quantization constants included)"),
+        ("train_peak_memory_bytes", 1e-9, "Peak training memory (GB)"),
+    )
     for ax, (column, scale, xlabel) in zip(axes, panels):
         ax.set_xlabel(xlabel)
         if shots is None:
@@ -134,9 +156,17 @@ def plot_memory_vs_accuracy(configs: pd.DataFrame):
         x = data[f"{column}_mean"].to_numpy() * scale
         y = data[f"acc{shots}_mean"].to_numpy()
         for i, row in enumerate(data.itertuples()):
-            ax.errorbar(x[i], y[i], yerr=np.nan_to_num(getattr(row, f"acc{shots}_std")),
-                        xerr=np.nan_to_num(getattr(row, f"{column}_std")) * scale, fmt=row.marker,
-                        color=row.color, markersize=8, capsize=3, label=row.label)
+            ax.errorbar(
+                x[i],
+                y[i],
+                yerr=np.nan_to_num(getattr(row, f"acc{shots}_std")),
+                xerr=np.nan_to_num(getattr(row, f"{column}_std")) * scale,
+                fmt=row.marker,
+                color=row.color,
+                markersize=8,
+                capsize=3,
+                label=row.label,
+            )
         front = pareto_front(x, y)
         ax.step(x[front], y[front], where="post", color="0.2", linestyle="--", linewidth=1, label="Pareto front")
         ax.scatter(x[front], y[front], s=220, facecolors="none", edgecolors="0.2", linewidths=1.2)
@@ -158,8 +188,13 @@ def plot_throughput(configs: pd.DataFrame):
     else:
         positions = np.arange(len(data))[::-1]  # first configuration on top
         values = data["train_tokens_per_second_mean"].to_numpy()
-        ax.barh(positions, values, xerr=np.nan_to_num(data["train_tokens_per_second_std"].to_numpy()),
-                color=list(data["color"]), capsize=3)
+        ax.barh(
+            positions,
+            values,
+            xerr=np.nan_to_num(data["train_tokens_per_second_std"].to_numpy()),
+            color=list(data["color"]),
+            capsize=3,
+        )
         ax.set_yticks(positions, list(data["label"]))
         for position, value in zip(positions, values):
             ax.text(value, position, f"  {value:.0f}", va="center", ha="left")
@@ -180,8 +215,10 @@ def plot_memory_breakdown(configs: pd.DataFrame):
         return fig
     positions = np.arange(len(data))[::-1]
     colors = plt.get_cmap("Set2").colors
-    panels = ((axes[0], MEMORY_PARTS[:-1], 1e-6, "Model state, exact tensor bytes (MB)"),
-              (axes[1], MEMORY_PARTS, 1e-9, "Peak training memory by part (GB)"))
+    panels = (
+        (axes[0], MEMORY_PARTS[:-1], 1e-6, "Model state, exact tensor bytes (MB)"),
+        (axes[1], MEMORY_PARTS, 1e-9, "Peak training memory by part (GB)"),
+    )
     for ax, parts, scale, xlabel in panels:
         left = np.zeros(len(data))
         for (column, label), color in zip(parts, colors):
@@ -203,12 +240,19 @@ def plot_loss_curves(configs: pd.DataFrame):
     for row in configs.itertuples() if not configs.empty else []:
         if not row.losses:
             continue
-        steps = min(len(l) for l in row.losses)
-        curves = np.array([l[:steps] for l in row.losses])
+        steps = min(len(curve) for curve in row.losses)
+        curves = np.array([curve[:steps] for curve in row.losses])
         x = np.arange(1, steps + 1)
         mean = curves.mean(axis=0)
-        ax.plot(x, mean, color=row.color, marker=row.marker, markersize=3, linewidth=1.3,
-                label=f"{row.label} (n={len(curves)})")
+        ax.plot(
+            x,
+            mean,
+            color=row.color,
+            marker=row.marker,
+            markersize=3,
+            linewidth=1.3,
+            label=f"{row.label} (n={len(curves)})",
+        )
         if len(curves) > 1:
             std = curves.std(axis=0, ddof=1)
             ax.fill_between(x, mean - std, mean + std, color=row.color, alpha=0.15, linewidth=0)
@@ -225,8 +269,12 @@ def plot_loss_curves(configs: pd.DataFrame):
     return fig
 
 
-PLOTS = {"memory_vs_accuracy": plot_memory_vs_accuracy, "throughput": plot_throughput,
-         "memory_breakdown": plot_memory_breakdown, "loss_curves": plot_loss_curves}
+PLOTS = {
+    "memory_vs_accuracy": plot_memory_vs_accuracy,
+    "throughput": plot_throughput,
+    "memory_breakdown": plot_memory_breakdown,
+    "loss_curves": plot_loss_curves,
+}
 
 
 def save(fig, out: Path, name: str) -> list[Path]:

@@ -37,19 +37,29 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.load import MMLU_CATEGORIES, NoRecordsError, load_runs
+from analysis.load import MMLU_CATEGORIES, STATUSES, NoRecordsError, load_runs
+from experiments.record import Status
 
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "published.csv"
 MISSING = "—"
 OURS = "ours"
 
 # Display order of methods; a method not listed sorts after these, by name.
-METHOD_ORDER = ("lora_fp16", "lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4",
-                "gptq", "qlora_gptq", "qalora")
-DATA_TYPE_LABELS = {"bfloat16": "BFloat16", "float16": "Float16", "fp4": "Float4",
-                    "nf4": "NFloat4", "nf4+dq": "NFloat4 + DQ"}
-CATEGORY_LABELS = {"humanities": "Hums.", "stem": "STEM", "social_sciences": "Social", "other": "Other",
-                   "overall": "Avg."}
+METHOD_ORDER = ("lora_fp16", "lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4", "gptq", "qlora_gptq", "qalora")
+DATA_TYPE_LABELS = {
+    "bfloat16": "BFloat16",
+    "float16": "Float16",
+    "fp4": "Float4",
+    "nf4": "NFloat4",
+    "nf4+dq": "NFloat4 + DQ",
+}
+CATEGORY_LABELS = {
+    "humanities": "Hums.",
+    "stem": "STEM",
+    "social_sciences": "Social",
+    "other": "Other",
+    "overall": "Avg.",
+}
 # What a row of the main table shows to say which configuration it is. Runs are grouped by
 # their whole settings (analysis.load's ``settings``); these only label the groups.
 LABEL_COLUMNS = ["model", "data", "method", "quant_format"]
@@ -57,11 +67,14 @@ LABEL_COLUMNS = ["model", "data", "method", "quant_format"]
 # one configuration share a row (and held-out perplexity does not depend on the shots).
 SPREAD_SETTINGS = ("eval.num_fewshot",)
 MIXED = "‡"
-MIXED_NOTE = (f"{MIXED} the runs of this cell come from more than one code version (git commit, or "
-              "uncommitted changes) or device: the spread is not the seeds' alone.")
+MIXED_NOTE = (
+    f"{MIXED} the runs of this cell come from more than one code version (git commit, or "
+    "uncommitted changes) or device: the spread is not the seeds' alone."
+)
 
 
 # ----------------------------------------------------------------------------- cells
+
 
 def _fmt_stat(values: pd.Series, digits: int, with_n: bool = False) -> str:
     mean = values.mean()
@@ -74,20 +87,20 @@ def _fmt_stat(values: pd.Series, digits: int, with_n: bool = False) -> str:
 
 def cell(runs: pd.DataFrame, column: str, *, scale: float = 1.0, digits: int = 1, with_n: bool = False) -> str:
     """Mean ± std of ``column`` over the ok runs; else the failure statuses; else "—"."""
-    ok = runs.loc[runs["status"] == "ok", column].dropna().astype("float64") * scale
+    ok = runs.loc[runs["status"] == Status.OK, column].dropna().astype("float64") * scale
     if len(ok):
         return _fmt_stat(ok, digits, with_n)
-    failures = sorted(set(runs["status"].dropna()) - {"ok"})
+    failures = sorted(set(runs["status"].dropna()) - {Status.OK.value})
     return "/".join(failures) if failures else MISSING
 
 
 def _runs_summary(runs: pd.DataFrame) -> str:
     counts = runs["status"].value_counts()
-    return ", ".join(f"{counts[s]} {s}" for s in ("ok", "oom", "failed") if s in counts)
+    return ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
 
 
 def _n_seeds(runs: pd.DataFrame) -> int:
-    return int(runs.loc[runs["status"] == "ok", "seed"].nunique())
+    return int(runs.loc[runs["status"] == Status.OK, "seed"].nunique())
 
 
 def _method_rank(method) -> tuple:
@@ -110,10 +123,16 @@ def _groups(runs: pd.DataFrame, keys: list[str]):
     One group is the runs whose settings are equal but for the seed (and the shots): two
     groups may share their labels ``keys``; ``_distinctions`` then says what differs.
     """
-    labelled = runs.assign(_key=[(tuple("" if pd.isna(v) else str(v) for v in row), _config_text(settings))
-                                 for row, settings in zip(runs[keys].itertuples(index=False), runs["settings"])])
-    ordered = sorted(labelled["_key"].unique(),
-                     key=lambda k: (_method_rank(k[0][keys.index("method")]) if "method" in keys else (0, ""), k))
+    labelled = runs.assign(
+        _key=[
+            (tuple("" if pd.isna(v) else str(v) for v in row), _config_text(settings))
+            for row, settings in zip(runs[keys].itertuples(index=False), runs["settings"])
+        ]
+    )
+    ordered = sorted(
+        labelled["_key"].unique(),
+        key=lambda k: (_method_rank(k[0][keys.index("method")]) if "method" in keys else (0, ""), k),
+    )
     for key in ordered:
         yield key[0], labelled[labelled["_key"] == key].drop(columns="_key")
 
@@ -130,8 +149,11 @@ def _distinctions(settings: list[dict], cells: list) -> list[str]:
     for one, where in zip(settings, cells):
         by_cell[where].append(one)
     keys = sorted({key for one in settings for key in one})
-    differing = [key for key in keys if any(len({_show(one.get(key, MISSING)) for one in shared}) > 1
-                                            for shared in by_cell.values())]
+    differing = [
+        key
+        for key in keys
+        if any(len({_show(one.get(key, MISSING)) for one in shared}) > 1 for shared in by_cell.values())
+    ]
     return [", ".join(f"{key}={_show(one.get(key, MISSING))}" for key in differing) for one in settings]
 
 
@@ -149,13 +171,13 @@ def _pivot(runs: pd.DataFrame, row_keys: list[str], column_keys: list[str]) -> d
     a cell are rows of their own, labelled by what differs."""
     rows: dict = {}
     for key, distinction, group in configuration_groups(runs, [*row_keys, *column_keys]):
-        rows.setdefault((key[:len(row_keys)], distinction), {})[key[len(row_keys):]] = group
+        rows.setdefault((key[: len(row_keys)], distinction), {})[key[len(row_keys) :]] = group
     return rows
 
 
 def mixed_environment(runs: pd.DataFrame) -> bool:
     """Whether the ok runs (those a cell averages) come from more than one code version or device."""
-    ok = runs[runs["status"] == "ok"]
+    ok = runs[runs["status"] == Status.OK]
     code = ok[["git_commit", "git_dirty"]].astype("string").fillna("?").drop_duplicates()
     device = ok[["device", "device_name"]].astype("string").fillna("?").drop_duplicates()
     return len(code) > 1 or len(device) > 1
@@ -174,13 +196,17 @@ def _drop_empty_settings(table: pd.DataFrame) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- tables
 
+
 def main_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, distinction, group in configuration_groups(runs, LABEL_COLUMNS):
         first = dict(zip(LABEL_COLUMNS, key))
         row = {
-            "Model": first["model"], "Data": first["data"], "Method": first["method"],
-            "Format": first["quant_format"] or MISSING, "Settings": distinction,
+            "Model": first["model"],
+            "Data": first["data"],
+            "Method": first["method"],
+            "Format": first["quant_format"] or MISSING,
+            "Settings": distinction,
             "Weight bits/param": cell(group, "weight_bits_per_param", digits=3),
             "Weight MB": cell(group, "weight_bytes", scale=1e-6),
             "Peak train GB": cell(group, "train_peak_memory_bytes", scale=1e-9, digits=2),
@@ -200,8 +226,12 @@ def main_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_reference(path: Path = REFERENCE_CSV) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"arxiv": str, "bits": str, "num_fewshot": "Int64"}, keep_default_na=False,
-                       na_values={"value": [""], "num_fewshot": [""]})
+    return pd.read_csv(
+        path,
+        dtype={"arxiv": str, "bits": str, "num_fewshot": "Int64"},
+        keep_default_na=False,
+        na_values={"value": [""], "num_fewshot": [""]},
+    )
 
 
 def _reference_source(ref: pd.DataFrame) -> str:
@@ -233,8 +263,10 @@ def qlora_table4(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFr
     pivot = _pivot(five, ["quant_format"], ["model", "data"])
     shown = [fmt for fmt in DATA_TYPE_LABELS if fmt != "float16" or (five["quant_format"] == "float16").any()]
     for fmt in shown:
-        variants = sorted(((settings, cells) for (key, settings), cells in pivot.items() if key == (fmt,)),
-                          key=lambda variant: variant[0]) or [("", {})]
+        variants = sorted(
+            ((settings, cells) for (key, settings), cells in pivot.items() if key == (fmt,)),
+            key=lambda variant: variant[0],
+        ) or [("", {})]
         for settings, cells in variants:
             row = {"Source": OURS, "Data type": DATA_TYPE_LABELS[fmt], "Settings": settings}
             for model, data in ours_cols + ref_cols:
@@ -282,19 +314,30 @@ def _bits_rank(label: str) -> tuple:
 
 def qalora_table1(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Method x bits, MMLU 0/5-shot per category and average; ours then the paper's."""
-    labels = [_qalora_row_label("" if pd.isna(m) else m, "" if pd.isna(f) else f)
-              for m, f in runs[["method", "method_family"]].itertuples(index=False)]
+    labels = [
+        _qalora_row_label("" if pd.isna(m) else m, "" if pd.isna(f) else f)
+        for m, f in runs[["method", "method_family"]].itertuples(index=False)
+    ]
     mine = runs.assign(_row=labels).dropna(subset=["_row"])
     mine = mine.assign(_bits=[_bits_label(r, b) for r, b in mine[["_row", "bits"]].itertuples(index=False)])
     score_columns = [f"{s}-shot {CATEGORY_LABELS[c]}" for s in (0, 5) for c in (*MMLU_CATEGORIES, "overall")]
     rows = []
     keys = ["_row", "_bits", "model", "data", "method", "quant_format"]
-    for key, settings, group in sorted(configuration_groups(mine, keys), key=lambda config: (
-            _bits_rank(config[0][1]), QALORA_ROW_ORDER.index(config[0][0]), config[0], config[1])):
+    for key, settings, group in sorted(
+        configuration_groups(mine, keys),
+        key=lambda config: (_bits_rank(config[0][1]), QALORA_ROW_ORDER.index(config[0][0]), config[0], config[1]),
+    ):
         row_label, bits, model, data, method, fmt = key
-        row = {"Source": OURS, "Model": model, "Data": data, "Method": row_label,
-               "Run": f"{method} ({fmt})" if fmt else method, "Settings": settings, "#Bits": bits,
-               "Seeds": _marked(str(_n_seeds(group)), group)}
+        row = {
+            "Source": OURS,
+            "Model": model,
+            "Data": data,
+            "Method": row_label,
+            "Run": f"{method} ({fmt})" if fmt else method,
+            "Settings": settings,
+            "#Bits": bits,
+            "Seeds": _marked(str(_n_seeds(group)), group),
+        }
         for shots in (0, 5):
             at_shots = group[group["mmlu_num_fewshot"] == shots]
             for category in (*MMLU_CATEGORIES, "overall"):
@@ -304,14 +347,22 @@ def qalora_table1(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataF
     ref = reference[reference["table"].eq("Table 1") & reference["arxiv"].eq("2309.14717")]
     notes: list[str] = []
     for (method_row, bits, model, data), published in ref.groupby(["method_row", "bits", "model", "data"], sort=False):
-        row = {"Source": _reference_source(ref), "Model": model, "Data": data,
-               "Method": QALORA_REF_LABELS[method_row], "Run": MISSING, "Settings": "", "#Bits": bits,
-               "Seeds": MISSING}
+        row = {
+            "Source": _reference_source(ref),
+            "Model": model,
+            "Data": data,
+            "Method": QALORA_REF_LABELS[method_row],
+            "Run": MISSING,
+            "Settings": "",
+            "#Bits": bits,
+            "Seeds": MISSING,
+        }
         for column in score_columns:
             shots, label = column.split("-shot ")
             category = next(c for c, lab in CATEGORY_LABELS.items() if lab == label)
-            row[column] = _reference_cell(published[(published["num_fewshot"] == int(shots))
-                                                    & (published["category"] == category)], notes)
+            row[column] = _reference_cell(
+                published[(published["num_fewshot"] == int(shots)) & (published["category"] == category)], notes
+            )
         rows.append(row)
     columns = ["Source", "Model", "Data", "Method", "Run", "Settings", "#Bits", "Seeds", *score_columns]
     return _drop_empty_settings(pd.DataFrame(rows, columns=columns)), notes
@@ -329,8 +380,12 @@ def datatype_perplexity(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd
     models = sorted(untrained["model"].dropna().unique())
     rows = []
     for ((fmt, method), settings), cells in _pivot(untrained, ["quant_format", "method"], ["model"]).items():
-        row = {"Source": OURS, "Data type": DATA_TYPE_LABELS.get(fmt, fmt or MISSING), "Run": method,
-               "Settings": settings}
+        row = {
+            "Source": OURS,
+            "Data type": DATA_TYPE_LABELS.get(fmt, fmt or MISSING),
+            "Run": method,
+            "Settings": settings,
+        }
         for model in models:
             mine = cells.get((model,), untrained.iloc[:0])
             row[f"{model} (held-out)"] = _marked(cell(mine, "perplexity", digits=2, with_n=True), mine)
@@ -341,12 +396,20 @@ def datatype_perplexity(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd
     notes: list[str] = []
     for _, published in ref.iterrows():
         column = f"{published['model']}, {published['category']}"
-        rows.append({"Source": _reference_source(ref), "Data type": published["row"], "Run": MISSING,
-                     "Settings": "", column: _reference_cell(published.to_frame().T, notes)})
+        rows.append(
+            {
+                "Source": _reference_source(ref),
+                "Data type": published["row"],
+                "Run": MISSING,
+                "Settings": "",
+                column: _reference_cell(published.to_frame().T, notes),
+            }
+        )
     return _drop_empty_settings(pd.DataFrame(rows).fillna(MISSING)), notes
 
 
 # ----------------------------------------------------------------------------- writers
+
 
 def to_markdown(table: pd.DataFrame) -> str:
     header = "| " + " | ".join(table.columns) + " |"
@@ -355,9 +418,22 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "—": "---", "†": r"$^\dagger$", MIXED: r"$^\ddagger$"}
+_LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "—": "---",
+    "†": r"$^\dagger$",
+    MIXED: r"$^\ddagger$",
+}
 
 
 def _latex_escape(text: str) -> str:
@@ -366,10 +442,17 @@ def _latex_escape(text: str) -> str:
 
 def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
     """A booktabs table (needs \\usepackage{booktabs})."""
-    lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             r"\caption{" + _latex_escape(caption) + "}", r"\label{tab:" + label + "}",
-             r"\begin{tabular}{" + "l" * table.shape[1] + "}", r"\toprule",
-             " & ".join(_latex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        r"\caption{" + _latex_escape(caption) + "}",
+        r"\label{tab:" + label + "}",
+        r"\begin{tabular}{" + "l" * table.shape[1] + "}",
+        r"\toprule",
+        " & ".join(_latex_escape(c) for c in table.columns) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(_latex_escape(v) for v in row) + r" \\" for row in table.itertuples(index=False)]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -377,18 +460,20 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
 
 CAPTIONS = {
     "main": "Method comparison: mean ± std over seeds (Seeds: number of seeds with an ok run). "
-            "MB = 10^6 bytes, GB = 10^9 bytes; MMLU accuracy in %.",
+    "MB = 10^6 bytes, GB = 10^9 bytes; MMLU accuracy in %.",
     "qlora_table4": "Mean 5-shot MMLU accuracy (%) by data type, model and fine-tuning data, "
-                    "in the layout of the QLoRA paper's Table 4.",
+    "in the layout of the QLoRA paper's Table 4.",
     "qalora_table1": "MMLU 0-shot and 5-shot accuracy (%) by method and bit width, "
-                     "in the layout of the QA-LoRA paper's Table 1.",
+    "in the layout of the QA-LoRA paper's Table 1.",
     "datatype_perplexity": "Held-out perplexity by quantization data type without fine-tuning, "
-                           "in the spirit of the QLoRA paper's Table 2 (the published numbers are "
-                           "Pile Common Crawl means over many models, not our text).",
+    "in the spirit of the QLoRA paper's Table 2 (the published numbers are "
+    "Pile Common Crawl means over many models, not our text).",
 }
-LEGEND = ("— : no run (ours) or no verified published value; oom/failed: every run of the cell "
-          "ended so; n: number of seeds; Settings (where shown): what tells apart configurations "
-          "that the other labels do not.")
+LEGEND = (
+    "— : no run (ours) or no verified published value; oom/failed: every run of the cell "
+    "ended so; n: number of seeds; Settings (where shown): what tells apart configurations "
+    "that the other labels do not."
+)
 
 
 def build_tables(runs: pd.DataFrame, reference: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, list[str]]]:
@@ -400,7 +485,9 @@ def build_tables(runs: pd.DataFrame, reference: pd.DataFrame) -> dict[str, tuple
     }
 
 
-def write_tables(runs: pd.DataFrame, out: Path, results_label: str, reference: pd.DataFrame | None = None) -> list[Path]:
+def write_tables(
+    runs: pd.DataFrame, out: Path, results_label: str, reference: pd.DataFrame | None = None
+) -> list[Path]:
     """Write every table as .md, .csv and .tex under ``out``; return the paths written."""
     reference = load_reference() if reference is None else reference
     out.mkdir(parents=True, exist_ok=True)
@@ -411,9 +498,11 @@ def write_tables(runs: pd.DataFrame, out: Path, results_label: str, reference: p
         if table.astype(str).apply(lambda column: column.str.contains(MIXED, regex=False)).any(axis=None):
             footnotes.append(MIXED_NOTE)
         markdown = "\n\n".join([f"**{CAPTIONS[name]}**", to_markdown(table).rstrip("\n"), LEGEND, *footnotes, source])
-        paths = {out / f"{name}.md": markdown + "\n",
-                 out / f"{name}.csv": table.to_csv(index=False, lineterminator="\n"),
-                 out / f"{name}.tex": to_latex(table, " ".join([CAPTIONS[name], *footnotes]), name)}
+        paths = {
+            out / f"{name}.md": markdown + "\n",
+            out / f"{name}.csv": table.to_csv(index=False, lineterminator="\n"),
+            out / f"{name}.tex": to_latex(table, " ".join([CAPTIONS[name], *footnotes]), name),
+        }
         for path, text in paths.items():
             path.write_text(text, encoding="utf-8")
             written.append(path)

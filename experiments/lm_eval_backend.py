@@ -36,8 +36,17 @@ def _write_tasks(folder: Path, subjects: list[str], split, limit_per_subject: in
             path = folder / f"{name}_{part}.jsonl"
             with open(path, "w") as handle:
                 for q in questions:
-                    handle.write(json.dumps({"question": q.question, "choices": list(q.choices),
-                                             "answer": mmlu_data.LETTERS.index(q.answer), "index": q.index}) + "\n")
+                    handle.write(
+                        json.dumps(
+                            {
+                                "question": q.question,
+                                "choices": list(q.choices),
+                                "answer": mmlu_data.LETTERS.index(q.answer),
+                                "index": q.index,
+                            }
+                        )
+                        + "\n"
+                    )
             files[part] = str(path)
         task = {
             "task": name,
@@ -54,9 +63,18 @@ def _write_tasks(folder: Path, subjects: list[str], split, limit_per_subject: in
     return names
 
 
-def evaluate_mmlu_lm_eval(model, tokenizer, *, num_fewshot: int, subjects: list[str] | None = None,
-                          limit_per_subject: int | None = None, batch_size: int = 16, mmlu_file: str | None = None,
-                          max_length: int | None = None, progress: bool = True) -> dict:
+def evaluate_mmlu_lm_eval(
+    model,
+    tokenizer,
+    *,
+    num_fewshot: int,
+    subjects: list[str] | None = None,
+    limit_per_subject: int | None = None,
+    batch_size: int = 16,
+    mmlu_file: str | None = None,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> dict:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
@@ -68,9 +86,15 @@ def evaluate_mmlu_lm_eval(model, tokenizer, *, num_fewshot: int, subjects: list[
     with tempfile.TemporaryDirectory(prefix="qpeft-lm-eval-") as tmp:
         names = _write_tasks(Path(tmp), subjects, split, limit_per_subject)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        output = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, log_samples=True,
-                                 task_manager=TaskManager(include_path=tmp), verbosity="ERROR",
-                                 bootstrap_iters=0)
+        output = simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            log_samples=True,
+            task_manager=TaskManager(include_path=tmp),
+            verbosity="ERROR",
+            bootstrap_iters=0,
+        )
     by_index = {q.index: q for qs in split.test.values() for q in qs}
     predictions = []
     for subject in subjects:
@@ -79,13 +103,20 @@ def evaluate_mmlu_lm_eval(model, tokenizer, *, num_fewshot: int, subjects: list[
             question = by_index[sample["doc"]["index"]]
             logliks = [float(resp[0]) for resp in sample["filtered_resps"]]
             best = max(range(4), key=lambda k: logliks[k])
-            predictions.append({
-                "index": question.index, "subject": subject, "question": question.question,
-                "pred": mmlu_data.LETTERS[best], "gold": question.answer,
-                "correct": mmlu_data.LETTERS[best] == question.answer, "logprobs": [round(x, 5) for x in logliks],
-            })
-    result = summarize_predictions(predictions, num_fewshot=num_fewshot, n_truncated=None,
-                                   letter_scoring="continuation_loglikelihood")
+            predictions.append(
+                {
+                    "index": question.index,
+                    "subject": subject,
+                    "question": question.question,
+                    "pred": mmlu_data.LETTERS[best],
+                    "gold": question.answer,
+                    "correct": mmlu_data.LETTERS[best] == question.answer,
+                    "logprobs": [round(x, 5) for x in logliks],
+                }
+            )
+    result = summarize_predictions(
+        predictions, num_fewshot=num_fewshot, n_truncated=None, letter_scoring="continuation_loglikelihood"
+    )
     result["backend"] = "lm_eval"
     result["backend_version"] = importlib.metadata.version("lm-eval")
     return result

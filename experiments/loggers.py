@@ -26,8 +26,14 @@ class WandbLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         mode = os.environ.get("WANDB_MODE") or cfg.get("mode") or "offline"
         self.run = wandb.init(
-            project=cfg.get("project"), entity=cfg.get("entity"), group=cfg.get("group") or group,
-            id=run_id, name=run_id, resume="allow", config=config, mode=mode,
+            project=cfg.get("project"),
+            entity=cfg.get("entity"),
+            group=cfg.get("group") or group,
+            id=run_id,
+            name=run_id,
+            resume="allow",
+            config=config,
+            mode=mode,
             dir=str(folder) if folder is not None else None,
             settings=wandb.Settings(silent=True, login_timeout=0),
         )
@@ -47,6 +53,6 @@ def make_logger(cfg, run_id: str, config: dict, group: str | None = None, folder
         return NullLogger()
     if name == "wandb":
         return WandbLogger(cfg, run_id, config, group, folder)
-    from experiments.errors import ConfigError
+    from core.errors import ConfigError
 
     raise ConfigError(f"logger={name!r} is not one of none, wandb")

@@ -11,11 +11,16 @@ lifetime peak. Tensor bytes come from the tensors themselves (see methods/storag
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+from core.tensors import tensor_bytes
+
+log = logging.getLogger(__name__)
 
 
 def limit_heap_retention() -> None:
@@ -125,14 +130,15 @@ class PhaseMeter:
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        name = str(name)  # a record.Phase or a plain name
         stats = PhaseStats()
         self.phases[name] = stats
+        log.info("phase %s: started", name)
         on_cuda = self.device.type == "cuda"
         if on_cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        stats.memory_at_start_bytes = (torch.cuda.memory_allocated(self.device) if on_cuda
-                                       else current_rss_bytes())
+        stats.memory_at_start_bytes = torch.cuda.memory_allocated(self.device) if on_cuda else current_rss_bytes()
         sampler = contextlib.nullcontext() if _reset_peak_rss() else _RssSampler()
         start = time.perf_counter()
         try:
@@ -147,13 +153,12 @@ class PhaseMeter:
             hwm = _read_status_kib("VmHWM")
             sampled = sampler.peak if isinstance(sampler, _RssSampler) else None
             stats.peak_rss_bytes = sampled if sampled is not None else (hwm or 0) * 1024
+            peak = stats.peak_memory_bytes
+            log.info("phase %s: done in %.1f s, peak memory %s", name, stats.wall_s,
+                     f"{peak / 2**30:.2f} GiB" if peak is not None else "unknown")  # fmt: skip
 
     def as_dict(self) -> dict:
         return {name: stats.as_dict() for name, stats in self.phases.items()}
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, paged_only: bool = False) -> int:

@@ -179,6 +179,7 @@ def check_subjects(subjects: list[str] | None) -> list[str]:
 
 # --- lm-eval's MMLU template (lm_eval/tasks/mmlu/default/_default_template_yaml) ---
 
+
 def subject_header(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {subject}.\n\n"
 

@@ -19,7 +19,7 @@ Hugging Face checkpoint folder (or Hub id) that every method loads the same way 
   weights anyway, only shapes matter. Token ids are still folded into the vocabulary.
 
 Cache entries are named by what determines their content and filled through
-``experiments.cache.build_once``, so array jobs that start together on a cold cache
+``core.cache.build_once``, so array jobs that start together on a cold cache
 convert or build each one once and all succeed.
 """
 
@@ -27,76 +27,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from experiments.cache import build_once, content_key
-from experiments.errors import ConfigError
-
-# Shapes of real models (config.json of each), and a tiny one for tests.
-LLAMA_PRESETS = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024),
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048),
-    "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama2_13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
-}
+from core.cache import build_once, cache_dir, content_key
+from core.errors import ConfigError
+from core.model_spec import ModelSpec
+from core.shapes import LLAMA_PRESETS, synthetic_shape
+from experiments.assets import bundled_smollm2_checkpoint
 
 MODEL_KINDS = ("bundled_gguf", "hf", "synthetic")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    path: str  # local checkpoint folder or Hub id, for from_pretrained
-    tokenizer_path: str
-    synthetic: bool
-    vocab_size: int | None = None  # set for synthetic models: token ids are folded into it
-    max_length: int | None = None
-    source: str = ""  # what the user asked for, for the record
-    # Set for a random model built directly on the device (``random_llama_spec``): its
-    # LlamaConfig keywords. ``path`` is then its shape name for analysis.model_shapes.
-    random_shape: dict | None = None
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "path": self.path, "synthetic": self.synthetic, "source": self.source}
-
-
-def _cache_root() -> Path:
-    from experiments.assets import cache_dir
-
-    return cache_dir()
-
-
-def bundled_smollm2_checkpoint() -> Path:
-    """The dequantized SmolLM2-135M-Instruct as a plain HF checkpoint (converted on first use)."""
-    from experiments.assets import SMOLLM2_GGUF, fetch
-
-    # Named by the GGUF's pinned checksum: another pinned file is another entry.
-    folder = _cache_root() / "models" / f"smollm2-135m-instruct-from-q4_1-{SMOLLM2_GGUF.sha256[:12]}"
-    if folder.exists():
-        return folder
-    gguf = fetch(SMOLLM2_GGUF)
-
-    def convert(scratch: Path) -> Path:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-        )
-        model.save_pretrained(scratch)
-        tokenizer.save_pretrained(scratch)
-        return scratch
-
-    return build_once(folder, convert)
 
 
 # The synthetic tokenizer's special tokens, after the 256 byte tokens (ids 256 and 257).
@@ -131,21 +73,13 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, **BYTE_TOKENIZER_SPECIALS)
 
 
-def synthetic_shape(preset: str) -> dict:
-    """LlamaConfig keywords of a synthetic preset, checked: its shape with untied embeddings
-    (as real Llama-2 checkpoints are), the same whether saved to disk or built on the device."""
-    if preset not in LLAMA_PRESETS:
-        raise ConfigError(f"model.preset={preset!r} is not one of {', '.join(LLAMA_PRESETS)}")
-    return {**LLAMA_PRESETS[preset], "tie_word_embeddings": False}
-
-
 def synthetic_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A random Llama of ``preset``'s shape with the byte tokenizer beside it (GPTQModel loads
     both from the folder), built once per content."""
     shape = LLAMA_PRESETS[preset]
     seed = 0  # the same random weights for every run of a preset
     key = content_key(shape, str(dtype), seed, "byte-tokenizer/1", BYTE_TOKENIZER_SPECIALS)
-    folder = _cache_root() / "models" / f"llama-synthetic-{preset}-{key}"
+    folder = cache_dir() / "models" / f"llama-synthetic-{preset}-{key}"
     if folder.exists():
         return folder
 
@@ -169,8 +103,15 @@ def random_llama_spec(preset: str) -> ModelSpec:
     minutes of a GPU lease; building it on the GPU takes seconds.
     """
     shape = synthetic_shape(preset)
-    return ModelSpec(f"llama_synthetic_{preset}", f"synthetic_{preset}", "", True, vocab_size=shape["vocab_size"],
-                     source=f"random Llama, preset {preset}", random_shape=shape)
+    return ModelSpec(
+        f"llama_synthetic_{preset}",
+        f"synthetic_{preset}",
+        "",
+        True,
+        vocab_size=shape["vocab_size"],
+        source=f"random Llama, preset {preset}",
+        random_shape=shape,
+    )
 
 
 def resolve_model(cfg) -> ModelSpec:
@@ -200,8 +141,13 @@ def resolve_model(cfg) -> ModelSpec:
     vocab_size = synthetic_shape(preset)["vocab_size"]  # checks the preset before any work
     path = str(synthetic_checkpoint(preset))
     return ModelSpec(
-        f"{cfg.name}_{preset}", path, path, True, vocab_size=vocab_size,
-        max_length=max_length, source=f"random Llama, preset {preset}",
+        f"{cfg.name}_{preset}",
+        path,
+        path,
+        True,
+        vocab_size=vocab_size,
+        max_length=max_length,
+        source=f"random Llama, preset {preset}",
     )
 
 
@@ -220,6 +166,14 @@ def model_shape(path: str) -> dict:
     if not config_file.exists():
         return {}
     config = json.loads(config_file.read_text())
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    keys = (
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
     return {key: config.get(key) for key in keys}

@@ -1,12 +1,17 @@
 """The run record: one JSON file per run, written atomically (temp file + rename).
 
-Schema (version 1), top-level keys: ``schema_version``, ``run_id``, ``status``
-(``ok``, ``oom`` or ``failed``), ``error`` (type, message, traceback tail; null when ok),
-``config`` (the full resolved Hydra config), ``env`` (package versions, git commit and
-dirty flag, device, threads), ``method`` (``Method.describe``), ``model``, ``train``,
-``eval`` (``mmlu``, ``perplexity``), ``memory`` (exact tensor bytes by part),
-``phases`` (wall time and peak memory per phase), ``slurm`` (job ids when under Slurm),
-``created_at``. ``model.id`` names the model by what was loaded (``model_identity``).
+``RunRecord`` is its layout, field by field; ``Status`` and ``Phase`` name what a run and
+its phases can be, for the harness that writes records and for analysis/load.py, the one
+reader. Schema version 2 (version 1 records load the same way; version 2 writes the method's
+identity, ``method_format``, when the run starts, so a failed run says what it ran):
+
+``schema_version``, ``run_id``, ``status`` (a ``Status``), ``error`` (type, message,
+traceback tail; null when ok), ``created_at``, ``config`` (the full resolved Hydra config),
+``env`` (package versions, git commit and dirty flag, device, threads, compute dtype choice),
+``slurm`` (job ids when under Slurm), ``model`` (``model.id`` names it by what was loaded:
+``model_identity``), ``method`` (``methods.base.Method.describe``), ``train``
+(``experiments.train.TrainResult``), ``eval`` (``mmlu``, ``perplexity``), ``memory`` (exact
+tensor bytes by part), ``phases`` (``Phase`` -> wall time and peak memory), ``finished_at``.
 
 This module also says which config keys can change a result (``NOT_RESULT_KEYS`` and
 ``comparison_settings``): the run id and the tables' grouping both rest on it, and
@@ -22,22 +27,103 @@ import os
 import platform
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from core.cpu import cpu_model_name
+from core.files import atomic_write_text
 
 if TYPE_CHECKING:  # torch is heavy: analysis/ reads records without it
     import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+class Status(str, Enum):
+    """What a run came to. A str, so records hold (and compare with) the plain word."""
+
+    RUNNING = "running"  # written by no finished run: a record still says so only if its process died
+    OK = "ok"
+    OOM = "oom"  # out of memory: a result (this method does not fit), not a bug
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED = (Status.OK, Status.OOM, Status.FAILED)
+
+
+class Phase(str, Enum):
+    """The timed phases of a run, in the order they run (``record["phases"]`` keys)."""
+
+    CALIBRATION_DATA = "calibration_data"
+    LOAD = "load"
+    QUANTIZE = "quantize"  # instead of load or finalize, for the step a method quantizes in
+    TRAIN = "train"
+    FINALIZE = "finalize"
+    EVAL_MMLU = "eval_mmlu"
+    EVAL_PERPLEXITY = "eval_perplexity"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class RunRecord:
+    """One run's record, assembled here and nowhere else; ``as_json`` is what the file holds."""
+
+    run_id: str
+    config: dict
+    status: Status = Status.RUNNING
+    error: dict | None = None
+    created_at: str = field(default_factory=lambda: now_iso())
+    env: dict | None = None
+    slurm: dict | None = None
+    model: dict | None = None
+    method: dict | None = None
+    train: dict | None = None
+    eval: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
+    finished_at: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def fail(self, status: Status, error: BaseException) -> None:
+        import traceback
+
+        self.status = status
+        self.error = {
+            "type": type(error).__name__,
+            "message": str(error)[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
+
+    def as_json(self) -> dict:
+        record = asdict(self)
+        order = ("schema_version", "run_id", "status", "error", "created_at", "config", "env", "slurm", "model",
+                 "method", "train", "eval", "memory", "phases", "finished_at")  # fmt: skip
+        return {key: str(record[key]) if key == "status" else record[key] for key in order}
+
 
 # Config keys (dotted) that do not change a run's results: where files go, how progress is
 # logged, CPU threads, the evaluation batch size, how often a run checkpoints and logs.
 # experiments/run.py's run_id_of leaves the same keys out of the run id.
-NOT_RESULT_KEYS = ("results_dir", "checkpoint_dir", "skip_done", "logger", "threads", "reference_results",
-                   "eval.batch_size", "train.checkpoint_every", "train.log_every")
+NOT_RESULT_KEYS = (
+    "results_dir",
+    "checkpoint_dir",
+    "skip_done",
+    "logger",
+    "threads",
+    "reference_results",
+    "eval.batch_size",
+    "train.checkpoint_every",
+    "train.log_every",
+)
 # Left out of what makes two runs one table cell, besides NOT_RESULT_KEYS: the seed (a cell
 # is the mean over seeds), the experiment's name (a label), the device asked for (the device
 # used is in ``env``; a table marks a cell whose runs used different devices) and the model's
@@ -50,8 +136,19 @@ SAMPLED_CHUNKS = 32
 CHUNK_BYTES = 1 << 16
 
 PACKAGES = (
-    "torch", "transformers", "peft", "bitsandbytes", "accelerate", "hydra-core",
-    "lm-eval", "gptqmodel", "datasets", "wandb", "submitit", "numpy", "pandas",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "hydra-core",
+    "lm-eval",
+    "gptqmodel",
+    "datasets",
+    "wandb",
+    "submitit",
+    "numpy",
+    "pandas",
 )
 
 
@@ -72,24 +169,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
-
-
-def cpuinfo_field(name: str) -> str | None:
-    """The first CPU's ``name`` field in /proc/cpuinfo ("model name", "flags"), None where there is none."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith(name):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows: CPUs of one machine type differ
-    (AVX2 only or native bfloat16), and so do their speeds and bf16 rounding."""
-    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict:
@@ -193,21 +272,11 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def write_record(record: dict, path: Path) -> Path:
+def write_record(record: dict | RunRecord, path: Path) -> Path:
     """Write ``record`` as JSON to ``path`` atomically: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2, sort_keys=False, default=str)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if isinstance(record, RunRecord):
+        record = record.as_json()
+    return atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_record(path: Path) -> dict:
@@ -226,7 +295,7 @@ def reuse_refusal(old: dict, env: dict) -> str | None:
     could change any figure, so a dirty tree never matches, nor does a tree without git.
     The kind of device is its type and name (GPU model or CPU model).
     """
-    if old.get("status") != "ok":
+    if old.get("status") != Status.OK:
         return f"its status is {old.get('status')}"
     then = old.get("env") or {}
     if not env.get("git_commit") or env.get("git_dirty") is not False:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,22 +27,38 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from core.compute_dtype import resolve_auto_compute_dtype
+from core.errors import ConfigError
 from experiments import mmlu_data
-from experiments.compute_dtype import resolve_auto_compute_dtype
 from experiments.data import BatchSource, calibration_segments, load_examples, tokenize_examples
-from experiments.errors import ConfigError
 from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity
 from experiments.loggers import make_logger
 from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
-from experiments.record import (NOT_RESULT_KEYS, SCHEMA_VERSION, environment, model_identity, now_iso, read_record,
-                                reuse_refusal, set_aside, slurm_info, without_keys, write_record)
+from experiments.record import (
+    NOT_RESULT_KEYS,
+    Phase,
+    RunRecord,
+    Status,
+    environment,
+    model_identity,
+    now_iso,
+    read_record,
+    reuse_refusal,
+    set_aside,
+    slurm_info,
+    without_keys,
+    write_record,
+)
 from experiments.summary import format_table
 from experiments.sweep_summary import write_pointer
 from experiments.train import TrainSettings, train
 from methods.base import LoadContext, Method
+from methods.storage import trainable_parameters
 
 EVAL_BACKENDS = ("harness", "lm_eval")
+# The parts of the weight storage (``Method.describe``) a record also keeps under ``memory``.
+MEMORY_PARTS = ("weight_bytes", "quantization_constant_bytes", "unquantized_bytes", "adapter_bytes")
 PERPLEXITY_SOURCES = ("mmlu_heldout", "wikitext2")
 
 
@@ -90,12 +105,18 @@ def resolve_device(name: str) -> torch.device:
 
 def instantiate_method(cfg: DictConfig) -> Method:
     try:
-        return hydra.utils.instantiate(cfg.method, _convert_="all")
+        method = hydra.utils.instantiate(cfg.method, _convert_="all")
     except InstantiationException as error:
         cause = error.__cause__
         if isinstance(cause, ConfigError):
             raise cause from None
         raise ConfigError(f"method={cfg.method.get('name')}: {cause or error}") from None
+    if not isinstance(method, Method):
+        raise ConfigError(
+            f"method={cfg.method.get('name')}: {cfg.method.get('_target_')} is not a methods.base.Method "
+            "(subclass it: methods/base.py says what to implement)"
+        )
+    return method
 
 
 def check_eval(cfg: DictConfig):
@@ -107,11 +128,14 @@ def check_eval(cfg: DictConfig):
     if ev.limit_per_subject is not None and (not isinstance(ev.limit_per_subject, int) or ev.limit_per_subject < 1):
         raise ConfigError(f"eval.limit_per_subject={ev.limit_per_subject!r}: must be a positive integer or null")
     if ev.perplexity.source not in PERPLEXITY_SOURCES:
-        raise ConfigError(f"eval.perplexity.source={ev.perplexity.source!r} is not one of "
-                          f"{', '.join(PERPLEXITY_SOURCES)}")
+        raise ConfigError(
+            f"eval.perplexity.source={ev.perplexity.source!r} is not one of {', '.join(PERPLEXITY_SOURCES)}"
+        )
     if ev.perplexity.enabled and (not isinstance(ev.perplexity.seq_len, int) or ev.perplexity.seq_len < 2):
-        raise ConfigError(f"eval.perplexity.seq_len={ev.perplexity.seq_len!r}: must be an integer of at least 2 "
-                          "(a window predicts its tokens after the first)")
+        raise ConfigError(
+            f"eval.perplexity.seq_len={ev.perplexity.seq_len!r}: must be an integer of at least 2 "
+            "(a window predicts its tokens after the first)"
+        )
     subjects = list(ev.subjects) if ev.subjects is not None else None
     try:
         mmlu_data.check_subjects(subjects)
@@ -137,30 +161,43 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     if cfg.mmlu_file is not None and not Path(cfg.mmlu_file).is_file():
         raise ConfigError(f"mmlu_file={cfg.mmlu_file}: no such file")
     model_spec = resolve_model(cfg.model)
-    validate = getattr(method, "validate", None)
-    if callable(validate):  # e.g. a group size that does not divide a layer's inputs
-        validate(model_shape(model_spec.path))
+    method.validate(model_shape(model_spec.path))  # e.g. a group size that does not divide a layer's inputs
     examples = None
-    if method.trainable or getattr(method, "needs_calibration", False):
+    if method.trainable or method.calibration is not None:
         try:
             examples = load_examples(cfg.data, cfg.mmlu_file)
         except FileNotFoundError as error:
             raise ConfigError(f"training data file missing: {error}") from None
     run_id = run_id_of(cfg)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    return RunPlan(cfg, run_id, method, model_spec, settings, examples, device,
-                   Path(cfg.results_dir) / f"{run_id}.json", output_dir, dtype_choice)
+    return RunPlan(
+        cfg,
+        run_id,
+        method,
+        model_spec,
+        settings,
+        examples,
+        device,
+        Path(cfg.results_dir) / f"{run_id}.json",
+        output_dir,
+        dtype_choice,
+    )
 
 
 def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter) -> dict:
     cfg, results = plan.cfg, {}
     if plan.model_spec.synthetic:
         return results  # random weights: accuracy would mean nothing
-    with meter.phase("eval_mmlu"):
+    with meter.phase(Phase.EVAL_MMLU):
         subjects = list(cfg.eval.subjects) if cfg.eval.subjects is not None else None
-        kwargs = dict(num_fewshot=cfg.eval.num_fewshot, subjects=subjects,
-                      limit_per_subject=cfg.eval.limit_per_subject, batch_size=cfg.eval.batch_size,
-                      mmlu_file=cfg.mmlu_file, max_length=cfg.model.max_length)
+        kwargs = dict(
+            num_fewshot=cfg.eval.num_fewshot,
+            subjects=subjects,
+            limit_per_subject=cfg.eval.limit_per_subject,
+            batch_size=cfg.eval.batch_size,
+            mmlu_file=cfg.mmlu_file,
+            max_length=cfg.model.max_length,
+        )
         if cfg.eval.backend == "lm_eval":
             from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
 
@@ -172,7 +209,7 @@ def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter) -> dict:
         handle.writelines(json.dumps(p) + "\n" for p in predictions)
     results["mmlu"] = mmlu
     if cfg.eval.perplexity.enabled:
-        with meter.phase("eval_perplexity"):
+        with meter.phase(Phase.EVAL_PERPLEXITY):
             results["perplexity"] = run_perplexity(cfg, model, tokenizer, plan.model_spec)
     return results
 
@@ -187,94 +224,98 @@ def run_perplexity(cfg, model, tokenizer, spec: ModelSpec) -> dict:
         texts = [t for t in load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"] if t.strip()]
     else:  # check_eval accepted it: a source added there must be added here
         raise AssertionError(ppl_cfg.source)
-    result = perplexity(model, tokenizer, texts, seq_len=ppl_cfg.seq_len, max_tokens=ppl_cfg.max_tokens,
-                        vocab_size=spec.vocab_size)
+    result = perplexity(
+        model, tokenizer, texts, seq_len=ppl_cfg.seq_len, max_tokens=ppl_cfg.max_tokens, vocab_size=spec.vocab_size
+    )
     return {**result, "source": ppl_cfg.source}
-
-
-def new_record(run_id: str, cfg: DictConfig, **fields) -> dict:
-    """A run record with every top-level field in its fixed order; ``fields`` fill some in."""
-    return {
-        "schema_version": SCHEMA_VERSION, "run_id": run_id, "status": "running", "error": None,
-        "created_at": now_iso(), "config": OmegaConf.to_container(cfg, resolve=True),
-        "env": None, "slurm": None, "model": None, "method": None, "train": None, "eval": {}, "memory": {},
-        "phases": {}, **fields,
-    }
 
 
 def execute(plan: RunPlan) -> dict:
     cfg = plan.cfg
     meter = PhaseMeter(plan.device)
-    record = new_record(plan.run_id, cfg, env={**environment(plan.device),
-                                               "compute_dtype_choice": plan.compute_dtype_choice},
-                        slurm=slurm_info(),
-                        model={**plan.model_spec.as_dict(), "id": model_identity(cfg.model.kind, plan.model_spec),
-                               **model_shape(plan.model_spec.path)},
-                        phases=meter.phases)
-    logger = make_logger(cfg.logger, plan.run_id, record["config"], group=cfg.get("experiment_name"),
-                         folder=plan.output_dir)
+    record = RunRecord(
+        plan.run_id,
+        OmegaConf.to_container(cfg, resolve=True),
+        env={**environment(plan.device), "compute_dtype_choice": plan.compute_dtype_choice},
+        slurm=slurm_info(),
+        model={
+            **plan.model_spec.as_dict(),
+            "id": model_identity(cfg.model.kind, plan.model_spec),
+            **model_shape(plan.model_spec.path),
+        },
+        method=plan.method.method_format().as_record(),  # what ran, even if the run fails
+        phases=meter.phases,
+    )
+    logger = make_logger(
+        cfg.logger, plan.run_id, record.config, group=cfg.get("experiment_name"), folder=plan.output_dir
+    )
+    method = plan.method
     try:
         torch.manual_seed(cfg.seed)
         tokenizer = load_tokenizer(plan.model_spec)
-        context = LoadContext(device=plan.device, tokenizer=tokenizer)
-        if getattr(plan.method, "needs_calibration", False):
-            with meter.phase("calibration_data"):
-                context.calibration = calibration_segments(plan.method.calibration, plan.examples, tokenizer,
-                                                           seed=cfg.seed)
-        # Methods that quantize while loading (GPTQ) get that step timed as its own phase.
-        with meter.phase("quantize" if getattr(plan.method, "quantize_phase", None) == "load" else "load"):
-            model = plan.method.load_base(plan.model_spec, context)
+        context = LoadContext(device=plan.device, model_spec=plan.model_spec)
+        if method.calibration is not None:
+            with meter.phase(Phase.CALIBRATION_DATA):
+                context.calibration = calibration_segments(method.calibration, plan.examples, tokenizer, seed=cfg.seed)
+        with meter.phase(Phase.QUANTIZE if method.quantize_phase == "load" else Phase.LOAD):
+            model = method.load_base(plan.model_spec, context)
         torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
-        model = plan.method.add_adapters(model)
-        if plan.method.trainable and plan.train_settings.max_steps > 0:
-            with meter.phase("train") as phase:
+        model = method.add_adapters(model)
+        trainable_params = trainable_parameters(model)  # before finalize, which may merge them away
+        if method.trainable and plan.train_settings.max_steps > 0:
+            with meter.phase(Phase.TRAIN) as phase:
                 result = run_training(plan, model, tokenizer, logger)
             phase.paged_bytes = result.optimizer_paged_bytes  # the allocator's peak leaves paged state out
-            record["train"] = {**result.as_dict(), "peak_memory_bytes": phase.peak_memory_bytes,
-                               "wall_s": None}
-            record["memory"]["optimizer_state_bytes"] = result.optimizer_state_bytes
-            record["memory"]["optimizer_paged_bytes"] = result.optimizer_paged_bytes
-        with meter.phase("quantize" if getattr(plan.method, "quantize_phase", None) == "finalize" else "finalize"):
-            model = plan.method.finalize(model, context)
-        record["method"] = plan.method.describe(model)
-        record["memory"].update({k: record["method"].get(k) for k in
-                                 ("weight_bytes", "quantization_constant_bytes", "unquantized_bytes", "adapter_bytes")})
-        record["eval"] = evaluate(plan, model, tokenizer, meter)
-        record["status"] = "ok"
+            record.train = {**result.as_dict(), "peak_memory_bytes": phase.peak_memory_bytes, "wall_s": None}
+            record.memory["optimizer_state_bytes"] = result.optimizer_state_bytes
+            record.memory["optimizer_paged_bytes"] = result.optimizer_paged_bytes
+        with meter.phase(Phase.QUANTIZE if method.quantize_phase == "finalize" else Phase.FINALIZE):
+            model = method.finalize(model, context)
+        record.method = method.describe(model, trainable_params)
+        record.memory.update({key: record.method.get(key) for key in MEMORY_PARTS})
+        record.eval = evaluate(plan, model, tokenizer, meter)
+        record.status = Status.OK
     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
-        record["status"], record["error"] = "oom", _error_info(error)
+        record.fail(Status.OOM, error)
     except Exception as error:  # noqa: BLE001 - a failed run is a result: record it, then report
-        record["status"], record["error"] = "failed", _error_info(error)
-    if record["train"] is not None:
-        record["train"]["wall_s"] = meter.phases["train"].wall_s
-    record["phases"] = meter.as_dict()
-    record["finished_at"] = now_iso()
+        record.fail(Status.FAILED, error)
+    if record.train is not None:
+        record.train["wall_s"] = meter.phases[Phase.TRAIN].wall_s
+    record.phases = meter.as_dict()
+    record.finished_at = now_iso()
     write_record(record, plan.record_path)
-    if record["status"] == "ok":
+    if record.status == Status.OK:
         # Kept until now: a job requeued during finalize or evaluation (GPTQ of a merged 7B,
         # full MMLU: hours) resumes from the final training state instead of training again;
         # after a failure it is kept too, so a retry does not retrain.
         training_checkpoint(plan).unlink(missing_ok=True)
-    logger.log(_flat_metrics(record))
-    logger.finish(failed=record["status"] != "ok")
-    return record
+    record_json = record.as_json()
+    logger.log(_flat_metrics(record_json))
+    logger.finish(failed=record.status != Status.OK)
+    return record_json
 
 
 def lost_job_record(cfg: DictConfig, run_id: str, state: str, message: str, job_id: str) -> dict:
     """The record of a run whose Slurm job ended before the run could write one (see hydra_plugins/qpeft_slurm)."""
-    return new_record(run_id, cfg, status="failed",
-                      error={"type": f"SlurmJob{state.title().replace('_', '')}", "message": message,
-                             "traceback": None},
-                      slurm={"job_id": str(job_id), "state": state}, finished_at=now_iso())
+    return RunRecord(
+        run_id,
+        OmegaConf.to_container(cfg, resolve=True),
+        status=Status.FAILED,
+        error={"type": f"SlurmJob{state.title().replace('_', '')}", "message": message, "traceback": None},
+        slurm={"job_id": str(job_id), "state": state},
+        finished_at=now_iso(),
+    ).as_json()
 
 
 def run_training(plan: RunPlan, model, tokenizer, logger):
     settings = plan.train_settings
     max_len = min(settings.max_seq_len, plan.cfg.model.max_length or settings.max_seq_len)
-    tokenized = tokenize_examples(plan.examples, tokenizer, max_len, settings.train_on_prompt,
-                                  vocab_size=plan.model_spec.vocab_size)
-    batches = BatchSource(tokenized, settings.batch_size, tokenizer.pad_token_id, plan.cfg.seed,
-                          group_by_length=settings.group_by_length)
+    tokenized = tokenize_examples(
+        plan.examples, tokenizer, max_len, settings.train_on_prompt, vocab_size=plan.model_spec.vocab_size
+    )
+    batches = BatchSource(
+        tokenized, settings.batch_size, tokenizer.pad_token_id, plan.cfg.seed, group_by_length=settings.group_by_length
+    )
     return train(model, batches, settings, plan.device, checkpoint_path=training_checkpoint(plan), log=logger.log)
 
 
@@ -283,18 +324,18 @@ def training_checkpoint(plan: RunPlan) -> Path:
     return Path(plan.cfg.checkpoint_dir) / plan.run_id / "train_state.pt"
 
 
-def _error_info(error: BaseException) -> dict:
-    return {"type": type(error).__name__, "message": str(error)[:2000],
-            "traceback": traceback.format_exc()[-4000:]}
-
-
 def _flat_metrics(record: dict) -> dict:
     mmlu = record["eval"].get("mmlu") or {}
     train_info = record["train"] or {}
-    return {k: v for k, v in {
-        "mmlu/acc": mmlu.get("acc"), "train/tokens_per_second": train_info.get("tokens_per_second"),
-        "method/weight_bits_per_param": (record["method"] or {}).get("weight_bits_per_param"),
-    }.items() if v is not None}
+    return {
+        k: v
+        for k, v in {
+            "mmlu/acc": mmlu.get("acc"),
+            "train/tokens_per_second": train_info.get("tokens_per_second"),
+            "method/weight_bits_per_param": (record["method"] or {}).get("weight_bits_per_param"),
+        }.items()
+        if v is not None
+    }
 
 
 def _is_multirun() -> bool:
@@ -315,14 +356,14 @@ def main(cfg: DictConfig) -> dict:
             sys.exit(2)
         # In a sweep one mis-specified job must not stop the others: the summary lists it.
         write_pointer(Path(HydraConfig.get().runtime.output_dir), None, None, error=str(error))
-        return {"status": "invalid", "error": str(error)}
+        return {"status": "invalid", "error": str(error)}  # not a record: the sweep summary's word
     if plan.record_path.exists():
         old = read_record(plan.record_path)
         refusal = reuse_refusal(old, environment(plan.device))
         if cfg.skip_done and refusal is None:
             print(f"skip {plan.run_id}: {plan.record_path} already says ok (same commit, same device)")
             write_pointer(plan.output_dir, plan.run_id, plan.record_path)
-            return {"record_path": str(plan.record_path), "status": "ok", "skipped": True}
+            return {"record_path": str(plan.record_path), "status": Status.OK.value, "skipped": True}
         kept = set_aside(plan.record_path, old)  # never overwrite a result: keep it beside the new one
         print(f"run {plan.run_id} again ({refusal or 'skip_done=false'}); the old record is kept as {kept}")
     record = execute(plan)
@@ -330,7 +371,7 @@ def main(cfg: DictConfig) -> dict:
     if not _is_multirun():
         print("\n" + format_table([record]))
         print(f"record: {plan.record_path}")
-        if record["status"] != "ok":
+        if record["status"] != Status.OK:
             print(f"run {record['status']}: {record['error']['type']}: {record['error']['message']}", file=sys.stderr)
             sys.exit(1)
     return {"record_path": str(plan.record_path), "status": record["status"]}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from experiments.record import read_record
+from experiments.record import Status, read_record
 from experiments.summary import format_table
 
 POINTER_NAME = "run_pointer.json"
@@ -32,14 +32,18 @@ def load_reference(folder: str | None) -> dict[str, dict]:
     if not folder or not Path(folder).is_dir():
         return {}
     records = [read_record(p) for p in sorted(Path(folder).glob("*.json"))]
-    return {r["run_id"]: r for r in records if r.get("status") == "ok"}
+    return {r["run_id"]: r for r in records if r.get("status") == Status.OK}
 
 
 def describe_reference(folder: str, reference: dict[str, dict]) -> str:
-    envs = {((r.get("env") or {}).get("git_commit") or "?")[:7] + " on " + str((r.get("env") or {}).get("device_name"))
-            for r in reference.values()}
-    return (f"reference rows: the committed records in {folder} ({'; '.join(sorted(envs))}); "
-            "the same figures within noise mean this machine reproduces them")
+    envs = {
+        ((r.get("env") or {}).get("git_commit") or "?")[:7] + " on " + str((r.get("env") or {}).get("device_name"))
+        for r in reference.values()
+    }
+    return (
+        f"reference rows: the committed records in {folder} ({'; '.join(sorted(envs))}); "
+        "the same figures within noise mean this machine reproduces them"
+    )
 
 
 class SweepSummary(Callback):
@@ -63,7 +67,7 @@ class SweepSummary(Callback):
             print("\n" + format_table(records, reference))
             if reference:
                 print(describe_reference(config.reference_results, reference))
-        failed = [r for r in records if r.get("status") != "ok"]
+        failed = [r for r in records if r.get("status") != Status.OK]
         for r in failed:
             error = r.get("error") or {}
             print(f"FAILED {r['run_id']} [{r['status']}]: {error.get('type')}: {error.get('message')}")

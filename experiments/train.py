@@ -15,6 +15,7 @@ A float16 model trains with autocast and a gradient scaler (transformers' Traine
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -24,10 +25,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from core.errors import ConfigError
 from experiments.data import BatchSource
-from experiments.errors import ConfigError
 from experiments.measure import optimizer_state_bytes, paged_state_bytes
 from methods.upcast import model_compute_dtype
+
+progress_log = logging.getLogger(__name__)  # into the run's run.log (Hydra's job logging)
 
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -119,8 +122,8 @@ class TrainResult:
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": self.losses[-1] if self.losses else None,
             # single steps are noisy (each sees another batch): means over the first and last tenth
-            "loss_first_tenth_mean": _mean(self.losses[:self._tenth()]),
-            "loss_last_tenth_mean": _mean(self.losses[-self._tenth():]),
+            "loss_first_tenth_mean": _mean(self.losses[: self._tenth()]),
+            "loss_last_tenth_mean": _mean(self.losses[-self._tenth() :]),
             "losses": self.losses,
             "resumed_from_step": self.resumed_from_step,
             "optimizer_state_bytes": self.optimizer_state_bytes,
@@ -151,8 +154,9 @@ def make_optimizer(settings: TrainSettings, params):
 def make_scheduler(settings: TrainSettings, optimizer):
     from transformers import get_scheduler
 
-    return get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.warmup_steps,
-                         num_training_steps=settings.max_steps)
+    return get_scheduler(
+        settings.lr_scheduler, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.max_steps
+    )
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -249,8 +253,14 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def train(model, batches: BatchSource, settings: TrainSettings, device: torch.device,
-          checkpoint_path: Path | None = None, log=None) -> TrainResult:
+def train(
+    model,
+    batches: BatchSource,
+    settings: TrainSettings,
+    device: torch.device,
+    checkpoint_path: Path | None = None,
+    log=None,
+) -> TrainResult:
     """Train the trainable parameters of ``model`` for ``settings.max_steps`` optimizer steps."""
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -312,9 +322,13 @@ def train(model, batches: BatchSource, settings: TrainSettings, device: torch.de
             result.measured_seconds += elapsed
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}")
+        if result.steps % settings.log_every == 0:
+            progress_log.info("train step %d/%d: loss %.4f", result.steps, settings.max_steps, step_loss)
         if log is not None and result.steps % settings.log_every == 0:
-            log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
-                 "train/tokens_per_step": step_tokens}, step=result.steps)
+            log(
+                {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_step": step_tokens},
+                step=result.steps,
+            )
         if checkpoint_path is not None and settings.checkpoint_every and result.steps % settings.checkpoint_every == 0:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler)
             saved_step = result.steps

@@ -1,1 +1,4 @@
-"""Method plugins: one module per quantization + PEFT method (see methods/base.py)."""
+"""Method plugins: one module per quantization + PEFT method; methods/base.py is the contract.
+
+Imports core only, never the harness (experiments), analysis or benchmarks.
+"""

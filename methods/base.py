@@ -1,152 +1,193 @@
-"""The method plugin protocol and the pieces every method shares (LoRA settings, loading).
+"""The method contract: everything a method may provide, with its default. Read this file to add one.
 
-A method is a class that Hydra instantiates from ``conf/method/<name>.yaml``; the harness
-(experiments/run.py) calls, in order: ``load_base`` -> ``add_adapters`` -> (train, if
-``trainable``) -> ``finalize`` -> ``describe``. Adding a method is one module here and
-one config file there.
+A method is a class that Hydra instantiates from ``conf/method/<name>.yaml`` (its ``_target_``
+and keyword arguments). It subclasses ``Method`` and the harness (experiments/run.py) calls it,
+in this order, always through the members below (never probing for others):
+
+1. ``validate(shape)``: before any work, from the checkpoint's config.json numbers; raise
+   ``core.errors.ConfigError`` (one line naming the problem and the valid choices) if the
+   method cannot run on that model (e.g. a group size that does not divide a layer's inputs).
+2. If ``calibration`` is set: the harness cuts calibration segments (phase ``calibration_data``)
+   and hands them over in ``LoadContext.calibration``.
+3. ``load_base(model_spec, context)``: the frozen base, on ``context.device``, in the method's
+   storage format (phase ``load``, or ``quantize`` when ``quantize_phase == "load"``).
+4. ``add_adapters(model)``: the trainable parts (default: none). The harness counts the
+   parameters that require grad right after, as the run's ``trainable_params``.
+5. Training, if ``trainable`` (experiments/train.py: every parameter that requires grad).
+6. ``finalize(model, context)``: what is evaluated and deployed (default: the model as it is),
+   e.g. adapters merged, or the merged model GPTQ-quantized (phase ``finalize``, or ``quantize``
+   when ``quantize_phase == "finalize"``).
+7. ``describe(model, trainable_params)``: the record's ``method`` section, built from
+   ``method_format()`` and the storage counted from the finalized model's tensors.
+
+A method keeps no state between these calls: what a later step needs comes from its arguments
+(``LoadContext.model_spec`` names the checkpoint for ``finalize``). The memory model
+(analysis/method_specs.py) derives its prediction from ``method_format()``, so a new method is
+covered there without an edit. Adding a method is one module here and one config file in
+conf/method/ (and its name in the README's method list, which a test checks).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
-from experiments.errors import ConfigError
+from core.model_spec import ModelSpec
+from core.shapes import LLAMA_BLOCK_LINEARS
+from methods.settings import LoraSettings, dtype_name
+from methods.storage import trainable_parameters, weight_storage
 
-# "All linear layers of the blocks", as in the QLoRA paper, for Llama-style models.
-LLAMA_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The config name of a torch dtype ("bfloat16"), for records of what actually ran."""
-    return next((name for name, value in DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
-
-
-def parse_dtype(name: str, what: str, storage_dtype: str | None = None) -> torch.dtype:
-    """A dtype by config name; "auto" (experiments/compute_dtype.py) as it resolves on this machine's default
-    device for a base stored in ``storage_dtype``. The harness resolves "auto" for the run's own device
-    before instantiating a method."""
-    if name == "auto":
-        from experiments.compute_dtype import auto_compute_dtype
-
-        name, _ = auto_compute_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"), storage_dtype)
-    if name not in DTYPES:
-        raise ConfigError(f"{what}={name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+# What ``family`` decides: which paper tables a run's row joins (analysis/tables.py).
+FAMILIES = {
+    "base": "the unquantized base, no fine-tuning: the reference row",
+    "lora": "LoRA on a 16-bit base (QLoRA Table 4's BFloat16 rows)",
+    "qlora": "LoRA on a bitsandbytes 4-bit base (QLoRA's data-type rows)",
+    "qalora": "QA-LoRA on an INT-k group-quantized base (QA-LoRA Table 1)",
+    "gptq": "post-training GPTQ, no fine-tuning (QA-LoRA Table 1)",
+    "qlora_gptq": "QLoRA fine-tune, merged, then GPTQ (QA-LoRA Table 1's 'QLoRA w/ GPTQ')",
+    "rtn": "post-training round-to-nearest INT-k, no fine-tuning",
+}
+# Storage formats of the frozen weights, as the memory model names them (analysis/method_specs.py).
+WEIGHT_FORMATS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8", "int_group", "gptq")
+QUANTIZE_PHASES = (None, "load", "finalize")
+CALIBRATION_SOURCES = ("train", "c4")
+# Set on a model by a step that folds its trained parameters away (a merge), so that
+# ``trained_parameters`` still counts them afterwards.
+TRAINED_PARAMS_ATTR = "qpeft_trained_params"
 
 
 @dataclass(frozen=True)
-class LoraSettings:
-    r: int = 64
-    alpha: float = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = LLAMA_BLOCK_LINEARS
+class CalibrationSettings:
+    """Calibration data for post-training quantization (``method.calibration`` in the config)."""
+
+    source: str = "train"  # train: segments of the run's training texts (offline); c4: the papers' (network)
+    n_samples: int = 128  # the GPTQ and QA-LoRA papers: 128 segments of 2048 tokens
+    seq_len: int = 2048
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"method.lora.r={self.r!r}: the LoRA rank must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.lora.dropout={self.dropout!r}: must be in [0, 1)")
-        if not self.target_modules:
-            raise ConfigError("method.lora.target_modules is empty: name at least one linear layer")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        from core.errors import ConfigError
+
+        if self.source not in CALIBRATION_SOURCES:
+            raise ConfigError(
+                f"method.calibration.source={self.source!r} is not one of {', '.join(CALIBRATION_SOURCES)}"
+            )
+        if not isinstance(self.n_samples, int) or self.n_samples < 1:
+            raise ConfigError(f"method.calibration.n_samples={self.n_samples!r}: must be a positive integer")
+        if not isinstance(self.seq_len, int) or self.seq_len < 1:
+            raise ConfigError(f"method.calibration.seq_len={self.seq_len!r}: must be a positive integer")
 
     @classmethod
-    def from_config(cls, cfg: dict | None) -> "LoraSettings":
+    def from_config(cls, cfg: dict | None) -> CalibrationSettings:
+        from core.errors import ConfigError
+
         cfg = dict(cfg or {})
-        unknown = set(cfg) - {"r", "alpha", "dropout", "target_modules"}
+        unknown = sorted(set(cfg) - {"source", "n_samples", "seq_len"})
         if unknown:
-            raise ConfigError(f"unknown method.lora key(s) {sorted(unknown)}; valid: r, alpha, dropout, target_modules")
+            raise ConfigError(f"unknown method.calibration key(s) {unknown}; valid: source, n_samples, seq_len")
         return cls(**cfg)
 
-    def peft_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
-        )
-
     def as_dict(self) -> dict:
-        return {**asdict(self), "target_modules": list(self.target_modules)}
+        return {"source": self.source, "n_samples": self.n_samples, "seq_len": self.seq_len}
 
 
 @dataclass
 class LoadContext:
-    """What ``load_base`` and ``finalize`` may need besides the model: device, calibration texts."""
+    """What ``load_base`` and ``finalize`` get besides the model."""
 
     device: torch.device
-    calibration: Any = None  # experiments.data.Calibration, for methods that need it
-    tokenizer: Any = None
+    calibration: list[list[int]] | None = None  # token ids of the calibration segments, when ``calibration`` is set
+    model_spec: ModelSpec | None = None  # the checkpoint ``load_base`` loaded, for ``finalize``
 
 
-@runtime_checkable
-class Method(Protocol):
-    name: str
-    trainable: bool
+@dataclass(frozen=True)
+class MethodFormat:
+    """What a method is, known from its settings before any work: the record's identity of the method.
 
-    def load_base(self, model_spec, context: LoadContext) -> torch.nn.Module: ...
-
-    def add_adapters(self, model: torch.nn.Module) -> torch.nn.Module: ...
-
-    def finalize(self, model: torch.nn.Module, context: LoadContext) -> torch.nn.Module: ...
-
-    def describe(self, model: torch.nn.Module) -> dict: ...
-
-
-def load_pretrained(model_spec, device: torch.device, dtype: torch.dtype, quantization_config=None):
-    """Load a checkpoint the same way for every method, frozen, on ``device``.
-
-    A spec with a ``random_shape`` (experiments.models.random_llama_spec) has no checkpoint:
-    its random weights are built directly on ``device`` (methods/random_base.py).
+    Written into a record when the run starts (a run that fails still says what it ran) and
+    read by the memory model.
     """
-    if getattr(model_spec, "random_shape", None) is not None:
-        from methods.random_base import build_random_base
 
-        model = build_random_base(model_spec.random_shape, device, dtype, quantization_config)
-    else:
-        from transformers import AutoModelForCausalLM
+    name: str
+    family: str  # a FAMILIES key
+    quant_format: str  # how the record and the tables name the storage: "nf4+dq", "int4-g32", "bfloat16"
+    weight_format: str  # a WEIGHT_FORMATS entry, for the memory model
+    bits: int
+    compute_dtype: str
+    block_size: int | None = None  # bitsandbytes block or quantization group size
+    double_quant: bool = False
+    lora: LoraSettings | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # the method's own settings, for the record
 
-        model = AutoModelForCausalLM.from_pretrained(
-            model_spec.path, dtype=dtype, quantization_config=quantization_config,
-            device_map={"": device}, attn_implementation="sdpa",
-        )
-    model.requires_grad_(False)
-    model.config.use_cache = False
-    return model
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"method family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format {self.weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
 
-
-def parse_16bit_compute_dtype(compute_dtype: str | None, dtype: str) -> torch.dtype:
-    """A 16-bit base's compute dtype: its own (None), float32, or "auto" (the device's choice between them)."""
-    if compute_dtype is None:
-        return parse_dtype(dtype, "method.dtype")
-    parsed = parse_dtype(compute_dtype, "method.compute_dtype", storage_dtype=dtype)
-    if parsed not in (DTYPES[dtype], torch.float32):
-        raise ConfigError(f"method.compute_dtype={compute_dtype!r} with method.dtype={dtype!r}: a base stored in "
-                          f"{dtype} computes in {dtype}, float32 or auto")
-    return parsed
-
-
-def load_16bit(model_spec, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype):
-    """A base stored in the 16-bit ``dtype``, computing in ``compute_dtype`` (float32 where the device
-    emulates the 16-bit one: methods/upcast.py)."""
-    model = load_pretrained(model_spec, device, dtype)
-    if compute_dtype != dtype:
-        from methods.upcast import compute_in
-
-        model = compute_in(model, compute_dtype)
-    return model
+    def as_record(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "quant_format": self.quant_format,
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "double_quant": self.double_quant,
+            **self.settings,
+            "compute_dtype": self.compute_dtype,
+            "lora": self.lora.as_dict() if self.lora is not None else None,
+        }
 
 
-def add_lora(model: torch.nn.Module, lora: LoraSettings):
-    """Wrap ``model`` with peft LoRA adapters (A random, B zero; adapters kept in fp32)."""
-    from peft import get_peft_model
+def trained_parameters(model: torch.nn.Module) -> int:
+    """Parameters that were trained: those that require grad, or what a merge recorded it folded away."""
+    return getattr(model, TRAINED_PARAMS_ATTR, None) or trainable_parameters(model)
 
-    model = get_peft_model(model, lora.peft_config())
-    # Gradient checkpointing on a frozen base needs inputs that require grad.
-    model.enable_input_require_grads()
-    return model
+
+class Method:
+    """Base class of every method; override what your method does differently (see the module docstring)."""
+
+    name: str
+    trainable: ClassVar[bool] = False  # the harness trains between add_adapters and finalize
+    # Which step quantizes, timed as the phase "quantize": None, "load" or "finalize" (QUANTIZE_PHASES).
+    quantize_phase: ClassVar[str | None] = None
+    # Set: the harness makes calibration segments and passes them in LoadContext.calibration.
+    calibration: CalibrationSettings | None = None
+
+    def validate(self, shape: dict) -> None:
+        """Fail before any work (ConfigError) if the method cannot run on a model of this shape
+        (the checkpoint's config.json numbers; empty for a model built without one)."""
+
+    def load_base(self, model_spec: ModelSpec, context: LoadContext) -> torch.nn.Module:
+        """The frozen base in the method's storage format, on ``context.device``."""
+        raise NotImplementedError(f"{type(self).__name__}.load_base")
+
+    def add_adapters(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model with its trainable parts added (those parameters require grad)."""
+        return model
+
+    def finalize(self, model: torch.nn.Module, context: LoadContext) -> torch.nn.Module:
+        """What is evaluated and shipped, after training."""
+        return model
+
+    def method_format(self) -> MethodFormat:
+        """What the method is, from its settings alone."""
+        raise NotImplementedError(f"{type(self).__name__}.method_format")
+
+    def storage_targets(self) -> tuple[str, ...]:
+        """Names of the linear layers stored in the method's format (weight bits/param are over these);
+        layers the method quantizes into its own module types are recognised by type."""
+        lora = self.method_format().lora
+        return lora.target_modules if lora is not None else LLAMA_BLOCK_LINEARS
+
+    def describe(self, model: torch.nn.Module, trainable_params: int | None = None) -> dict:
+        """The record's ``method`` section: the format, and the storage counted from ``model``'s tensors."""
+        identity = self.method_format().as_record()
+        if identity["compute_dtype"] is None:
+            identity["compute_dtype"] = dtype_name(model.dtype)
+        return {
+            **identity,
+            **weight_storage(model, self.storage_targets()),
+            "trainable_params": trained_parameters(model) if trainable_params is None else trainable_params,
+        }

@@ -10,7 +10,7 @@ prepare calibration data, cache the quantized checkpoint, and load it back.
 A quantized checkpoint is cached under a key made of what determines it: the source
 model's content (``checkpoint_identity``, or a digest of the tensors for a model that
 exists only in memory, ``state_dict_digest``), the settings and the calibration tokens.
-It is built through ``experiments.cache.build_once``: array jobs that need the same
+It is built through ``core.cache.build_once``: array jobs that need the same
 one quantize it once, the others wait and reuse it.
 
 GPTQModel is imported only here, inside functions, so that every other method runs
@@ -37,11 +37,12 @@ from pathlib import Path
 
 import torch
 
-from experiments.cache import build_once
-from experiments.errors import ConfigError
-from methods.base import LoadContext, dtype_name, parse_dtype
+from core.cache import build_once, cache_dir
+from core.errors import ConfigError
+from methods.base import CalibrationSettings, LoadContext, Method, MethodFormat
 from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, replace_linears
-from methods.storage import is_gptq_layer, trainable_parameters, weight_storage
+from methods.settings import parse_dtype
+from methods.storage import is_gptq_layer
 
 
 def _import_gptqmodel():
@@ -49,9 +50,7 @@ def _import_gptqmodel():
     try:
         import gptqmodel
     except ImportError as error:
-        raise ConfigError(
-            f"GPTQ methods need GPTQModel ({error}); install it with: pip install -e '.[gptq]'"
-        ) from None
+        raise ConfigError(f"GPTQ methods need GPTQModel ({error}); install it with: pip install -e '.[gptq]'") from None
     return gptqmodel
 
 
@@ -74,13 +73,12 @@ def _quiet(enabled: bool = True):
 DEFAULT_GPTQ_BATCH_SIZE = 4
 
 
-def check_calibration(calibration: dict, batch_size: int):
-    n_samples = calibration.get("n_samples", 128)
-    if not isinstance(n_samples, int) or n_samples < batch_size:
-        raise ConfigError(f"method.calibration.n_samples={n_samples!r}: the calibration set must hold at least one "
-                          f"batch (method.batch_size={batch_size})")
-    if not isinstance(calibration.get("seq_len", 2048), int) or calibration.get("seq_len", 2048) < 1:
-        raise ConfigError(f"method.calibration.seq_len={calibration.get('seq_len')!r}: must be a positive integer")
+def check_calibration(calibration: CalibrationSettings, batch_size: int):
+    if calibration.n_samples < batch_size:
+        raise ConfigError(
+            f"method.calibration.n_samples={calibration.n_samples!r}: the calibration set must hold at least one "
+            f"batch (method.batch_size={batch_size})"
+        )
 
 
 def checkpoint_identity(model_path: str) -> dict:
@@ -125,8 +123,15 @@ def run_gptq(model_path: str, calibration: list[list[int]], settings: dict, batc
     return into
 
 
-def quantize_once(model_identity: dict, write_model: Callable[[Path], None] | None, model_path: str | None,
-                  calibration: list[list[int]], settings: dict, batch_size: int, cache_root: Path) -> Path:
+def quantize_once(
+    model_identity: dict,
+    write_model: Callable[[Path], None] | None,
+    model_path: str | None,
+    calibration: list[list[int]],
+    settings: dict,
+    batch_size: int,
+    cache_root: Path,
+) -> Path:
     """The cached GPTQ checkpoint of a model, quantized on first use by one process.
 
     The source is the checkpoint at ``model_path``, or, for a model that exists only in
@@ -144,12 +149,22 @@ def quantize_once(model_identity: dict, write_model: Callable[[Path], None] | No
     return build_once(folder, quantize)
 
 
-def quantize_checkpoint(model_path: str, calibration: list[list[int]], *, bits: int, group_size: int, sym: bool,
-                        desc_act: bool, batch_size: int, cache_root: Path) -> Path:
+def quantize_checkpoint(
+    model_path: str,
+    calibration: list[list[int]],
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    batch_size: int,
+    cache_root: Path,
+) -> Path:
     """GPTQ-quantize the checkpoint at ``model_path``; the result is cached by its inputs."""
     settings = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
-    return quantize_once(checkpoint_identity(model_path), None, model_path, calibration, settings, batch_size,
-                         cache_root)
+    return quantize_once(
+        checkpoint_identity(model_path), None, model_path, calibration, settings, batch_size, cache_root
+    )
 
 
 def load_quantized(folder: Path, device: torch.device, dtype: torch.dtype):
@@ -183,14 +198,20 @@ def layer_codes(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return codes.reshape(out_features, in_features).to(torch.uint8), scales, zeros
 
 
-def gptq_quantize_to_group_linears(model, model_spec, target_modules, bits: int, group_size: int,
-                                   context: LoadContext) -> int:
+def gptq_quantize_to_group_linears(
+    model, model_spec, target_modules, bits: int, group_size: int, context: LoadContext
+) -> int:
     """Replace the target linears of ``model`` by GroupQuantLinear layers holding GPTQ's codes."""
-    from experiments.assets import cache_dir
-
-    folder = quantize_checkpoint(model_spec.path, context.calibration, bits=bits, group_size=group_size, sym=False,
-                                 desc_act=False, batch_size=DEFAULT_GPTQ_BATCH_SIZE,
-                                 cache_root=cache_dir() / "gptq")
+    folder = quantize_checkpoint(
+        model_spec.path,
+        context.calibration,
+        bits=bits,
+        group_size=group_size,
+        sym=False,
+        desc_act=False,
+        batch_size=DEFAULT_GPTQ_BATCH_SIZE,
+        cache_root=cache_dir() / "gptq",
+    )
     # fp16, the dtype of GPTQ's scales: codes, scales and zeros read back exactly (layer_codes)
     quantized = load_quantized(folder, torch.device("cpu"), torch.float16)
     layers = {name: m for name, m in quantized.named_modules() if is_gptq_layer(m)}
@@ -206,25 +227,34 @@ def gptq_quantize_to_group_linears(model, model_spec, target_modules, bits: int,
 GPTQ_COMPUTE_DTYPES = ("bfloat16", "float16")
 
 
-class GPTQ:
+class GPTQ(Method):
     """Post-training GPTQ of the base model (no fine-tuning)."""
 
-    trainable = False
-    needs_calibration = True
     quantize_phase = "load"
 
-    def __init__(self, name: str, bits: int = 4, group_size: int = 128, sym: bool = False, desc_act: bool = False,
-                 compute_dtype: str = "bfloat16", batch_size: int = 4, calibration: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = False,
+        desc_act: bool = False,
+        compute_dtype: str = "bfloat16",
+        batch_size: int = 4,
+        calibration: dict | None = None,
+    ):
         check_format(bits, group_size)
-        check_calibration(calibration or {}, batch_size)
+        self.calibration = CalibrationSettings.from_config(calibration)
+        check_calibration(self.calibration, batch_size)
         self.name, self.bits, self.group_size, self.sym, self.desc_act = name, bits, group_size, sym, desc_act
         if compute_dtype not in GPTQ_COMPUTE_DTYPES:  # GPTQModel's kernels compute in 16 bits only
-            raise ConfigError(f"method.compute_dtype={compute_dtype!r} is not one of {', '.join(GPTQ_COMPUTE_DTYPES)}"
-                              " (GPTQModel's kernels)")
+            raise ConfigError(
+                f"method.compute_dtype={compute_dtype!r} is not one of {', '.join(GPTQ_COMPUTE_DTYPES)}"
+                " (GPTQModel's kernels)"
+            )
         self.compute_dtype_name = compute_dtype
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
         self.batch_size = batch_size
-        self.calibration = dict(calibration or {})
 
     def validate(self, shape: dict):
         check_model_shape(self.bits, self.group_size, shape)
@@ -236,29 +266,44 @@ class GPTQ:
     def quantize_path(self, model_path: str, context: LoadContext) -> Path:
         return self.quantize_model(checkpoint_identity(model_path), context, model_path=model_path)
 
-    def quantize_model(self, model_identity: dict, context: LoadContext, *, model_path: str | None = None,
-                       write_model: Callable[[Path], None] | None = None) -> Path:
+    def quantize_model(
+        self,
+        model_identity: dict,
+        context: LoadContext,
+        *,
+        model_path: str | None = None,
+        write_model: Callable[[Path], None] | None = None,
+    ) -> Path:
         """The cached GPTQ checkpoint of a model on disk (``model_path``) or in memory (``write_model``)."""
-        from experiments.assets import cache_dir
-
-        return quantize_once(model_identity, write_model, model_path, context.calibration, self.settings,
-                             self.batch_size, cache_dir() / "gptq")
+        return quantize_once(
+            model_identity,
+            write_model,
+            model_path,
+            context.calibration,
+            self.settings,
+            self.batch_size,
+            cache_dir() / "gptq",
+        )
 
     def load_base(self, model_spec, context: LoadContext):
         return load_quantized(self.quantize_path(model_spec.path, context), context.device, self.compute_dtype)
 
-    def add_adapters(self, model):
-        return model
+    def method_format(self) -> MethodFormat:
+        return MethodFormat(
+            name=self.name,
+            family="gptq",
+            quant_format=f"int{self.bits}-g{self.group_size}",
+            weight_format="gptq",
+            bits=self.bits,
+            block_size=self.group_size,
+            compute_dtype=self.compute_dtype_name,  # the loaded model's dtype (load_quantized)
+            settings={
+                "group_size": self.group_size,
+                "sym": self.sym,
+                "desc_act": self.desc_act,
+                "calibration": self.calibration.as_dict(),
+            },
+        )
 
-    def finalize(self, model, context: LoadContext):
-        return model
-
-    def describe(self, model) -> dict:
-        return {
-            "name": self.name, "family": "gptq", "quant_format": f"int{self.bits}-g{self.group_size}",
-            "bits": self.bits, "group_size": self.group_size, "block_size": self.group_size, "double_quant": False,
-            "sym": self.sym, "desc_act": self.desc_act, "compute_dtype": dtype_name(model.dtype),
-            "calibration": self.calibration,
-            **weight_storage(model, ()),
-            "trainable_params": trainable_parameters(model),
-        }
+    def storage_targets(self) -> tuple[str, ...]:
+        return ()  # GPTQModel's layers are recognised by type (methods/storage.py)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from experiments.errors import ConfigError
+from core.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CODES_PER_CHUNK = 8  # 8 codes of k bits are exactly k bytes
@@ -105,8 +105,15 @@ class _RecomputedWeightLinear(torch.autograd.Function):
 class GroupQuantLinear(torch.nn.Module):
     """A frozen linear layer stored as packed INT-k codes with per-group scale and zero."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 bias: torch.Tensor | None = None, zeros_dtype: torch.dtype = torch.float16):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        zeros_dtype: torch.dtype = torch.float16,
+    ):
         super().__init__()
         check_format(bits, group_size, in_features)
         self.in_features, self.out_features = in_features, out_features
@@ -118,7 +125,7 @@ class GroupQuantLinear(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_quantized(cls, codes, scales, zeros, bits: int, group_size: int, bias=None) -> "GroupQuantLinear":
+    def from_quantized(cls, codes, scales, zeros, bits: int, group_size: int, bias=None) -> GroupQuantLinear:
         out_features, in_features = codes.shape
         layer = cls(in_features, out_features, bits, group_size, bias)
         layer.packed_codes.copy_(pack_codes(codes, bits))
@@ -177,3 +184,14 @@ def replace_linears(model: torch.nn.Module, target_modules, make_layer) -> int:
                 setattr(parent, child_name, make_layer(full_name, child))
                 replaced += 1
     return replaced
+
+
+def quantize_linears_rtn(model, target_modules, bits: int, group_size: int) -> int:
+    """Replace the target linear layers of ``model`` by their round-to-nearest INT-k group quantization."""
+
+    def make(name, linear):
+        codes, scales, zeros = rtn_quantize(linear.weight.data, bits, group_size)
+        layer = GroupQuantLinear.from_quantized(codes, scales, zeros, bits, group_size, linear.bias)
+        return layer.to(linear.weight.device)
+
+    return replace_linears(model, target_modules, make)

@@ -3,20 +3,22 @@
 The frozen base is kept in a 16-bit dtype (bfloat16 or float16, selectable); peft adds
 trainable low-rank adapters B @ A to every target linear layer. This is the baseline
 of the QLoRA paper's Table 4 ("BFloat16"). Everything here is peft's; we only wire it.
+Where the device emulates the storage dtype, the base computes in float32 (methods/upcast.py).
 """
 
 from __future__ import annotations
 
-from methods.base import (LoadContext, LoraSettings, add_lora, dtype_name, load_16bit, parse_16bit_compute_dtype,
-                          parse_dtype)
-from methods.storage import trainable_parameters, weight_storage
+from methods.base import LoadContext, Method, MethodFormat
+from methods.loading import add_lora, load_16bit
+from methods.settings import LoraSettings, dtype_name, parse_16bit_compute_dtype, parse_dtype
+
+SIXTEEN_BIT_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-class LoRA:
+class LoRA(Method):
     trainable = True
 
-    def __init__(self, name: str, dtype: str = "bfloat16", compute_dtype: str | None = None,
-                 lora: dict | None = None):
+    def __init__(self, name: str, dtype: str = "bfloat16", compute_dtype: str | None = None, lora: dict | None = None):
         self.name = name
         self.dtype_name = dtype
         self.dtype = parse_dtype(dtype, "method.dtype")
@@ -29,19 +31,15 @@ class LoRA:
     def add_adapters(self, model):
         return add_lora(model, self.lora)
 
-    def finalize(self, model, context: LoadContext):
-        return model  # adapters stay separate: evaluation sees base + B @ A exactly
+    # finalize: the default; adapters stay separate, so evaluation sees base + B @ A exactly
 
-    def describe(self, model) -> dict:
-        return {
-            "name": self.name,
-            "family": "lora",
-            "quant_format": self.dtype_name,
-            "bits": 16 if self.dtype_name != "float32" else 32,
-            "block_size": None,
-            "double_quant": False,
-            "compute_dtype": dtype_name(self.compute_dtype),
-            "lora": self.lora.as_dict(),
-            **weight_storage(model, self.lora.target_modules),
-            "trainable_params": trainable_parameters(model),
-        }
+    def method_format(self) -> MethodFormat:
+        return MethodFormat(
+            name=self.name,
+            family="lora",
+            quant_format=self.dtype_name,
+            weight_format=SIXTEEN_BIT_FORMATS[self.dtype_name],
+            bits=16 if self.dtype_name != "float32" else 32,
+            compute_dtype=dtype_name(self.compute_dtype),
+            lora=self.lora,
+        )

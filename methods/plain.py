@@ -6,16 +6,21 @@ tables: every other method's accuracy and perplexity is read against it.
 
 from __future__ import annotations
 
-from methods.base import (LLAMA_BLOCK_LINEARS, LoadContext, dtype_name, load_16bit, parse_16bit_compute_dtype,
-                          parse_dtype)
-from methods.storage import trainable_parameters, weight_storage
+from core.shapes import LLAMA_BLOCK_LINEARS
+from methods.base import LoadContext, Method, MethodFormat
+from methods.loading import load_16bit
+from methods.lora import SIXTEEN_BIT_FORMATS
+from methods.settings import dtype_name, parse_16bit_compute_dtype, parse_dtype
 
 
-class Plain:
-    trainable = False
-
-    def __init__(self, name: str, dtype: str = "bfloat16", compute_dtype: str | None = None,
-                 target_modules: list[str] | None = None):
+class Plain(Method):
+    def __init__(
+        self,
+        name: str,
+        dtype: str = "bfloat16",
+        compute_dtype: str | None = None,
+        target_modules: list[str] | None = None,
+    ):
         self.name, self.dtype_name = name, dtype
         self.dtype = parse_dtype(dtype, "method.dtype")
         self.compute_dtype = parse_16bit_compute_dtype(compute_dtype, dtype)  # "auto" resolved: the dtype that runs
@@ -24,14 +29,15 @@ class Plain:
     def load_base(self, model_spec, context: LoadContext):
         return load_16bit(model_spec, context.device, self.dtype, self.compute_dtype)
 
-    def add_adapters(self, model):
-        return model
+    def method_format(self) -> MethodFormat:
+        return MethodFormat(
+            name=self.name,
+            family="base",
+            quant_format=self.dtype_name,
+            weight_format=SIXTEEN_BIT_FORMATS[self.dtype_name],
+            bits={"float32": 32}.get(self.dtype_name, 16),
+            compute_dtype=dtype_name(self.compute_dtype),
+        )
 
-    def finalize(self, model, context: LoadContext):
-        return model
-
-    def describe(self, model) -> dict:
-        bits = {"float32": 32}.get(self.dtype_name, 16)
-        return {"name": self.name, "family": "base", "quant_format": self.dtype_name, "bits": bits,
-                "block_size": None, "double_quant": False, "compute_dtype": dtype_name(self.compute_dtype),
-                **weight_storage(model, self.target_modules), "trainable_params": trainable_parameters(model)}
+    def storage_targets(self) -> tuple[str, ...]:
+        return self.target_modules

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from experiments.errors import ConfigError
-from methods.base import LoadContext, LoraSettings, dtype_name, load_pretrained, parse_dtype
-from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, replace_linears, rtn_quantize
-from methods.storage import trainable_parameters, weight_storage
+from core.errors import ConfigError
+from methods.base import TRAINED_PARAMS_ATTR, CalibrationSettings, LoadContext, Method, MethodFormat, trained_parameters
+from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, quantize_linears_rtn
+from methods.loading import load_pretrained
+from methods.settings import LoraSettings, dtype_name, parse_dtype
 
 POOLINGS = ("mean", "sum")
 BASE_QUANTIZERS = ("rtn", "gptq")
@@ -73,29 +74,31 @@ class QALoRALinear(torch.nn.Module):
         if self.pooling == "mean":
             delta = delta / base.group_size
         zeros = base.zeros.double() - delta / base.scales.double()
-        merged = GroupQuantLinear(base.in_features, base.out_features, base.bits, base.group_size, base.bias,
-                                  zeros_dtype=torch.float32)
+        merged = GroupQuantLinear(
+            base.in_features, base.out_features, base.bits, base.group_size, base.bias, zeros_dtype=torch.float32
+        )
         merged.packed_codes.copy_(base.packed_codes)
         merged.scales.copy_(base.scales)
         merged.zeros.copy_(zeros.to(torch.float32))
         return merged.to(base.scales.device)
 
 
-def quantize_linears_rtn(model, target_modules, bits: int, group_size: int) -> int:
-    def make(name, linear):
-        codes, scales, zeros = rtn_quantize(linear.weight.data, bits, group_size)
-        layer = GroupQuantLinear.from_quantized(codes, scales, zeros, bits, group_size, linear.bias)
-        return layer.to(linear.weight.device)
-
-    return replace_linears(model, target_modules, make)
-
-
-class QALoRA:
+class QALoRA(Method):
     trainable = True
+    quantize_phase = "load"  # the base is quantized (RTN or GPTQ) as it loads
 
-    def __init__(self, name: str, bits: int = 4, group_size: int = 32, base_quantizer: str = "rtn",
-                 pooling: str = "mean", compute_dtype: str = "bfloat16", merge: bool = True,
-                 lora: dict | None = None, calibration: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        bits: int = 4,
+        group_size: int = 32,
+        base_quantizer: str = "rtn",
+        pooling: str = "mean",
+        compute_dtype: str = "bfloat16",
+        merge: bool = True,
+        lora: dict | None = None,
+        calibration: dict | None = None,
+    ):
         check_format(bits, group_size)
         if pooling not in POOLINGS:
             raise ConfigError(f"method.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -106,13 +109,10 @@ class QALoRA:
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
         self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
         self.lora = LoraSettings.from_config(lora)
-        self.calibration = dict(calibration or {})
-        self.trained_params = 0
-        self.needs_calibration = base_quantizer == "gptq"
-        self.quantize_phase = "load"  # the base is quantized (RTN or GPTQ) as it loads
-        if self.needs_calibration:
+        if base_quantizer == "gptq":  # only GPTQ needs calibration data; RTN needs none
             from methods.gptq import DEFAULT_GPTQ_BATCH_SIZE, check_calibration
 
+            self.calibration = CalibrationSettings.from_config(calibration)
             check_calibration(self.calibration, batch_size=DEFAULT_GPTQ_BATCH_SIZE)
 
     def validate(self, shape: dict):
@@ -124,8 +124,9 @@ class QALoRA:
         if self.base_quantizer == "gptq":
             from methods.gptq import gptq_quantize_to_group_linears
 
-            gptq_quantize_to_group_linears(model, model_spec, self.lora.target_modules, self.bits,
-                                           self.group_size, context)
+            gptq_quantize_to_group_linears(
+                model, model_spec, self.lora.target_modules, self.bits, self.group_size, context
+            )
         else:
             quantize_linears_rtn(model, self.lora.target_modules, self.bits, self.group_size)
         model.requires_grad_(False)
@@ -136,37 +137,40 @@ class QALoRA:
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, GroupQuantLinear):
                     setattr(parent, child_name, QALoRALinear(child, self.lora, self.pooling))
-        model = model.to(next(model.parameters()).device)
-        self.trained_params = trainable_parameters(model)  # the merge folds them away: remember them
-        return model
+        return model.to(next(model.parameters()).device)
 
     def finalize(self, model, context: LoadContext):
         if self.merge:
             merge_adapters(model)
         return model
 
-    def describe(self, model) -> dict:
+    def method_format(self) -> MethodFormat:
+        return MethodFormat(
+            name=self.name,
+            family="qalora",
+            quant_format=f"int{self.bits}-g{self.group_size}",
+            weight_format="int_group",
+            bits=self.bits,
+            block_size=self.group_size,
+            compute_dtype=self.compute_dtype_name,
+            lora=self.lora,
+            settings={
+                "group_size": self.group_size,
+                "base_quantizer": self.base_quantizer,
+                "pooling": self.pooling,
+                "merged": self.merge,
+                "calibration": self.calibration.as_dict() if self.calibration else None,
+            },
+        )
+
+    def describe(self, model, trainable_params: int | None = None) -> dict:
         merged = not any(isinstance(m, QALoRALinear) for m in model.modules())
-        return {
-            "name": self.name,
-            "family": "qalora",
-            "quant_format": f"int{self.bits}-g{self.group_size}",
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "block_size": self.group_size,
-            "double_quant": False,
-            "base_quantizer": self.base_quantizer,
-            "pooling": self.pooling,
-            "merged": merged,
-            "compute_dtype": self.compute_dtype_name,
-            "lora": self.lora.as_dict(),
-            "calibration": self.calibration if self.needs_calibration else None,
-            **weight_storage(model, self.lora.target_modules),
-            "trainable_params": self.trained_params,
-        }
+        return {**super().describe(model, trainable_params), "merged": merged}
 
 
 def merge_adapters(model) -> int:
+    """Fold every QA-LoRA adapter into its INT-k layer; the model remembers how many parameters it trained."""
+    setattr(model, TRAINED_PARAMS_ATTR, trained_parameters(model))
     merged = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
@@ -181,9 +185,17 @@ def save_merged(model, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    layers = {name: {"bits": m.bits, "group_size": m.group_size, "in_features": m.in_features,
-                     "out_features": m.out_features, "has_bias": m.bias is not None}
-              for name, m in model.named_modules() if isinstance(m, GroupQuantLinear)}
+    layers = {
+        name: {
+            "bits": m.bits,
+            "group_size": m.group_size,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "has_bias": m.bias is not None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, GroupQuantLinear)
+    }
     if any(isinstance(m, QALoRALinear) for m in model.modules()):
         raise ValueError("merge the adapters first (merge_adapters)")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -191,11 +203,17 @@ def save_merged(model, folder: Path) -> Path:
         state.pop("lm_head.weight", None)  # stored once, as the embedding
     save_file(state, str(folder / "model.safetensors"))
     model.config.save_pretrained(folder)
-    (folder / "int_layers.json").write_text(json.dumps({
-        "format": EXPORT_FORMAT,
-        "layout": "packed_codes: uint8, 8 codes of k bits per k bytes, row-major (out, in); "
-                  "scales: fp16 (out, in/group_size); zeros: fp32 (out, in/group_size), W = scales * (q - zeros)",
-        "layers": layers}, indent=1))
+    (folder / "int_layers.json").write_text(
+        json.dumps(
+            {
+                "format": EXPORT_FORMAT,
+                "layout": "packed_codes: uint8, 8 codes of k bits per k bytes, row-major (out, in); "
+                "scales: fp16 (out, in/group_size); zeros: fp32 (out, in/group_size), W = scales * (q - zeros)",
+                "layers": layers,
+            },
+            indent=1,
+        )
+    )
     return folder
 
 
@@ -213,14 +231,21 @@ def load_merged(folder: Path, device: torch.device | str = "cpu", dtype: torch.d
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in meta["layers"].items():
         parent_name, _, child = name.rpartition(".")
-        layer = GroupQuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                                 torch.zeros(spec["out_features"]) if spec["has_bias"] else None,
-                                 zeros_dtype=torch.float32)
+        layer = GroupQuantLinear(
+            spec["in_features"],
+            spec["out_features"],
+            spec["bits"],
+            spec["group_size"],
+            torch.zeros(spec["out_features"]) if spec["has_bias"] else None,
+            zeros_dtype=torch.float32,
+        )
         setattr(model.get_submodule(parent_name), child, layer)
     model = model.to(device)
     missing, unexpected = model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
-        raise ValueError(f"{folder}: state does not match the architecture (missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"{folder}: state does not match the architecture (missing {missing}, unexpected {unexpected})"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     model.requires_grad_(False)

@@ -14,20 +14,26 @@ LoRA baseline, so that comparisons isolate the quantization of the linear layers
 
 from __future__ import annotations
 
-from methods.base import LoadContext, LoraSettings, add_lora, dtype_name, load_pretrained, parse_dtype
-from methods.storage import trainable_parameters, weight_storage
+from core.errors import ConfigError
+from methods.base import LoadContext, Method, MethodFormat
+from methods.loading import add_lora, load_pretrained
+from methods.settings import LoraSettings, dtype_name, parse_dtype
 
 QUANT_TYPES = ("nf4", "fp4")
 BNB_4BIT_BLOCK_SIZE = 64  # bitsandbytes' fixed block size for 4-bit weights
 
 
-class QLoRA:
+class QLoRA(Method):
     trainable = True
 
-    def __init__(self, name: str, quant_type: str = "nf4", double_quant: bool = False,
-                 compute_dtype: str = "bfloat16", lora: dict | None = None):
-        from experiments.errors import ConfigError
-
+    def __init__(
+        self,
+        name: str,
+        quant_type: str = "nf4",
+        double_quant: bool = False,
+        compute_dtype: str = "bfloat16",
+        lora: dict | None = None,
+    ):
         if quant_type not in QUANT_TYPES:
             raise ConfigError(f"method.quant_type={quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
         self.name = name
@@ -55,20 +61,17 @@ class QLoRA:
     def add_adapters(self, model):
         return add_lora(model, self.lora)
 
-    def finalize(self, model, context: LoadContext):
-        return model  # the adapters stay beside the 4-bit base, as QLoRA deploys them
+    # finalize: the default; the adapters stay beside the 4-bit base, as QLoRA deploys them
 
-    def describe(self, model) -> dict:
-        fmt = self.quant_type + ("+dq" if self.double_quant else "")
-        return {
-            "name": self.name,
-            "family": "qlora",
-            "quant_format": fmt,
-            "bits": 4,
-            "block_size": BNB_4BIT_BLOCK_SIZE,
-            "double_quant": self.double_quant,
-            "compute_dtype": self.compute_dtype_name,
-            "lora": self.lora.as_dict(),
-            **weight_storage(model, self.lora.target_modules),
-            "trainable_params": trainable_parameters(model),
-        }
+    def method_format(self) -> MethodFormat:
+        return MethodFormat(
+            name=self.name,
+            family="qlora",
+            quant_format=self.quant_type + ("+dq" if self.double_quant else ""),
+            weight_format=self.quant_type,
+            bits=4,
+            block_size=BNB_4BIT_BLOCK_SIZE,
+            double_quant=self.double_quant,
+            compute_dtype=self.compute_dtype_name,
+            lora=self.lora,
+        )

@@ -1,4 +1,4 @@
-""""QLoRA w/ GPTQ", the QA-LoRA paper's main baseline (Xu et al., arXiv 2309.14717, Table 1).
+""" "QLoRA w/ GPTQ", the QA-LoRA paper's main baseline (Xu et al., arXiv 2309.14717, Table 1).
 
 Fine-tune LoRA adapters on a QLoRA NF4 base (or a 16-bit base), merge them into the
 16-bit weights, then GPTQ-quantize the merged model to INT-k (methods/gptq.py). The
@@ -12,12 +12,13 @@ checkpoint is only written when the cache does not hold it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from experiments.errors import ConfigError
-from methods.base import LoadContext
+from core.errors import ConfigError
+from methods.base import TRAINED_PARAMS_ATTR, LoadContext, Method, MethodFormat, trained_parameters
 from methods.gptq import GPTQ, checkpoint_identity, load_quantized, state_dict_digest
 from methods.lora import LoRA
 from methods.qlora import QLoRA
@@ -65,63 +66,84 @@ def load_merged_weights(model, state: dict[str, torch.Tensor]) -> None:
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [name for name in missing if not (tied and name == "lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"merged fine-tune does not match the model: {len(missing)} missing "
-                           f"({missing[:3]}), {len(unexpected)} unexpected ({unexpected[:3]})")
+        raise RuntimeError(
+            f"merged fine-tune does not match the model: {len(missing)} missing "
+            f"({missing[:3]}), {len(unexpected)} unexpected ({unexpected[:3]})"
+        )
 
 
-class QLoRAThenGPTQ:
+class QLoRAThenGPTQ(Method):
     trainable = True
-    needs_calibration = True
     quantize_phase = "finalize"
 
-    def __init__(self, name: str, bits: int = 4, group_size: int = 32, finetune_base: str = "nf4",
-                 sym: bool = False, desc_act: bool = False, compute_dtype: str = "bfloat16", batch_size: int = 4,
-                 lora: dict | None = None, calibration: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        bits: int = 4,
+        group_size: int = 32,
+        finetune_base: str = "nf4",
+        sym: bool = False,
+        desc_act: bool = False,
+        compute_dtype: str = "bfloat16",
+        batch_size: int = 4,
+        lora: dict | None = None,
+        calibration: dict | None = None,
+    ):
         if finetune_base not in FINETUNE_BASES:
             raise ConfigError(f"method.finetune_base={finetune_base!r} is not one of {', '.join(FINETUNE_BASES)}")
         self.name, self.finetune_base = name, finetune_base
         self.gptq = GPTQ(name, bits, group_size, sym, desc_act, compute_dtype, batch_size, calibration)
-        self.finetuner = (QLoRA(name, "nf4", False, compute_dtype, lora) if finetune_base == "nf4"
-                          else LoRA(name, compute_dtype, lora))
-        self.trained_params = 0
-        self.model_path: str | None = None
-        self.tokenizer_path: str | None = None
-
-    @property
-    def calibration(self) -> dict:
-        return self.gptq.calibration
+        self.calibration = self.gptq.calibration
+        self.finetuner = (
+            QLoRA(name, "nf4", False, compute_dtype, lora)
+            if finetune_base == "nf4"
+            else LoRA(name, compute_dtype, lora=lora)
+        )
 
     def validate(self, shape: dict):
         self.gptq.validate(shape)
 
     def load_base(self, model_spec, context: LoadContext):
-        self.model_path, self.tokenizer_path = model_spec.path, model_spec.tokenizer_path
         return self.finetuner.load_base(model_spec, context)
 
     def add_adapters(self, model):
-        model = self.finetuner.add_adapters(model)
-        self.trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return model
+        return self.finetuner.add_adapters(model)
 
     def finalize(self, model, context: LoadContext):
+        spec = context.model_spec
+        trained = trained_parameters(model)
         state = merged_state_dict(model, self.gptq.compute_dtype)
         del model
-        identity = {"merged_tensors": state_dict_digest(state), "base": checkpoint_identity(self.model_path),
-                    "tokenizer": checkpoint_identity(self.tokenizer_path)}
-        folder = self.gptq.quantize_model(identity, context, write_model=lambda into: self.write_merged(state, into))
-        return load_quantized(folder, context.device, self.gptq.compute_dtype)
+        identity = {
+            "merged_tensors": state_dict_digest(state),
+            "base": checkpoint_identity(spec.path),
+            "tokenizer": checkpoint_identity(spec.tokenizer_path),
+        }
+        folder = self.gptq.quantize_model(
+            identity, context, write_model=lambda into: write_merged(state, spec, self.gptq.compute_dtype, into)
+        )
+        model = load_quantized(folder, context.device, self.gptq.compute_dtype)
+        setattr(model, TRAINED_PARAMS_ATTR, trained)  # merged and quantized away: remember what trained
+        return model
 
-    def write_merged(self, state: dict[str, torch.Tensor], folder: Path):
-        """The merged model as a plain checkpoint with its tokenizer, as GPTQModel loads it."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def method_format(self) -> MethodFormat:
+        gptq = self.gptq.method_format()
+        return replace(
+            gptq,
+            family="qlora_gptq",
+            lora=self.finetuner.lora,
+            settings={**gptq.settings, "finetune_base": self.finetune_base},
+        )
 
-        plain = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.gptq.compute_dtype)
-        load_merged_weights(plain, state)
-        plain.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(self.tokenizer_path).save_pretrained(folder)
+    def storage_targets(self) -> tuple[str, ...]:
+        return self.gptq.storage_targets()
 
-    def describe(self, model) -> dict:
-        info = self.gptq.describe(model)
-        info.update(family="qlora_gptq", finetune_base=self.finetune_base, lora=self.finetuner.lora.as_dict(),
-                    trainable_params=self.trained_params)
-        return info
+
+def write_merged(state: dict[str, torch.Tensor], spec, dtype: torch.dtype, folder: Path):
+    """The merged model as a plain checkpoint with its tokenizer, as GPTQModel loads it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype)
+    load_merged_weights(plain, state)
+    plain.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(spec.tokenizer_path).save_pretrained(folder)

@@ -36,19 +36,28 @@ def quantize_linears_bnb_4bit(model: torch.nn.Module, config, device: torch.devi
         raise ValueError("a random base can be quantized with a 4-bit BitsAndBytesConfig only")
     skip = set(config.llm_int8_skip_modules or ())
     replaced = 0
-    for parent_name, parent in list(model.named_modules()):
+    for _, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear) or child_name in skip:
                 continue
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=config.bnb_4bit_compute_dtype,
-                                      compress_statistics=config.bnb_4bit_use_double_quant,
-                                      quant_type=config.bnb_4bit_quant_type,
-                                      quant_storage=config.bnb_4bit_quant_storage, device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                             compress_statistics=config.bnb_4bit_use_double_quant,
-                                             quant_type=config.bnb_4bit_quant_type,
-                                             quant_storage=config.bnb_4bit_quant_storage, module=layer).to(device)
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=config.bnb_4bit_compute_dtype,
+                compress_statistics=config.bnb_4bit_use_double_quant,
+                quant_type=config.bnb_4bit_quant_type,
+                quant_storage=config.bnb_4bit_quant_storage,
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data,
+                requires_grad=False,
+                compress_statistics=config.bnb_4bit_use_double_quant,
+                quant_type=config.bnb_4bit_quant_type,
+                quant_storage=config.bnb_4bit_quant_storage,
+                module=layer,
+            ).to(device)
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, child_name, layer)

@@ -7,17 +7,22 @@ it as "RTN"; it is also QA-LoRA's calibration-free base quantizer.
 
 from __future__ import annotations
 
-from methods.base import LLAMA_BLOCK_LINEARS, LoadContext, dtype_name, load_pretrained, parse_dtype
-from methods.int_quant import check_format, check_model_shape
-from methods.qalora import quantize_linears_rtn
-from methods.storage import trainable_parameters, weight_storage
+from core.shapes import LLAMA_BLOCK_LINEARS
+from methods.base import LoadContext, Method, MethodFormat
+from methods.int_quant import check_format, check_model_shape, quantize_linears_rtn
+from methods.loading import load_pretrained
+from methods.settings import dtype_name, parse_dtype
 
 
-class RTN:
-    trainable = False
-
-    def __init__(self, name: str, bits: int = 4, group_size: int = 128, compute_dtype: str = "bfloat16",
-                 target_modules: list[str] | None = None):
+class RTN(Method):
+    def __init__(
+        self,
+        name: str,
+        bits: int = 4,
+        group_size: int = 128,
+        compute_dtype: str = "bfloat16",
+        target_modules: list[str] | None = None,
+    ):
         check_format(bits, group_size)
         self.name, self.bits, self.group_size = name, bits, group_size
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
@@ -32,17 +37,17 @@ class RTN:
         quantize_linears_rtn(model, self.target_modules, self.bits, self.group_size)
         return model
 
-    def add_adapters(self, model):
-        return model
+    def method_format(self) -> MethodFormat:
+        return MethodFormat(
+            name=self.name,
+            family="rtn",
+            quant_format=f"int{self.bits}-g{self.group_size}",
+            weight_format="int_group",
+            bits=self.bits,
+            block_size=self.group_size,
+            compute_dtype=self.compute_dtype_name,
+            settings={"group_size": self.group_size},
+        )
 
-    def finalize(self, model, context: LoadContext):
-        return model
-
-    def describe(self, model) -> dict:
-        return {
-            "name": self.name, "family": "rtn", "quant_format": f"int{self.bits}-g{self.group_size}",
-            "bits": self.bits, "group_size": self.group_size, "block_size": self.group_size, "double_quant": False,
-            "compute_dtype": self.compute_dtype_name,
-            **weight_storage(model, self.target_modules),
-            "trainable_params": trainable_parameters(model),
-        }
+    def storage_targets(self) -> tuple[str, ...]:
+        return self.target_modules

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from experiments.measure import tensor_bytes
+from core.tensors import tensor_bytes
 
 ADAPTER_MARKERS = ("lora_", "qalora_")
 
@@ -37,8 +37,12 @@ def is_gptq_layer(module) -> bool:
 def _gptq_parts(module) -> tuple[int, int, int, set[int]]:
     """(params, code bytes, constant bytes, tensor ids) of one GPTQ layer."""
     constants = [t for t in (module.qzeros, module.scales, getattr(module, "g_idx", None)) if t is not None]
-    return (module.in_features * module.out_features, tensor_bytes(module.qweight),
-            sum(tensor_bytes(t) for t in constants), {id(module.qweight), *map(id, constants)})
+    return (
+        module.in_features * module.out_features,
+        tensor_bytes(module.qweight),
+        sum(tensor_bytes(t) for t in constants),
+        {id(module.qweight), *map(id, constants)},
+    )
 
 
 def _bnb_4bit_parts(module) -> tuple[int, int, list[torch.Tensor]]:

@@ -2,7 +2,7 @@
 
 Used by the 16-bit methods (LoRA, the plain base) when ``compute_dtype`` differs from the
 storage dtype, which ``compute_dtype: auto`` chooses on CPUs that emulate bfloat16 (AVX2
-only: bf16 products ~60x slower than fp32; experiments/compute_dtype.py). The weights stay in
+only: bf16 products ~60x slower than fp32; core/compute_dtype.py). The weights stay in
 bf16 (so bytes on disk and in memory are the method's), each linear layer casts its weight to
 float32 for the product only, and the input embeddings are cast to float32, so the residual
 stream, norms, attention and logits compute in float32.

@@ -9,7 +9,7 @@
 #   1. install the wheels of .whl/ with no index (skipped when absent, and in the dry run);
 #   2. device.txt: nvidia-smi's name and driver, torch and CUDA versions, the git commit;
 #   3. every CUDA-marked test (pytest -m cuda);
-#   4. experiments.bench_train on the Llama-2-7B shape (random weights built on the GPU),
+#   4. benchmarks.bench_train on the Llama-2-7B shape (random weights built on the GPU),
 #      batch 1 x 512, gradient checkpointing: LoRA bf16, QLoRA NF4, NF4+DQ, QA-LoRA INT4 and
 #      the bare transformers + peft + bitsandbytes QLoRA loop;
 #   5. if the time budget allows (GPU_CHECK_BUDGET_S, default 420 s from the start), the
@@ -85,14 +85,14 @@ step "cuda tests" pytest_cuda.log "$PY" -m pytest -m cuda -q -p no:cacheprovider
 
 if [ "$DRY_RUN" -eq 1 ]; then
     BENCH=(--preset tiny --device cpu --steps 3 --warmup 1)
-    step "bench 1x512" bench_b1.log "$PY" -m experiments.bench_train "${BENCH[@]}" --seq 32 --out "$OUT_DIR"
-    step "bench 4x1024 r8" bench_b4.log "$PY" -m experiments.bench_train "${BENCH[@]}" --batch 4 --seq 64 --rank 8 \
+    step "bench 1x512" bench_b1.log "$PY" -m benchmarks.bench_train "${BENCH[@]}" --seq 32 --out "$OUT_DIR"
+    step "bench 4x1024 r8" bench_b4.log "$PY" -m benchmarks.bench_train "${BENCH[@]}" --batch 4 --seq 64 --rank 8 \
         --methods qlora_nf4 --out "$OUT_DIR"
 else
-    step "bench 1x512" bench_b1.log "$PY" -m experiments.bench_train --preset llama2_7b --batch 1 --seq 512 \
+    step "bench 1x512" bench_b1.log "$PY" -m benchmarks.bench_train --preset llama2_7b --batch 1 --seq 512 \
         --out "$OUT_DIR"
     if [ "$SECONDS" -lt "$BUDGET_S" ]; then
-        step "bench 4x1024 r8" bench_b4.log "$PY" -m experiments.bench_train --preset llama2_7b --batch 4 \
+        step "bench 4x1024 r8" bench_b4.log "$PY" -m benchmarks.bench_train --preset llama2_7b --batch 4 \
             --seq 1024 --rank 8 --methods qlora_nf4 --out "$OUT_DIR"
     else
         log "skipping batch 4 x 1024 (anchors' setting): ${SECONDS}s used of a ${BUDGET_S}s budget"

@@ -9,17 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from experiments.config import CONF, compose_config  # noqa: F401 - the tests' one config composer
+
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
 METHOD_CONFIGS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +40,7 @@ def smollm2_spec():
 def smollm2(smollm2_spec):
     """The bundled real model in float32 (exact comparisons) and its tokenizer, loaded once."""
     from experiments.models import load_tokenizer
-    from methods.base import load_pretrained
+    from methods.loading import load_pretrained
 
     model = load_pretrained(smollm2_spec, torch.device("cpu"), torch.float32)
     return model, load_tokenizer(smollm2_spec)
@@ -54,5 +49,11 @@ def smollm2(smollm2_spec):
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m experiments.run`` as a user would."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

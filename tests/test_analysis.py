@@ -47,39 +47,79 @@ def make_record(method="qlora_nf4", seed=0, status="ok", acc=0.30, shots=5, bits
     family, fmt, default_bits, group, weight, constants = FORMATS[method]
     bits = bits or default_bits
     trained = method != "gptq"
-    categories = {c: {"acc": acc + d, "n": 50} for c, d in
-                  (("humanities", -0.02), ("stem", 0.01), ("social_sciences", 0.0), ("other", 0.03))}
+    categories = {
+        c: {"acc": acc + d, "n": 50}
+        for c, d in (("humanities", -0.02), ("stem", 0.01), ("social_sciences", 0.0), ("other", 0.03))
+    }
     record = {
-        "schema_version": 1, "run_id": f"{method}-b{bits}-s{seed}-{shots}shot", "status": "ok", "error": None,
-        "created_at": "2026-11-24T01:20:04+0000", "finished_at": "2026-11-24T01:22:04+0000",
-        "config": {"seed": seed, "experiment_name": "test",
-                   "method": {"name": method, **CONFIG_METHOD[method], **({"bits": bits} if "group_size" in CONFIG_METHOD[method] else {})},
-                   "model": {"name": "smollm2_135m"},
-                   "data": {"source": "mmlu_reserve"}, "train": {"max_steps": 4},
-                   "eval": {"num_fewshot": shots}},
+        "schema_version": 1,
+        "run_id": f"{method}-b{bits}-s{seed}-{shots}shot",
+        "status": "ok",
+        "error": None,
+        "created_at": "2026-11-24T01:20:04+0000",
+        "finished_at": "2026-11-24T01:22:04+0000",
+        "config": {
+            "seed": seed,
+            "experiment_name": "test",
+            "method": {
+                "name": method,
+                **CONFIG_METHOD[method],
+                **({"bits": bits} if "group_size" in CONFIG_METHOD[method] else {}),
+            },
+            "model": {"name": "smollm2_135m"},
+            "data": {"source": "mmlu_reserve"},
+            "train": {"max_steps": 4},
+            "eval": {"num_fewshot": shots},
+        },
         "env": {"device": "cpu", "device_name": "x86_64", "torch_threads": 2, "git_commit": "abc", "git_dirty": False},
         "slurm": None,
         "model": {"name": "smollm2_135m", "synthetic": False},
-        "method": {"name": method, "family": family, "quant_format": fmt.format(bits=bits), "bits": bits,
-                   "group_size": group, "lora": {"r": 64, "alpha": 16}, "weight_bytes": weight,
-                   "quantization_constant_bytes": constants, "unquantized_bytes": 56_693_632,
-                   "adapter_bytes": 78_151_680 if trained else 0,
-                   "weight_bits_per_param": 16.0 if bits == 16 else bits + 0.5,
-                   "trainable_params": 19_537_920 if trained else 0},
-        "train": {"steps": 4, "tokens": 1600, "tokens_per_second": 150.0 + seed, "loss_first": 3.1,
-                  "loss_last": 2.6, "losses": [3.1, 2.9, 2.7 + seed / 10, 2.6], "peak_memory_bytes": 6_600_000_000,
-                  "wall_s": 10.0} if trained else None,
-        "eval": {"mmlu": {"acc": acc, "num_fewshot": shots, "n_questions": 200, "categories": categories},
-                 "perplexity": {"perplexity": ppl, "n_tokens": 8000}},
+        "method": {
+            "name": method,
+            "family": family,
+            "quant_format": fmt.format(bits=bits),
+            "bits": bits,
+            "group_size": group,
+            "lora": {"r": 64, "alpha": 16},
+            "weight_bytes": weight,
+            "quantization_constant_bytes": constants,
+            "unquantized_bytes": 56_693_632,
+            "adapter_bytes": 78_151_680 if trained else 0,
+            "weight_bits_per_param": 16.0 if bits == 16 else bits + 0.5,
+            "trainable_params": 19_537_920 if trained else 0,
+        },
+        "train": {
+            "steps": 4,
+            "tokens": 1600,
+            "tokens_per_second": 150.0 + seed,
+            "loss_first": 3.1,
+            "loss_last": 2.6,
+            "losses": [3.1, 2.9, 2.7 + seed / 10, 2.6],
+            "peak_memory_bytes": 6_600_000_000,
+            "wall_s": 10.0,
+        }
+        if trained
+        else None,
+        "eval": {
+            "mmlu": {"acc": acc, "num_fewshot": shots, "n_questions": 200, "categories": categories},
+            "perplexity": {"perplexity": ppl, "n_tokens": 8000},
+        },
         "memory": {"optimizer_state_bytes": 156_305_040 if trained else None},
         "phases": {"train": {"wall_s": 10.0, "peak_memory_bytes": 6_600_000_000}},
     }
     for key in ("weight_bytes", "quantization_constant_bytes", "unquantized_bytes", "adapter_bytes"):
         record["memory"][key] = record["method"][key]
     if status != "ok":  # as execute() leaves it: the error, and nothing after the failing phase
-        record.update(status=status, eval={}, method=None,
-                      error={"type": "OutOfMemoryError" if status == "oom" else "RuntimeError",
-                             "message": "CUDA out of memory" if status == "oom" else "boom", "traceback": ""})
+        record.update(
+            status=status,
+            eval={},
+            method=None,
+            error={
+                "type": "OutOfMemoryError" if status == "oom" else "RuntimeError",
+                "message": "CUDA out of memory" if status == "oom" else "boom",
+                "traceback": "",
+            },
+        )
         record["memory"] = {}
     return record
 
@@ -95,15 +135,20 @@ def write(folder: Path, *records: dict) -> Path:
 def sweep(tmp_path) -> Path:
     """Three seeds of NF4, one seed of the others, an OOM config, and a QA-LoRA bit sweep."""
     records = [make_record("qlora_nf4", seed=s, acc=0.30 + s / 100) for s in range(3)]
-    records += [make_record("lora_bf16", acc=0.33), make_record("qlora_nf4_dq", acc=0.31),
-                make_record("qlora_fp4", status="oom"), make_record("qlora_fp4", seed=1, status="oom"),
-                make_record("qlora_nf4", seed=0, shots=0, acc=0.28)]
+    records += [
+        make_record("lora_bf16", acc=0.33),
+        make_record("qlora_nf4_dq", acc=0.31),
+        make_record("qlora_fp4", status="oom"),
+        make_record("qlora_fp4", seed=1, status="oom"),
+        make_record("qlora_nf4", seed=0, shots=0, acc=0.28),
+    ]
     records += [make_record("qalora", bits=b, acc=0.25 + b / 100) for b in (2, 3, 4)]
     records += [make_record("qlora_gptq", bits=4, status="failed"), make_record("gptq", bits=4, ppl=13.5)]
     return write(tmp_path / "results" / "sweep", *records)
 
 
 # ----------------------------------------------------------------------------- load_runs
+
 
 def test_load_runs_one_row_per_run_with_stable_typed_columns(sweep):
     runs = load_runs(sweep.parent)  # recursive
@@ -182,6 +227,7 @@ def test_tables_cli_on_empty_folder_exits_nonzero_with_message(tmp_path, capsys)
 
 # ----------------------------------------------------------------------------- tables
 
+
 def test_main_table_mean_std_seeds_and_failure_cells(sweep):
     table = main_table(load_runs(sweep)).set_index("Method")
     nf4 = table.loc["qlora_nf4"]
@@ -226,8 +272,10 @@ def test_written_tables_are_byte_for_byte_stable(sweep, tmp_path):
     first = write_tables(runs, tmp_path / "a", "results/sweep")
     second = write_tables(runs.sample(frac=1, random_state=1), tmp_path / "b", "results/sweep")
     assert sorted(p.name for p in first) == sorted(
-        f"{t}.{ext}" for t in ("main", "qlora_table4", "qalora_table1", "datatype_perplexity")
-        for ext in ("md", "csv", "tex"))
+        f"{t}.{ext}"
+        for t in ("main", "qlora_table4", "qalora_table1", "datatype_perplexity")
+        for ext in ("md", "csv", "tex")
+    )
     for a, b in zip(first, second):
         assert a.read_bytes() == b.read_bytes(), a.name
     tex = (tmp_path / "a" / "main.tex").read_text()
@@ -237,6 +285,7 @@ def test_written_tables_are_byte_for_byte_stable(sweep, tmp_path):
 
 
 # ----------------------------------------------------------------------------- plots
+
 
 def test_plots_write_png_and_pdf_deterministically(sweep, tmp_path):
     from analysis.plots import write_plots
@@ -252,8 +301,9 @@ def test_plots_write_png_and_pdf_deterministically(sweep, tmp_path):
 
 
 def test_memory_parts_add_up_to_the_peak_and_pareto_front():
-    from analysis.plots import MEMORY_PARTS, configurations, pareto_front
     import numpy as np
+
+    from analysis.plots import MEMORY_PARTS, configurations, pareto_front
 
     runs = load_runs_from([make_record("qlora_nf4_dq")])
     config = configurations(runs).iloc[0]
@@ -273,16 +323,19 @@ def load_runs_from(records: list[dict]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- notebook
 
-@pytest.mark.skipif(not QUICKSTART.is_dir() or not any(QUICKSTART.glob("*.json")),
-                    reason="results/quickstart has no committed records")
+
+@pytest.mark.skipif(
+    not QUICKSTART.is_dir() or not any(QUICKSTART.glob("*.json")), reason="results/quickstart has no committed records"
+)
 def test_notebook_executes_on_committed_results():
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(REPO / "analysis" / "results.ipynb", as_version=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # jupyter_client's own, not ours
-        nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
-                                resources={"metadata": {"path": str(REPO / "analysis")}}).execute()
+        nbclient.NotebookClient(
+            notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO / "analysis")}}
+        ).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("MMLU 5-shot %" in o.get("data", {}).get("text/markdown", "") for o in outputs)
@@ -290,6 +343,7 @@ def test_notebook_executes_on_committed_results():
 
 
 # ----------------------------------------------------------------------------- one cell, one configuration
+
 
 def configured(record: dict, **settings) -> dict:
     """``record`` with config values set by dotted path: ``configured(r, **{"train.lr": 1e-4})``."""
@@ -306,42 +360,68 @@ def configured(record: dict, **settings) -> dict:
 
 def hf_record(name_or_path: str, seed: int, model_id: str | None, acc: float) -> dict:
     """A LoRA run on a checkpoint (model=hf), as a record with (model_id) or without model.id."""
-    record = configured(make_record("lora_bf16", seed=seed, acc=acc),
-                        **{"model.name": "hf", "model.kind": "hf", "model.name_or_path": name_or_path})
-    record["model"] = {"name": "hf", "path": name_or_path, "source": name_or_path, "synthetic": False,
-                       **({"id": model_id} if model_id else {})}
+    record = configured(
+        make_record("lora_bf16", seed=seed, acc=acc),
+        **{"model.name": "hf", "model.kind": "hf", "model.name_or_path": name_or_path},
+    )
+    record["model"] = {
+        "name": "hf",
+        "path": name_or_path,
+        "source": name_or_path,
+        "synthetic": False,
+        **({"id": model_id} if model_id else {}),
+    }
     return record
 
 
-@pytest.mark.parametrize("setting, values", [
-    ("train.lr", (1e-4, 2e-4)), ("method.lora.alpha", (16, 32)), ("method.lora.dropout", (0.05, 0.1)),
-    ("eval.limit_per_subject", (4, None)), ("eval.backend", ("harness", "lm_eval")),
-    ("method.base_quantizer", ("rtn", "gptq")), ("method.name", ("lora_bf16", "lora_bf16_variant")),
-])
+@pytest.mark.parametrize(
+    "setting, values",
+    [
+        ("train.lr", (1e-4, 2e-4)),
+        ("method.lora.alpha", (16, 32)),
+        ("method.lora.dropout", (0.05, 0.1)),
+        ("eval.limit_per_subject", (4, None)),
+        ("eval.backend", ("harness", "lm_eval")),
+        ("method.base_quantizer", ("rtn", "gptq")),
+        ("method.name", ("lora_bf16", "lora_bf16_variant")),
+    ],
+)
 def test_runs_that_differ_in_one_setting_are_two_rows_and_seeds_of_each_stay_together(setting, values):
-    records = [configured(make_record("lora_bf16", seed=seed, acc=0.30 + i / 10 + seed / 100), **{setting: value})
-               for i, value in enumerate(values) for seed in (0, 1)]
+    records = [
+        configured(make_record("lora_bf16", seed=seed, acc=0.30 + i / 10 + seed / 100), **{setting: value})
+        for i, value in enumerate(values)
+        for seed in (0, 1)
+    ]
     runs = load_runs_from(records)
     table = main_table(runs)
     assert sorted(table["MMLU 5-shot %"]) == ["30.5 ± 0.7", "40.5 ± 0.7"]  # never the four averaged
     assert table["Seeds"].tolist() == ["2", "2"] and runs["config_id"].nunique() == 2
     shown = {json.dumps(v) if not isinstance(v, str) else v for v in values}
-    assert {s.split("=", 1)[1] for s in table["Settings"]} == shown and all(s.startswith(setting) for s in table["Settings"])
+    assert {s.split("=", 1)[1] for s in table["Settings"]} == shown and all(
+        s.startswith(setting) for s in table["Settings"]
+    )
 
 
 def test_settings_that_do_not_change_results_do_not_split_a_cell():
-    records = [configured(make_record("lora_bf16", seed=0), **{"eval.batch_size": 16, "threads": None,
-                                                               "results_dir": "a", "experiment_name": "x"}),
-               configured(make_record("lora_bf16", seed=1), **{"eval.batch_size": 2, "threads": 1,
-                                                               "results_dir": "b", "experiment_name": "y"})]
+    records = [
+        configured(
+            make_record("lora_bf16", seed=0),
+            **{"eval.batch_size": 16, "threads": None, "results_dir": "a", "experiment_name": "x"},
+        ),
+        configured(
+            make_record("lora_bf16", seed=1),
+            **{"eval.batch_size": 2, "threads": 1, "results_dir": "b", "experiment_name": "y"},
+        ),
+    ]
     table = main_table(load_runs_from(records))
     assert table["Seeds"].tolist() == ["2"] and "Settings" not in table
 
 
 def test_the_table_key_leaves_out_exactly_what_the_run_id_leaves_out_and_the_seed():
+    from omegaconf import OmegaConf
+
     from experiments.record import NOT_RESULT_KEYS, comparison_settings, without_keys
     from experiments.run import run_id_of
-    from omegaconf import OmegaConf
     from tests.conftest import compose_config
 
     for overrides in ((), ("train.lr=1e-4", "eval.batch_size=2", "train.log_every=7", "train.checkpoint_every=3")):
@@ -357,11 +437,17 @@ def test_the_table_key_leaves_out_exactly_what_the_run_id_leaves_out_and_the_see
 
 
 def test_two_checkpoints_are_two_models_in_every_table():
-    records = [hf_record(f"huggyllama/llama-{size}", seed, None, 0.30 + i / 10 + seed / 100)
-               for i, size in enumerate(("7b", "13b")) for seed in (0, 1)]
+    records = [
+        hf_record(f"huggyllama/llama-{size}", seed, None, 0.30 + i / 10 + seed / 100)
+        for i, size in enumerate(("7b", "13b"))
+        for seed in (0, 1)
+    ]
     runs = load_runs_from(records)
     main = main_table(runs)
-    assert sorted(main["Model"]) == ["huggyllama/llama-13b", "huggyllama/llama-7b"] and list(main["Seeds"]) == ["2", "2"]
+    assert sorted(main["Model"]) == ["huggyllama/llama-13b", "huggyllama/llama-7b"] and list(main["Seeds"]) == [
+        "2",
+        "2",
+    ]
     assert sorted(runs["model"].unique()) == ["huggyllama/llama-13b", "huggyllama/llama-7b"]
     assert set(runs["model_config"]) == {"hf"}  # the config group, all the old model column showed
     table, _ = qlora_table4(runs, load_reference())
@@ -371,8 +457,11 @@ def test_two_checkpoints_are_two_models_in_every_table():
 
 
 def test_a_qlora_table4_cell_with_two_configurations_becomes_two_rows():
-    records = [configured(make_record("qlora_nf4", seed=seed, acc=0.30 + i / 10), **{"train.lr": lr})
-               for i, lr in enumerate((1e-4, 2e-4)) for seed in (0, 1)]
+    records = [
+        configured(make_record("qlora_nf4", seed=seed, acc=0.30 + i / 10), **{"train.lr": lr})
+        for i, lr in enumerate((1e-4, 2e-4))
+        for seed in (0, 1)
+    ]
     table, _ = qlora_table4(load_runs_from(records), load_reference())
     nf4 = table[(table["Source"] == "ours") & (table["Data type"] == "NFloat4")]
     assert nf4["smollm2_135m / mmlu_reserve"].tolist() == ["30.0 (n=2)", "40.0 (n=2)"]
@@ -384,8 +473,10 @@ def test_model_identity_of_records_from_before_model_id():
     local["model"]["path"] = local["model"]["source"] = "/data/run1/ckpt"  # as resolve_model wrote it
     lost = hf_record("ckpt2", 0, None, 0.3)
     lost["model"] = None  # a Slurm job lost before the run wrote its model block
-    synthetic = configured(make_record("lora_bf16"), **{"model.name": "llama_synthetic", "model.kind": "synthetic",
-                                                        "model.preset": "small"})
+    synthetic = configured(
+        make_record("lora_bf16"),
+        **{"model.name": "llama_synthetic", "model.kind": "synthetic", "model.preset": "small"},
+    )
     synthetic["model"] = None
     new = hf_record("ckpt", 1, "ckpt@0123abcd", 0.3)
     runs = load_runs_from([local, lost, synthetic, new]).set_index("run_id")
@@ -417,7 +508,9 @@ def test_a_cell_mixing_code_versions_or_devices_is_marked(tmp_path):
 def test_plots_show_each_configuration_apart():
     from analysis.plots import configurations
 
-    records = [configured(make_record("lora_bf16", seed=seed), **{"train.lr": lr}) for lr in (1e-4, 2e-4) for seed in (0, 1)]
+    records = [
+        configured(make_record("lora_bf16", seed=seed), **{"train.lr": lr}) for lr in (1e-4, 2e-4) for seed in (0, 1)
+    ]
     configs = configurations(load_runs_from(records))
     assert configs["label"].tolist() == ["lora_bf16 train.lr=0.0001", "lora_bf16 train.lr=0.0002"]
     assert configs["n_seeds"].tolist() == [2, 2]

@@ -1,4 +1,4 @@
-"""The GPU throughput benchmark (experiments/bench_train.py): its CPU smoke mode, and its refusal without CUDA."""
+"""The GPU throughput benchmark (benchmarks/bench_train.py): its CPU smoke mode, and its refusal without CUDA."""
 
 import json
 import subprocess
@@ -12,9 +12,27 @@ from tests.conftest import REPO
 
 
 def test_smoke_mode_runs_every_method_and_the_reference_on_tiny(tmp_path):
-    report = bench_train.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
-                               "--seq", "16", "--rank", "4", "--methods", "lora_bf16", "qlora_nf4_dq",
-                               "--out", str(tmp_path)])
+    report = bench_train.main(
+        [
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--seq",
+            "16",
+            "--rank",
+            "4",
+            "--methods",
+            "lora_bf16",
+            "qlora_nf4_dq",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     names = [r["name"] for r in report["runs"]]
     assert names == ["lora_bf16", "qlora_nf4_dq", bench_train.REFERENCE]
     for run in report["runs"]:
@@ -28,7 +46,8 @@ def test_smoke_mode_runs_every_method_and_the_reference_on_tiny(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_refuses_to_run_without_cuda_with_a_clear_message():
-    done = subprocess.run([sys.executable, "-m", "experiments.bench_train"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_train"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert "no CUDA device" in done.stderr and "--preset tiny --device cpu" in done.stderr

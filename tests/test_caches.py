@@ -20,17 +20,29 @@ from experiments.record import read_record
 from tests.conftest import REPO
 
 JOBS = 4
-FAST = ("model=llama_synthetic", "train.max_steps=1", "threads=1", "method.calibration.n_samples=4",
-        "method.calibration.seq_len=64")
-needs_gptqmodel = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
-                                     reason="GPTQ needs the [gptq] extra: pip install -e '.[gptq]'")
+FAST = (
+    "model=llama_synthetic",
+    "train.max_steps=1",
+    "threads=1",
+    "method.calibration.n_samples=4",
+    "method.calibration.seq_len=64",
+)
+needs_gptqmodel = pytest.mark.skipif(
+    importlib.util.find_spec("gptqmodel") is None, reason="GPTQ needs the [gptq] extra: pip install -e '.[gptq]'"
+)
 # Everything a process could reach the network through, pointed at a closed port.
 NO_NETWORK = {
     **{key: "http://127.0.0.1:9" for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy")},
-    "NO_PROXY": "", "no_proxy": "",
-    "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "",
-    "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0", "PIP_DEFAULT_TIMEOUT": "5",
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "NO_PROXY": "",
+    "no_proxy": "",
+    "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+    "PIP_EXTRA_INDEX_URL": "",
+    "PIP_FIND_LINKS": "",
+    "PIP_CONFIG_FILE": os.devnull,
+    "PIP_RETRIES": "0",
+    "PIP_DEFAULT_TIMEOUT": "5",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
 }
 
 
@@ -40,8 +52,9 @@ def environment(cache: Path, **extra: str) -> dict:
 
 
 def start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def run_at_once(commands: list[list[str]], env: dict, timeout: int = 600) -> list[tuple[int, str]]:
@@ -53,8 +66,12 @@ def run_at_once(commands: list[list[str]], env: dict, timeout: int = 600) -> lis
 
 def builds(outputs: list[str], entry_prefix: str) -> int:
     """How many processes built a cache entry whose name starts with ``entry_prefix``."""
-    return sum(line.split("building ", 1)[1].rsplit("/", 1)[-1].startswith(entry_prefix)
-               for output in outputs for line in output.splitlines() if "building /" in line)
+    return sum(
+        line.split("building ", 1)[1].rsplit("/", 1)[-1].startswith(entry_prefix)
+        for output in outputs
+        for line in output.splitlines()
+        if "building /" in line
+    )
 
 
 def leftovers(cache: Path) -> list[Path]:
@@ -70,8 +87,15 @@ def mmlu_file() -> str:
 
 
 def run_job(i: int, tmp_path: Path, *overrides: str) -> list[str]:
-    return ["-m", "experiments.run", *FAST, *overrides, f"mmlu_file={mmlu_file()}",
-            f"results_dir={tmp_path / f'records{i}'}", f"hydra.run.dir={tmp_path / f'out{i}'}"]
+    return [
+        "-m",
+        "experiments.run",
+        *FAST,
+        *overrides,
+        f"mmlu_file={mmlu_file()}",
+        f"results_dir={tmp_path / f'records{i}'}",
+        f"hydra.run.dir={tmp_path / f'out{i}'}",
+    ]
 
 
 # ----------------------------------------------------------------------------- concurrency
@@ -132,18 +156,33 @@ def test_four_prefetches_at_once_download_and_convert_once(prefetched):
 
 def offline_run(cache: Path, tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, list[Path]]:
     records = tmp_path / "records"
-    command = [sys.executable, "-m", "experiments.run", *overrides, f"results_dir={records}",
-               f"hydra.run.dir={tmp_path / 'out'}"]
-    result = subprocess.run(command, cwd=REPO, env=environment(cache, **NO_NETWORK), capture_output=True, text=True,
-                            timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        *overrides,
+        f"results_dir={records}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, env=environment(cache, **NO_NETWORK), capture_output=True, text=True, timeout=600
+    )
     return result, sorted(records.glob("*.json"))
 
 
 @pytest.mark.slow
 def test_without_network_the_synthetic_model_trains_and_records_on_an_empty_cache(tmp_path):
     """Its tokenizer is made in code: nothing to download (the training data is a local file here)."""
-    result, records = offline_run(tmp_path / "empty-cache", tmp_path, "model=llama_synthetic", "method=lora_bf16",
-                                        "train.max_steps=2", "method.lora.r=4", "threads=1", f"mmlu_file={mmlu_file()}")
+    result, records = offline_run(
+        tmp_path / "empty-cache",
+        tmp_path,
+        "model=llama_synthetic",
+        "method=lora_bf16",
+        "train.max_steps=2",
+        "method.lora.r=4",
+        "threads=1",
+        f"mmlu_file={mmlu_file()}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     [record] = [read_record(path) for path in records]
     assert record["status"] == "ok" and record["train"]["steps"] == 2
@@ -153,8 +192,16 @@ def test_without_network_the_synthetic_model_trains_and_records_on_an_empty_cach
 def test_without_network_the_prefetched_bundled_model_runs(prefetched, tmp_path):
     cache, _ = prefetched
     result, records = offline_run(
-        cache, tmp_path, "model=smollm2_135m", "method=base_bf16", "eval.limit_per_subject=1",
-        "eval.subjects=[anatomy,virology]", "eval.num_fewshot=0", "eval.perplexity.enabled=false", "threads=1")
+        cache,
+        tmp_path,
+        "model=smollm2_135m",
+        "method=base_bf16",
+        "eval.limit_per_subject=1",
+        "eval.subjects=[anatomy,virology]",
+        "eval.num_fewshot=0",
+        "eval.perplexity.enabled=false",
+        "threads=1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     [record] = [read_record(path) for path in records]
     assert record["status"] == "ok" and record["eval"]["mmlu"]["n_questions"] == 2

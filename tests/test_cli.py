@@ -5,7 +5,7 @@ import json
 import pytest
 
 from experiments.record import read_record
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 FAST = ("model=llama_synthetic", "train.max_steps=2", "method.lora.r=4")
 
@@ -14,21 +14,24 @@ def records_in(folder):
     return sorted(folder.glob("*.json")) if folder.exists() else []
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["method=qlora_nf5"], "qlora_nf4_dq"),                       # the valid choices are listed
-    (["model=llama3"], "smollm2_135m"),
-    (["method.lora.r=0"], "LoRA rank must be a positive integer"),
-    (["model=hf", "model.name_or_path=/no/such/checkpoint"], "no such file or folder"),
-    (["mmlu_file=/no/such/mmlu.jsonl"], "no such file"),
-    (["train.max_steps=many"], "max_steps"),
-    (["eval.num_fewshot=7"], "from 0 to 5"),
-    (["eval.subjects=[astrology]"], "high school geography"),
-    (["model=llama_synthetic", "model.preset=70b"], "llama2_7b"),
-    (["train.optimizer=paged_adamw_32bit", "device=cpu"], "adamw_torch"),
-    (["eval.perplexity.source=c4"], "mmlu_heldout, wikitext2"),
-    (["method=qalora", "method.group_size=128"], "does not divide"),
-    (["method=qalora", "method.bits=5"], "is not one of 2, 3, 4, 8"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=qlora_nf5"], "qlora_nf4_dq"),  # the valid choices are listed
+        (["model=llama3"], "smollm2_135m"),
+        (["method.lora.r=0"], "LoRA rank must be a positive integer"),
+        (["model=hf", "model.name_or_path=/no/such/checkpoint"], "no such file or folder"),
+        (["mmlu_file=/no/such/mmlu.jsonl"], "no such file"),
+        (["train.max_steps=many"], "max_steps"),
+        (["eval.num_fewshot=7"], "from 0 to 5"),
+        (["eval.subjects=[astrology]"], "high school geography"),
+        (["model=llama_synthetic", "model.preset=70b"], "llama2_7b"),
+        (["train.optimizer=paged_adamw_32bit", "device=cpu"], "adamw_torch"),
+        (["eval.perplexity.source=c4"], "mmlu_heldout, wikitext2"),
+        (["method=qalora", "method.group_size=128"], "does not divide"),
+        (["method=qalora", "method.bits=5"], "is not one of 2, 3, 4, 8"),
+    ],
+)
 def test_bad_input_fails_fast_with_one_clear_message_and_no_record(tmp_path, overrides, message):
     result = run_cli(*overrides, f"results_dir={tmp_path / 'records'}", timeout=120)
     assert result.returncode != 0
@@ -38,8 +41,13 @@ def test_bad_input_fails_fast_with_one_clear_message_and_no_record(tmp_path, ove
 
 
 def test_run_writes_one_complete_record_and_skips_it_when_rerun(tmp_path):
-    args = (*FAST, "method=qlora_nf4_dq", f"results_dir={tmp_path}", f"checkpoint_dir={tmp_path / 'ck'}",
-            f"hydra.run.dir={tmp_path / 'out'}")
+    args = (
+        *FAST,
+        "method=qlora_nf4_dq",
+        f"results_dir={tmp_path}",
+        f"checkpoint_dir={tmp_path / 'ck'}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     [path] = records_in(tmp_path)
@@ -61,8 +69,14 @@ def test_run_writes_one_complete_record_and_skips_it_when_rerun(tmp_path):
 
 @pytest.mark.parametrize("error, status", [("runtime", "failed"), ("oom", "oom")])
 def test_failure_during_a_run_is_recorded_and_exits_nonzero(tmp_path, error, status):
-    result = run_cli(*FAST, "hydra.searchpath=[file://tests/conf]", "method=broken_finalize",
-                     f"method.error={error}", f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}")
+    result = run_cli(
+        *FAST,
+        "hydra.searchpath=[file://tests/conf]",
+        "method=broken_finalize",
+        f"method.error={error}",
+        f"results_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
     assert result.returncode == 1
     [path] = records_in(tmp_path)
     record = read_record(path)
@@ -72,8 +86,14 @@ def test_failure_during_a_run_is_recorded_and_exits_nonzero(tmp_path, error, sta
 
 
 def test_a_sweep_goes_on_past_a_failed_run_and_lists_it(tmp_path):
-    result = run_cli("-m", *FAST, "hydra.searchpath=[file://tests/conf]", "method=lora_bf16,broken_finalize",
-                     f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    result = run_cli(
+        "-m",
+        *FAST,
+        "hydra.searchpath=[file://tests/conf]",
+        "method=lora_bf16,broken_finalize",
+        f"results_dir={tmp_path}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
     assert result.returncode == 1
     statuses = sorted(read_record(p)["status"] for p in records_in(tmp_path))
     assert statuses == ["failed", "ok"]
@@ -101,8 +121,15 @@ def test_run_id_is_stable_and_ignores_settings_that_do_not_change_results():
 
 
 def test_a_sweep_goes_on_past_a_job_whose_config_is_rejected(tmp_path):
-    result = run_cli("-m", "model=llama_synthetic", "train.max_steps=2", "method=lora_bf16", "method.lora.r=0,4",
-                     f"results_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    result = run_cli(
+        "-m",
+        "model=llama_synthetic",
+        "train.max_steps=2",
+        "method=lora_bf16",
+        "method.lora.r=0,4",
+        f"results_dir={tmp_path}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
     assert result.returncode == 1
     assert [read_record(p)["status"] for p in records_in(tmp_path)] == ["ok"]
     assert "INVALID job" in result.stdout and "LoRA rank must be a positive integer" in result.stdout

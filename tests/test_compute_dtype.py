@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from experiments.compute_dtype import native_compute_dtype, resolve_auto_compute_dtype
+from core.compute_dtype import native_compute_dtype, resolve_auto_compute_dtype
 from tests.conftest import compose_config, run_cli
 
 CPU = torch.device("cpu")
@@ -25,12 +25,17 @@ def test_onednn_kept_below_bf16_instructions_computes_in_fp32():
 
 
 def test_a_16bit_base_computes_in_its_own_dtype_or_in_fp32_never_the_other_16bit_one(monkeypatch):
-    import experiments.compute_dtype as compute_dtype
+    import core.compute_dtype as compute_dtype
 
-    for native, stored, expected in [("bfloat16", "bfloat16", "bfloat16"), ("float32", "bfloat16", "float32"),
-                                     ("float16", "bfloat16", "float32"), ("bfloat16", "float16", "float32"),
-                                     ("float16", "float16", "float16"), ("bfloat16", None, "bfloat16")]:
-        monkeypatch.setattr(compute_dtype, "native_compute_dtype", lambda device: (native, "stub"))
+    for native, stored, expected in [
+        ("bfloat16", "bfloat16", "bfloat16"),
+        ("float32", "bfloat16", "float32"),
+        ("float16", "bfloat16", "float32"),
+        ("bfloat16", "float16", "float32"),
+        ("float16", "float16", "float16"),
+        ("bfloat16", None, "bfloat16"),
+    ]:
+        monkeypatch.setattr(compute_dtype, "native_compute_dtype", lambda device, native=native: (native, "stub"))
         assert compute_dtype.auto_compute_dtype(CPU, stored)[0] == expected, (native, stored)
 
 
@@ -45,13 +50,21 @@ def test_auto_is_written_into_the_config_so_the_run_id_tells_the_dtypes_apart():
     other = "float32" if choice["resolved"] == "bfloat16" else "bfloat16"
     assert run_id_of(cfg) == run_id_of(explicit)  # auto on this machine is that dtype, nothing else
     assert run_id_of(cfg) != run_id_of(compose_config("method=qlora_nf4", f"method.compute_dtype={other}"))
-    assert resolve_auto_compute_dtype(compose_config("method=qlora_nf4", "method.compute_dtype=float32").method,
-                                      CPU) is None  # what the user fixes stays
+    assert (
+        resolve_auto_compute_dtype(compose_config("method=qlora_nf4", "method.compute_dtype=float32").method, CPU)
+        is None
+    )  # what the user fixes stays
 
 
 def test_the_record_says_which_dtype_ran_and_why(tmp_path):
-    done = run_cli("model=llama_synthetic", "method=qlora_nf4", "method.lora.r=4", "train.max_steps=1", "threads=1",
-                   f"results_dir={tmp_path}")
+    done = run_cli(
+        "model=llama_synthetic",
+        "method=qlora_nf4",
+        "method.lora.r=4",
+        "train.max_steps=1",
+        "threads=1",
+        f"results_dir={tmp_path}",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     from experiments.record import read_record
 
@@ -108,7 +121,7 @@ def test_a_bf16_base_computing_in_fp32_stays_bf16_and_trains_as_its_fp32_upcast(
 def test_a_16bit_base_rejects_the_other_16bit_compute_dtype():
     import pytest
 
-    from experiments.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="computes in bfloat16, float32 or auto"):
         _lora("bfloat16", "float16")
@@ -124,17 +137,35 @@ def test_lora_bf16_on_a_cpu_emulating_bf16_runs_in_fp32_and_says_why(tmp_path):
     from tests.conftest import REPO
 
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "HYDRA_FULL_ERROR": "0"}
-    done = subprocess.run([sys.executable, "-m", "experiments.run", "model=llama_synthetic", "method=lora_bf16",
-                           "method.lora.r=4", "train.max_steps=2", "threads=1", "eval.limit_per_subject=1",
-                           "eval.subjects=[anatomy]", f"results_dir={tmp_path}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "model=llama_synthetic",
+            "method=lora_bf16",
+            "method.lora.r=4",
+            "train.max_steps=2",
+            "threads=1",
+            "eval.limit_per_subject=1",
+            "eval.subjects=[anatomy]",
+            f"results_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     [path] = tmp_path.glob("*.json")
     record = read_record(path)
     assert record["status"] == "ok"
     assert record["config"]["method"]["compute_dtype"] == record["method"]["compute_dtype"] == "float32"
-    assert "ONEDNN_MAX_CPU_ISA=AVX2" in record["env"]["compute_dtype_choice"]["reason"] or \
-        "no native bfloat16" in record["env"]["compute_dtype_choice"]["reason"]
+    assert (
+        "ONEDNN_MAX_CPU_ISA=AVX2" in record["env"]["compute_dtype_choice"]["reason"]
+        or "no native bfloat16" in record["env"]["compute_dtype_choice"]["reason"]
+    )
     assert record["method"]["quant_format"] == "bfloat16"
     assert record["method"]["weight_bits_per_param"] == 16
     assert all(math.isfinite(loss) for loss in record["train"]["losses"])

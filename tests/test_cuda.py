@@ -19,8 +19,7 @@ from methods.base import LoadContext
 from tests.conftest import compose_config
 from tests.test_methods import make_method, random_batches
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 
@@ -31,8 +30,9 @@ def test_qlora_trains_with_a_paged_optimizer_and_reports_cuda_peaks():
     meter = PhaseMeter(CUDA)
     with meter.phase("load"):
         model = method.add_adapters(method.load_base(spec, LoadContext(device=CUDA)))
-    settings = TrainSettings(max_steps=3, batch_size=4, warmup_steps=0, optimizer="paged_adamw_32bit",
-                             gradient_checkpointing=True)
+    settings = TrainSettings(
+        max_steps=3, batch_size=4, warmup_steps=0, optimizer="paged_adamw_32bit", gradient_checkpointing=True
+    )
     with meter.phase("train") as phase:
         result = train(model, random_batches(spec.vocab_size), settings, CUDA)
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
@@ -57,8 +57,11 @@ def test_paged_optimizer_state_is_counted_in_the_reported_peak():
     with meter.phase("train") as phase:
         result = train(model, random_batches(spec.vocab_size, length=64), settings, CUDA)
     phase.paged_bytes = result.optimizer_paged_bytes
-    expected = predict(resolve_shape(spec.path), spec_from_method_config(OmegaConf.to_container(cfg.method)),
-                       TrainShape(2, 64, "paged_adamw_32bit"))["optimizer_paged_bytes"]
+    expected = predict(
+        resolve_shape(spec.path),
+        spec_from_method_config(OmegaConf.to_container(cfg.method)),
+        TrainShape(2, 64, "paged_adamw_32bit"),
+    )["optimizer_paged_bytes"]
     assert result.optimizer_paged_bytes == expected > 0  # what the memory model says bitsandbytes pages
     assert phase.peak_memory_bytes == phase.cuda_max_allocated_bytes + result.optimizer_paged_bytes
     assert phase.as_dict()["paged_bytes"] == result.optimizer_paged_bytes
@@ -67,8 +70,9 @@ def test_paged_optimizer_state_is_counted_in_the_reported_peak():
 def test_a_resumed_paged_optimizer_keeps_its_state_paged(tmp_path):
     spec, _, model = _paged_qlora()
     checkpoint = tmp_path / "train_state.pt"
-    settings = TrainSettings(max_steps=2, batch_size=2, warmup_steps=0, optimizer="paged_adamw_32bit",
-                             checkpoint_every=1)
+    settings = TrainSettings(
+        max_steps=2, batch_size=2, warmup_steps=0, optimizer="paged_adamw_32bit", checkpoint_every=1
+    )
     first = train(model, random_batches(spec.vocab_size, length=32), settings, CUDA, checkpoint_path=checkpoint)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(settings, params)

@@ -36,13 +36,16 @@ def test_a_long_question_does_not_pad_a_whole_batch():
 @pytest.mark.parametrize("num_fewshot", [0, 5])
 def test_cached_batched_scores_equal_full_forward_per_letter(smollm2, num_fewshot):
     model, tokenizer = smollm2
-    result = evaluate_mmlu(model, tokenizer, num_fewshot=num_fewshot, subjects=SUBJECTS, limit_per_subject=3,
-                           batch_size=2, progress=False)
+    result = evaluate_mmlu(
+        model, tokenizer, num_fewshot=num_fewshot, subjects=SUBJECTS, limit_per_subject=3, batch_size=2, progress=False
+    )
     split = mmlu_data.load_split()
     assert result["n_questions"] == 9 and result["letter_scoring"] == "single_token"
     for p in result["predictions"]:
         question = next(q for q in split.test[p["subject"]] if q.index == p["index"])
-        expected = naive_letter_logprobs(model, tokenizer, mmlu_data.prompt(question, split.fewshot[p["subject"]][:num_fewshot]))
+        expected = naive_letter_logprobs(
+            model, tokenizer, mmlu_data.prompt(question, split.fewshot[p["subject"]][:num_fewshot])
+        )
         assert p["logprobs"] == pytest.approx(expected, abs=2e-3)
         if max(expected) - sorted(expected)[-2] > 1e-2:  # not a numerical tie
             assert p["pred"] == "ABCD"[max(range(4), key=expected.__getitem__)]
@@ -61,8 +64,9 @@ def test_accuracy_aggregates_over_questions_categories_and_subjects(smollm2):
 
 def test_long_prompts_are_truncated_from_the_left_and_counted(smollm2):
     model, tokenizer = smollm2
-    result = evaluate_mmlu(model, tokenizer, num_fewshot=5, subjects=["anatomy"], limit_per_subject=2,
-                           max_length=64, progress=False)
+    result = evaluate_mmlu(
+        model, tokenizer, num_fewshot=5, subjects=["anatomy"], limit_per_subject=2, max_length=64, progress=False
+    )
     assert result["n_truncated"] == 2 and result["n_questions"] == 2
 
 

@@ -3,13 +3,15 @@
 import pytest
 import torch
 
-from experiments.errors import ConfigError
+from core.errors import ConfigError
 from experiments.models import random_llama_spec
 from experiments.train import TrainSettings
-from methods.base import LoadContext, LoraSettings, load_pretrained
+from methods.base import LoadContext
 from methods.int_quant import GroupQuantLinear, dequantize, rtn_quantize
+from methods.loading import load_pretrained
 from methods.qalora import QALoRALinear
 from methods.qlora_gptq import load_merged_weights, merged_state_dict
+from methods.settings import LoraSettings
 from tests.conftest import compose_config
 from tests.test_methods import make_method
 
@@ -17,7 +19,8 @@ from tests.test_methods import make_method
 def test_a_drifted_parameter_name_stops_the_qlora_gptq_merge_instead_of_quantizing_the_plain_base(cpu):
     spec = random_llama_spec("tiny")
     model = make_method("lora_bf16", "method.lora.r=4").add_adapters(
-        make_method("lora_bf16", "method.lora.r=4").load_base(spec, LoadContext(device=cpu)))
+        make_method("lora_bf16", "method.lora.r=4").load_base(spec, LoadContext(device=cpu))
+    )
     state = merged_state_dict(model, torch.bfloat16)
     load_merged_weights(load_pretrained(spec, cpu, torch.bfloat16), state)  # names match: loads
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -54,8 +57,9 @@ def test_rtn_of_a_constant_group_gives_finite_weights():
     assert torch.allclose(restored[1, 32:], torch.full((32,), 0.25), atol=0.25 / 15)
 
 
-@pytest.mark.parametrize("key,value", [("log_every", 0), ("max_seq_len", 0), ("max_seq_len", -5),
-                                       ("checkpoint_every", -1)])
+@pytest.mark.parametrize(
+    "key,value", [("log_every", 0), ("max_seq_len", 0), ("max_seq_len", -5), ("checkpoint_every", -1)]
+)
 def test_train_settings_reject_values_that_would_fail_after_the_work(key, value):
     with pytest.raises(ConfigError, match=f"train.{key}"):
         TrainSettings(**{key: value})

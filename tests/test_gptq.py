@@ -5,9 +5,11 @@ import torch
 
 pytest.importorskip("gptqmodel", reason="GPTQ methods need the [gptq] extra: pip install -e '.[gptq]'")
 
-from methods.base import LLAMA_BLOCK_LINEARS, LoadContext, load_pretrained  # noqa: E402
+from core.shapes import LLAMA_BLOCK_LINEARS  # noqa: E402
+from methods.base import LoadContext  # noqa: E402
 from methods.gptq import GPTQ, layer_codes, load_quantized, quantize_checkpoint  # noqa: E402
 from methods.int_quant import dequantize, rtn_quantize  # noqa: E402
+from methods.loading import load_pretrained  # noqa: E402
 from methods.qalora import QALoRA, QALoRALinear  # noqa: E402
 from methods.storage import is_gptq_layer  # noqa: E402
 
@@ -22,8 +24,16 @@ def calibration(tiny_spec):
 
 @pytest.fixture(scope="module")
 def gptq_folder(tiny_spec, calibration, tmp_path_factory):
-    return quantize_checkpoint(tiny_spec.path, calibration, bits=BITS, group_size=GROUP, sym=False, desc_act=False,
-                               batch_size=4, cache_root=tmp_path_factory.mktemp("gptq"))
+    return quantize_checkpoint(
+        tiny_spec.path,
+        calibration,
+        bits=BITS,
+        group_size=GROUP,
+        sym=False,
+        desc_act=False,
+        batch_size=4,
+        cache_root=tmp_path_factory.mktemp("gptq"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +51,7 @@ def test_gptq_model_computes_in_the_configured_dtype_and_the_record_says_so(gptq
 
 
 def test_gptq_rejects_a_compute_dtype_its_kernels_lack():
-    from experiments.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="float32.*bfloat16, float16"):
         GPTQ("gptq", bits=BITS, group_size=GROUP, compute_dtype="float32")
@@ -52,7 +62,7 @@ def test_gptq_layers_read_back_as_integer_codes_scales_and_zeros(gptq_model):
     assert len(layers) == 2 * len(LLAMA_BLOCK_LINEARS)
     for layer in layers:
         codes, scales, zeros = layer_codes(layer)
-        assert int(codes.max()) <= 2 ** BITS - 1 and torch.equal(zeros, zeros.round())
+        assert int(codes.max()) <= 2**BITS - 1 and torch.equal(zeros, zeros.round())
         eye = torch.eye(layer.in_features, dtype=layer.scales.dtype)
         assert torch.allclose(dequantize(codes, scales, zeros, GROUP), layer(eye).float().T, atol=1e-3)
 
@@ -61,8 +71,11 @@ def test_gptq_layer_output_error_is_lower_than_round_to_nearest(tiny_spec, calib
     """Same layers, same calibration inputs, same bits and group size: GPTQ's error is smaller."""
     model = load_pretrained(tiny_spec, torch.device("cpu"), torch.float32)
     inputs = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: inputs.setdefault(name, []).append(args[0]))
-             for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in LLAMA_BLOCK_LINEARS]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=name: inputs.setdefault(name, []).append(args[0]))
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in LLAMA_BLOCK_LINEARS
+    ]
     with torch.no_grad():
         model(torch.tensor(calibration))
     for hook in hooks:
@@ -81,8 +94,15 @@ def test_gptq_layer_output_error_is_lower_than_round_to_nearest(tiny_spec, calib
 
 
 def test_qalora_on_a_gptq_base_merges_exactly(tiny_spec, calibration):
-    method = QALoRA("qalora", bits=BITS, group_size=GROUP, base_quantizer="gptq", compute_dtype="float32",
-                    lora={"r": 4, "alpha": 8, "dropout": 0.0}, calibration={"n_samples": 16, "seq_len": 64})
+    method = QALoRA(
+        "qalora",
+        bits=BITS,
+        group_size=GROUP,
+        base_quantizer="gptq",
+        compute_dtype="float32",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        calibration={"n_samples": 16, "seq_len": 64},
+    )
     model = method.add_adapters(method.load_base(tiny_spec, LoadContext(torch.device("cpu"), calibration=calibration)))
     for module in model.modules():
         if isinstance(module, QALoRALinear):

@@ -9,8 +9,9 @@ import torch
 from experiments.measure import PhaseMeter, PhaseStats, paged_state_bytes
 from experiments.models import LLAMA_PRESETS, random_llama_spec
 from experiments.train import TrainSettings, repage_optimizer_state, train
-from methods.base import LoadContext, load_pretrained
+from methods.base import LoadContext
 from methods.int_quant import GroupQuantLinear, dequantize, rtn_quantize
+from methods.loading import load_pretrained
 from tests.test_methods import make_method, random_batches
 
 
@@ -87,8 +88,9 @@ def test_random_base_quantizes_exactly_as_transformers_does_from_a_checkpoint(tm
     built = method.load_base(spec, LoadContext(device=cpu))
     dense = load_pretrained(spec, cpu, torch.bfloat16)
     dense.save_pretrained(tmp_path)
-    from_file = load_pretrained(replace(spec, path=str(tmp_path), random_shape=None), cpu, torch.bfloat16,
-                                method.quantization_config())
+    from_file = load_pretrained(
+        replace(spec, path=str(tmp_path), random_shape=None), cpu, torch.bfloat16, method.quantization_config()
+    )
     built_state, file_state = built.state_dict(), from_file.state_dict()
     assert set(built_state) == set(file_state)
     for name, tensor in file_state.items():
@@ -96,7 +98,7 @@ def test_random_base_quantizes_exactly_as_transformers_does_from_a_checkpoint(tm
 
 
 def test_random_llama_spec_rejects_an_unknown_preset():
-    from experiments.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="tiny"):
         random_llama_spec("llama2_70b")
@@ -143,15 +145,26 @@ def test_compiled_training_pads_to_bucketed_widths_and_times_compiles_apart(cpu,
     torch._dynamo.reset()
     spec = random_llama_spec("tiny")
     generator = torch.Generator().manual_seed(0)
-    rows = [TokenizedExample(ids, ids) for ids in
-            (torch.randint(1, spec.vocab_size, (n,), generator=generator).tolist() for n in (20, 30, 40, 50, 100, 110))]
+    rows = [
+        TokenizedExample(ids, ids)
+        for ids in (
+            torch.randint(1, spec.vocab_size, (n,), generator=generator).tolist() for n in (20, 30, 40, 50, 100, 110)
+        )
+    ]
     model = make_method("lora_bf16", "method.lora.r=4").add_adapters(
-        make_method("lora_bf16", "method.lora.r=4").load_base(spec, LoadContext(device=cpu)))
+        make_method("lora_bf16", "method.lora.r=4").load_base(spec, LoadContext(device=cpu))
+    )
     seen = []  # per step: (graphs compiled so far, tokens of the step)
-    settings = TrainSettings(max_steps=6, batch_size=1, warmup_steps=0, compile=True, measure_after_steps=0,
-                             max_seq_len=256)
-    result = train(model, BatchSource(rows, 1, pad_id=0, seed=0), settings, cpu,
-                   log=lambda metrics, step: seen.append((len(compilations), metrics["train/tokens_per_step"])))
+    settings = TrainSettings(
+        max_steps=6, batch_size=1, warmup_steps=0, compile=True, measure_after_steps=0, max_seq_len=256
+    )
+    result = train(
+        model,
+        BatchSource(rows, 1, pad_id=0, seed=0),
+        settings,
+        cpu,
+        log=lambda metrics, step: seen.append((len(compilations), metrics["train/tokens_per_step"])),
+    )
     compiled = [after > before for before, after in zip([0] + [n for n, _ in seen], [n for n, _ in seen])]
     assert sum(compiled) == result.compile_steps == 2 and result.compile_seconds > 0
     assert result.measured_tokens == sum(tokens for (_, tokens), new in zip(seen, compiled) if not new)
@@ -164,8 +177,11 @@ def test_bucket_width_pads_to_powers_of_two_within_the_maximum():
     assert [bucket_width(w, 512) for w in (1, 64, 65, 200, 300, 512)] == [64, 64, 128, 256, 512, 512]
     assert bucket_width(700, 600) == 700  # never shorter than the batch
     assert bucket_width(550, 600) == 600
-    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
-             "labels": torch.ones(2, 3, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.ones(2, 3, dtype=torch.long),
+        "attention_mask": torch.ones(2, 3, dtype=torch.long),
+        "labels": torch.ones(2, 3, dtype=torch.long),
+    }
     padded = pad_to_width(batch, 5)
     assert padded["input_ids"].shape == (2, 5) and padded["attention_mask"][:, 3:].sum() == 0
     assert (padded["labels"][:, 3:] == -100).all()

@@ -26,15 +26,22 @@ from tests.conftest import CONF, compose_config
 
 # QLoRA's formats, plus the INT-k group format of QA-LoRA and RTN when their configs exist
 METHODS = ("lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4") + tuple(
-    m for m in ("qalora", "rtn") if (CONF / "method" / f"{m}.yaml").exists())
+    m for m in ("qalora", "rtn") if (CONF / "method" / f"{m}.yaml").exists()
+)
 MODELS = {
     "tiny": {"name": "llama_synthetic", "kind": "synthetic", "preset": "tiny"},
     "small": {"name": "llama_synthetic", "kind": "synthetic", "preset": "small"},
     "smollm2": {"name": "smollm2_135m", "kind": "bundled_gguf"},
 }
 # describe() key -> what it is; all are exact byte (or parameter) counts
-COMPARED = ("weight_bytes", "quantized_linear_bytes", "quantization_constant_bytes", "unquantized_bytes",
-            "adapter_bytes", "trainable_params")
+COMPARED = (
+    "weight_bytes",
+    "quantized_linear_bytes",
+    "quantization_constant_bytes",
+    "unquantized_bytes",
+    "adapter_bytes",
+    "trainable_params",
+)
 TOLERANCE = 0.01
 
 
@@ -65,7 +72,8 @@ def relative_error(predicted: float, measured: float) -> float:
 # to quantize on CPU) the 16-bit base and NF4 with and without double quantization.
 # (FP4 stores exactly what NF4 stores, only its 16-entry code table differs.)
 CASES = [(model, method) for model in ("tiny", "small") for method in METHODS] + [
-    ("smollm2", method) for method in ("lora_bf16", "qlora_nf4", "qlora_nf4_dq")]
+    ("smollm2", method) for method in ("lora_bf16", "qlora_nf4", "qlora_nf4_dq")
+]
 
 
 @pytest.mark.parametrize(("model_key", "method_name"), CASES)
@@ -80,8 +88,11 @@ def test_static_parts_match_tensor_bytes(model_key, method_name, specs):
     shape = resolve_shape(spec.path)  # from the checkpoint's config.json only
     prediction = predict(shape, resolve_method(method_name), TrainShape(optimizer="adamw_torch"))
     predicted = {**prediction["weights"], "optimizer_state_bytes": prediction["parts"]["optimizer_state"]}
-    errors = {key: relative_error(predicted[key], measured[key])
-              for key in (*COMPARED, "optimizer_state_bytes") if measured[key] or predicted[key]}
+    errors = {
+        key: relative_error(predicted[key], measured[key])
+        for key in (*COMPARED, "optimizer_state_bytes")
+        if measured[key] or predicted[key]
+    }
     assert max(errors.values()) <= TOLERANCE, {k: (predicted[k], measured[k]) for k in errors}
     assert predicted["weight_bits_per_param"] == pytest.approx(measured["weight_bits_per_param"], rel=TOLERANCE)
 
@@ -89,8 +100,10 @@ def test_static_parts_match_tensor_bytes(model_key, method_name, specs):
 def test_llama2_7b_format_arithmetic():
     """The formats' bits/param at 7B (DESIGN.md), and QLoRA's ~0.37 bits saved by double quantization."""
     shape = NAMED_MODELS["llama2_7b"]
-    bits = {name: weight_parts(shape, resolve_method(name))["weight_bits_per_param"]
-            for name in ("lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_int8", "qalora_int4", "gptq_int4")}
+    bits = {
+        name: weight_parts(shape, resolve_method(name))["weight_bits_per_param"]
+        for name in ("lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_int8", "qalora_int4", "gptq_int4")
+    }
     assert bits["lora_bf16"] == 16
     assert bits["qlora_nf4"] == pytest.approx(4.5, abs=1e-4)
     assert bits["qlora_nf4_dq"] == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-4)
@@ -144,7 +157,16 @@ def test_saved_activations_of_one_block_match_autograd(specs):
 def test_cli_prints_every_part(capsys):
     assert main(["--model", "llama2_13b", "--method", "qlora_nf4_dq", "--batch", "1", "--seq", "512"]) == 0
     out = capsys.readouterr().out
-    for part in ("frozen_weights", "quantization_constants", "unquantized", "adapters", "adapter_gradients",
-                 "optimizer_state", "activations", "logits", "peak allocated"):
+    for part in (
+        "frozen_weights",
+        "quantization_constants",
+        "unquantized",
+        "adapters",
+        "adapter_gradients",
+        "optimizer_state",
+        "activations",
+        "logits",
+        "peak allocated",
+    ):
         assert part in out
     assert main(["--model", "no_such_model", "--method", "qlora_nf4"]) == 2

@@ -11,11 +11,19 @@ from tests.conftest import METHOD_CONFIGS, compose_config
 
 # The formats' arithmetic (DESIGN.md): 4-bit codes + fp32 absmax per 64 weights; with
 # double quantization, 8-bit absmax + an fp32 constant per 256 blocks.
-EXPECTED_BITS = {"qlora_nf4": 4.5, "qlora_fp4": 4.5, "qlora_nf4_dq": 4 + 8 / 64 + 32 / (64 * 256),
-                 "lora_bf16": 16.0, "lora_fp16": 16.0, "base_bf16": 16.0}
+EXPECTED_BITS = {
+    "qlora_nf4": 4.5,
+    "qlora_fp4": 4.5,
+    "qlora_nf4_dq": 4 + 8 / 64 + 32 / (64 * 256),
+    "lora_bf16": 16.0,
+    "lora_fp16": 16.0,
+    "base_bf16": 16.0,
+}
 # Small enough for the tiny model: a rank-4 adapter, 8 calibration segments of 64 tokens.
-TINY_OVERRIDES = {"lora": ["method.lora.r=4"],
-                  "calibration": ["method.calibration.n_samples=8", "method.calibration.seq_len=64"]}
+TINY_OVERRIDES = {
+    "lora": ["method.lora.r=4"],
+    "calibration": ["method.calibration.n_samples=8", "method.calibration.seq_len=64"],
+}
 
 
 def make_method(name: str, *overrides: str, tiny: bool = False) -> Method:
@@ -28,7 +36,7 @@ def make_method(name: str, *overrides: str, tiny: bool = False) -> Method:
 
 def tiny_calibration(vocab: int, method) -> list[list[int]]:
     generator = torch.Generator().manual_seed(0)
-    n, length = method.calibration["n_samples"], method.calibration["seq_len"]
+    n, length = method.calibration.n_samples, method.calibration.seq_len
     return torch.randint(0, vocab, (n, length), generator=generator).tolist()
 
 
@@ -51,8 +59,8 @@ def test_method_runs_on_tiny_llama(name, tiny_spec, cpu):
     assert isinstance(method, Method) and method.name == name
     if "gptq" in name:
         pytest.importorskip("gptqmodel", reason="GPTQ methods need the [gptq] extra")
-    context = LoadContext(device=cpu)
-    if getattr(method, "needs_calibration", False):
+    context = LoadContext(device=cpu, model_spec=tiny_spec)
+    if method.calibration is not None:
         context.calibration = tiny_calibration(tiny_spec.vocab_size, method)
     torch.manual_seed(0)
     model = method.add_adapters(method.load_base(tiny_spec, context))
@@ -148,7 +156,7 @@ def test_resume_from_checkpoint_continues_exactly(tiny_spec, cpu, tmp_path):
 
 
 def test_lora_rank_must_be_positive():
-    from experiments.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(Exception) as error:
         make_method("qlora_nf4", "method.lora.r=0")

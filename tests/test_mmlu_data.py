@@ -60,8 +60,11 @@ def test_prompt_matches_lm_eval_mmlu_template(split):
 
     examples = split.fewshot["high school geography"]
     question = split.test["high school geography"][0]
-    expected = subject_yaml["description"] + "".join(
-        lm_eval_text(q) + " " + q.answer + "\n\n" for q in examples) + lm_eval_text(question)
+    expected = (
+        subject_yaml["description"]
+        + "".join(lm_eval_text(q) + " " + q.answer + "\n\n" for q in examples)
+        + lm_eval_text(question)
+    )
     assert mmlu_data.prompt(question, examples) == expected
 
 

@@ -16,12 +16,14 @@ import pytest
 
 from analysis.load import load_runs
 from analysis.tables import main_table
-from experiments.record import folder_digest, model_identity
 from experiments.models import ModelSpec
+from experiments.record import folder_digest, model_identity
 from tests.conftest import run_cli
 
-SIZES = {"narrow": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-         "wide": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)}
+SIZES = {
+    "narrow": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    "wide": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+}
 
 
 def save_llama(folder: Path, tokenizer_path: str, **shape) -> Path:
@@ -30,8 +32,13 @@ def save_llama(folder: Path, tokenizer_path: str, **shape) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], vocab_size=len(tokenizer),
-                         tie_word_embeddings=True, max_position_embeddings=4096)
+    config = LlamaConfig(
+        **shape,
+        num_key_value_heads=shape["num_attention_heads"],
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -47,11 +54,24 @@ def checkpoints(tmp_path_factory, tiny_spec) -> dict[str, Path]:
 @pytest.mark.slow
 def test_a_sweep_over_two_local_checkpoints_and_two_seeds_is_two_rows_of_two_seeds(tmp_path, checkpoints):
     folders = ",".join(str(folder) for folder in checkpoints.values())
-    result = run_cli("-m", "model=hf", f"model.name_or_path={folders}", "seed=0,1", "method=lora_bf16",
-                     "method.lora.r=4", "train.max_steps=1", "train.batch_size=2", "train.max_seq_len=128",
-                     "eval.num_fewshot=0", "eval.limit_per_subject=1", "eval.subjects=[anatomy,virology]",
-                     "eval.perplexity.enabled=false", "threads=1", f"results_dir={tmp_path / 'records'}",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    result = run_cli(
+        "-m",
+        "model=hf",
+        f"model.name_or_path={folders}",
+        "seed=0,1",
+        "method=lora_bf16",
+        "method.lora.r=4",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "train.max_seq_len=128",
+        "eval.num_fewshot=0",
+        "eval.limit_per_subject=1",
+        "eval.subjects=[anatomy,virology]",
+        "eval.perplexity.enabled=false",
+        "threads=1",
+        f"results_dir={tmp_path / 'records'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = load_runs(tmp_path / "records")
     assert len(runs) == 4 and set(runs["status"]) == {"ok"}
@@ -62,7 +82,9 @@ def test_a_sweep_over_two_local_checkpoints_and_two_seeds_is_two_rows_of_two_see
     assert sorted(runs["model"].str.split("@").str[0].unique()) == ["narrow", "wide"]
     assert set(runs["model_config"]) == {"hf"}  # what the old model column showed for all four
     record = json.loads(next((tmp_path / "records").glob("*.json")).read_text())
-    assert record["model"]["id"] in set(runs["model"]) and record["model"]["path"] in {str(f) for f in checkpoints.values()}
+    assert record["model"]["id"] in set(runs["model"]) and record["model"]["path"] in {
+        str(f) for f in checkpoints.values()
+    }
 
 
 def test_a_local_checkpoint_is_named_by_folder_and_content(tmp_path):

@@ -3,15 +3,21 @@
 import pytest
 import torch
 
-from experiments.errors import ConfigError
+from core.errors import ConfigError
 from methods.base import LoadContext
 from methods.int_quant import GroupQuantLinear, dequantize, pack_codes, rtn_quantize, unpack_codes
 from methods.qalora import QALoRA, QALoRALinear, load_merged, save_merged
 
 
 def qalora_model(spec, bits, pooling="mean", group_size=32):
-    method = QALoRA("qalora", bits=bits, group_size=group_size, pooling=pooling, compute_dtype="float32",
-                    lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    method = QALoRA(
+        "qalora",
+        bits=bits,
+        group_size=group_size,
+        pooling=pooling,
+        compute_dtype="float32",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+    )
     torch.manual_seed(0)
     model = method.add_adapters(method.load_base(spec, LoadContext(device=torch.device("cpu"))))
     for module in model.modules():  # as if trained: B is no longer zero
@@ -22,7 +28,7 @@ def qalora_model(spec, bits, pooling="mean", group_size=32):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_packing_round_trips(bits):
-    codes = torch.randint(0, 2 ** bits, (48, 64), dtype=torch.uint8)
+    codes = torch.randint(0, 2**bits, (48, 64), dtype=torch.uint8)
     packed = pack_codes(codes, bits)
     assert packed.numel() == codes.numel() * bits // 8
     assert torch.equal(unpack_codes(packed, bits, codes.shape), codes)
@@ -49,7 +55,7 @@ def test_merge_is_exact_and_keeps_integer_codes(tiny_spec, bits, pooling):
     assert len(layers) == len(adapters_off) == 2 * 7
     for layer in layers:
         codes = layer.codes()
-        assert codes.dtype == torch.uint8 and int(codes.max()) <= 2 ** bits - 1
+        assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
         assert layer.zeros.dtype == torch.float32  # merged zeros are off the integers: kept in fp32
 
 
@@ -88,12 +94,15 @@ def test_storage_counts_codes_scales_and_zeros(tiny_spec, bits, group, expected)
     assert info["weight_bits_per_param"] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"bits": 5}, "is not one of 2, 3, 4, 8"),
-    ({"group_size": 30}, "multiple of 8"),
-    ({"pooling": "max"}, "mean, sum"),
-    ({"base_quantizer": "gptq", "calibration": {"n_samples": 2}}, "at least one batch"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"bits": 5}, "is not one of 2, 3, 4, 8"),
+        ({"group_size": 30}, "multiple of 8"),
+        ({"pooling": "max"}, "mean, sum"),
+        ({"base_quantizer": "gptq", "calibration": {"n_samples": 2}}, "at least one batch"),
+    ],
+)
 def test_bad_settings_fail_before_any_work(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         QALoRA("qalora", **kwargs)

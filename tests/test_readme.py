@@ -13,7 +13,11 @@ def readme_commands() -> list[str]:
 
 def test_ci_runs_the_readme_test_command():
     test_command, _ = readme_commands()
-    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci_lines = [
+        line
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
     assert ci_lines == [test_command]
 
 
@@ -25,7 +29,8 @@ def test_main_job_command_names_an_existing_experiment():
 
 def test_readme_lists_every_method():
     text = (REPO / "README.md").read_text()
-    assert all(f"`{name}`" in text for name in METHOD_CONFIGS)
+    missing = [name for name in METHOD_CONFIGS if f"`{name}`" not in text]
+    assert not missing, f"README.md does not name conf/method/ config(s) {missing}: add each, in backticks, to its list"
 
 
 def test_readme_results_table_is_the_generated_one():

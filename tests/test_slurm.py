@@ -31,24 +31,36 @@ def slurm_env(tmp_path_factory):
     """Environment of a shell after ``eval "$(scripts/slurm_local.sh env)"`` on a fresh cluster."""
     folder = tmp_path_factory.mktemp("slurm")
     script_env = {**os.environ, "QPEFT_SLURM_DIR": str(folder)}
-    started = subprocess.run(["bash", str(SCRIPT), "start"], env=script_env, capture_output=True, text=True,
-                             timeout=300)
+    started = subprocess.run(
+        ["bash", str(SCRIPT), "start"], env=script_env, capture_output=True, text=True, timeout=300
+    )
     if started.returncode == 3:
         pytest.skip(f"Slurm packages cannot be installed here: {started.stderr.strip()[-500:]}")
     assert started.returncode == 0, started.stderr[-3000:]
-    env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf"),
-           "PATH": f"{folder / 'bin'}:{os.environ['PATH']}", "HYDRA_FULL_ERROR": "0"}
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(folder / "slurm.conf"),
+        "PATH": f"{folder / 'bin'}:{os.environ['PATH']}",
+        "HYDRA_FULL_ERROR": "0",
+    }
     try:
         yield env
     finally:
-        stopped = subprocess.run(["bash", str(SCRIPT), "stop"], env=script_env, capture_output=True, text=True,
-                                 timeout=120)
+        stopped = subprocess.run(
+            ["bash", str(SCRIPT), "stop"], env=script_env, capture_output=True, text=True, timeout=120
+        )
         assert stopped.returncode == 0, stopped.stderr
 
 
 def sweep(env: dict, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.run", "-m", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", "-m", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def records_in(folder: Path) -> list[dict]:
@@ -89,13 +101,24 @@ def test_a_sweep_runs_as_a_slurm_job_array_and_a_rerun_does_no_work(slurm_env, t
 
 def test_a_failed_run_is_recorded_and_the_other_run_completes(slurm_env, tmp_path):
     # launcher=slurm is the project's preset; this cluster has no GPUs and a little memory per job
-    result = sweep(slurm_env, "launcher=slurm", "hydra.launcher.gpus_per_task=null", "hydra.launcher.mem_gb=null",
-                   "hydra.launcher.cpus_per_task=1", *TINY, "train.max_steps=2",
-                   "hydra.searchpath=[file://tests/conf]", "method=lora_bf16,broken_finalize",
-                   f"results_dir={tmp_path / 'records'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    result = sweep(
+        slurm_env,
+        "launcher=slurm",
+        "hydra.launcher.gpus_per_task=null",
+        "hydra.launcher.mem_gb=null",
+        "hydra.launcher.cpus_per_task=1",
+        *TINY,
+        "train.max_steps=2",
+        "hydra.searchpath=[file://tests/conf]",
+        "method=lora_bf16,broken_finalize",
+        f"results_dir={tmp_path / 'records'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
     assert result.returncode == 1, result.stderr[-3000:]
-    statuses = {r["method"]["name"] if r["method"] else r["config"]["method"]["name"]: r["status"]
-                for r in records_in(tmp_path / "records")}
+    statuses = {
+        r["method"]["name"] if r["method"] else r["config"]["method"]["name"]: r["status"]
+        for r in records_in(tmp_path / "records")
+    }
     assert statuses == {"lora_bf16": "ok", "broken_finalize": "failed"}
     assert "FAILED broken_finalize" in result.stdout and "1 ok, 1 failed" in result.stdout
 
@@ -120,8 +143,11 @@ def preempt_the_only_job(env: dict) -> str:
     [job_id] = slurm(env, "squeue", "-h", "-o", "%A").split()
     # what Slurm sends before preempting a job (submitit's preemption signal)
     slurm(env, "scancel", "--signal=USR2", job_id)
-    wait_for(lambda: int(job_field(env, job_id, "Restarts")) >= 1
-             and job_field(env, job_id, "JobState") == "PENDING", 60, "the job to be requeued")
+    wait_for(
+        lambda: int(job_field(env, job_id, "Restarts")) >= 1 and job_field(env, job_id, "JobState") == "PENDING",
+        60,
+        "the job to be requeued",
+    )
     # Slurm holds a requeued job for two minutes before it may start again; a cluster
     # with other work would start it later still. Release it now.
     slurm(env, "scontrol", "update", f"JobId={job_id}", "StartTime=now")
@@ -133,13 +159,32 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_env, 
     # timeout_min above 10: submitit counts a signal as a time-out when the job has had
     # min(80%, limit - 10 min) of its time; this test is about preemption
     process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "-m", *SLURM, "hydra.launcher.timeout_min=30", *TINY,
-         "method=lora_bf16", "train.max_steps=200", f"results_dir={records}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "-m",
+            *SLURM,
+            "hydra.launcher.timeout_min=30",
+            *TINY,
+            "method=lora_bf16",
+            "train.max_steps=200",
+            f"results_dir={records}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        env=slurm_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         # train.checkpoint_every is not set: under Slurm the run checkpoints on its own
-        wait_for(lambda: list(checkpoints.glob("*/train_state.pt")) or process.poll() is not None, 120,
-                 "a training checkpoint")
+        wait_for(
+            lambda: list(checkpoints.glob("*/train_state.pt")) or process.poll() is not None,
+            120,
+            "a training checkpoint",
+        )
         assert process.poll() is None, "the run finished before it could be preempted"
         job_id = preempt_the_only_job(slurm_env)
         output, _ = process.communicate(timeout=180)
@@ -174,13 +219,38 @@ def test_a_job_requeued_after_training_does_not_train_again(slurm_env, tmp_path)
     # (synthetic models skip evaluation): about half a minute to preempt it in.
     tiny = synthetic_checkpoint("tiny")
     process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "-m", *SLURM, "hydra.launcher.timeout_min=30", "model=hf",
-         f"model.name_or_path={tiny}", "method.lora.r=4", "threads=1", "method=lora_bf16", "train.max_steps=3",
-         "eval.limit_per_subject=40", f"results_dir={records}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "-m",
+            *SLURM,
+            "hydra.launcher.timeout_min=30",
+            "model=hf",
+            f"model.name_or_path={tiny}",
+            "method.lora.r=4",
+            "threads=1",
+            "method=lora_bf16",
+            "train.max_steps=3",
+            "eval.limit_per_subject=40",
+            f"results_dir={records}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        env=slurm_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        wait_for(lambda: any(_checkpoint_step(c) == 3 for c in checkpoints.glob("*/train_state.pt"))
-                 or process.poll() is not None, 180, "the final training state")
+        wait_for(
+            lambda: (
+                any(_checkpoint_step(c) == 3 for c in checkpoints.glob("*/train_state.pt"))
+                or process.poll() is not None
+            ),
+            180,
+            "the final training state",
+        )
         assert process.poll() is None and not list(records.glob("*.json")), "the run ended before its evaluation"
         preempt_the_only_job(slurm_env)  # while it evaluates
         output, _ = process.communicate(timeout=300)
@@ -199,16 +269,36 @@ def test_a_job_killed_before_its_record_gets_a_failed_record_and_the_sweep_its_s
     records = tmp_path / "records"
     # launcher=slurm (the project's launcher); two runs, the long one is cancelled mid-training
     process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", "-m", "launcher=slurm", "hydra.launcher.gpus_per_task=null",
-         "hydra.launcher.mem_gb=null", "hydra.launcher.cpus_per_task=1", *TINY, "method=lora_bf16",
-         "train.max_steps=2,5000", f"results_dir={records}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "-m",
+            "launcher=slurm",
+            "hydra.launcher.gpus_per_task=null",
+            "hydra.launcher.mem_gb=null",
+            "hydra.launcher.cpus_per_task=1",
+            *TINY,
+            "method=lora_bf16",
+            "train.max_steps=2,5000",
+            f"results_dir={records}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        env=slurm_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: list(records.glob("*.json")) or process.poll() is not None, 180, "the short run's record")
         assert process.poll() is None, "the sweep ended before a job could be cancelled"
         # the short run's job may still be finishing after its record appeared
-        [job_id] = wait_for(lambda: running if len(running := slurm(slurm_env, "squeue", "-h", "-o", "%i").split()) == 1
-                            else None, 60, "the long run's job alone in the queue")
+        [job_id] = wait_for(
+            lambda: running if len(running := slurm(slurm_env, "squeue", "-h", "-o", "%i").split()) == 1 else None,
+            60,
+            "the long run's job alone in the queue",
+        )
         slurm(slurm_env, "scancel", job_id)  # what a node OOM kill or an admin's scancel looks like to the run
         output, _ = process.communicate(timeout=240)
     finally:

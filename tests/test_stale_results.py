@@ -49,8 +49,14 @@ def test_a_record_from_another_code_version_is_run_again_and_both_records_are_ke
 def test_a_sweep_prints_the_committed_reference_run_of_the_same_configuration_under_its_own(tmp_path):
     committed = run_cli(*TINY, f"results_dir={tmp_path / 'committed'}")
     assert committed.returncode == 0, committed.stderr[-2000:]
-    sweep = run_cli("-m", *TINY, "seed=0,1", f"results_dir={tmp_path / 'mine'}",
-                    f"reference_results={tmp_path / 'committed'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    sweep = run_cli(
+        "-m",
+        *TINY,
+        "seed=0,1",
+        f"results_dir={tmp_path / 'mine'}",
+        f"reference_results={tmp_path / 'committed'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
     assert sweep.returncode == 0, sweep.stderr[-2000:]
     lines = sweep.stdout.splitlines()
     rows = [line.split()[0] for line in lines if line.startswith(("lora_bf16", "  reference"))]

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
@@ -22,7 +21,7 @@ from hydra.errors import MissingConfigException
 from experiments.record import read_record
 from experiments.run import check_eval, instantiate_method
 from experiments.train import TrainSettings
-from tests.conftest import CONF, REPO
+from tests.conftest import CONF, REPO, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 PAPER_TABLES = ("qlora_table4", "qalora_table1", "datatypes")
@@ -31,8 +30,7 @@ FAST = ("model=llama_synthetic", "train.max_steps=2", "method.lora.r=4", "thread
 
 def compose_hydra(*overrides: str):
     """The config a job sees, with its ``hydra`` node (sweeper params, launcher)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    return compose_config(*overrides, hydra_node=True)
 
 
 def sweep_jobs(experiment: str) -> list[list[str]]:
@@ -44,8 +42,7 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
 
 
 def compose_job(job: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=job)
+    return compose_config(*job)
 
 
 def missing_method(error: MissingConfigException) -> str | None:
@@ -82,8 +79,10 @@ def test_every_job_of_every_experiment_composes_into_a_valid_run(experiment):
         configs.append(cfg)
     assert results_dirs == {f"results/runs/{experiment}"}  # one table, one folder of records, git-ignored
     if absent:
-        pytest.skip(f"experiment={experiment}: {len(configs)} of {len(jobs)} jobs composed; "
-                    f"no conf/method/ file yet for {', '.join(sorted(absent))}")
+        pytest.skip(
+            f"experiment={experiment}: {len(configs)} of {len(jobs)} jobs composed; "
+            f"no conf/method/ file yet for {', '.join(sorted(absent))}"
+        )
 
 
 def test_each_paper_table_has_a_small_preset_for_this_machine():
@@ -119,8 +118,8 @@ def test_qalora_table1_rows_are_methods_at_4_3_2_bits_with_group_size_32():
     for method in ("qlora_gptq", "qalora"):
         if (CONF / "method" / f"{method}.yaml").exists():
             assert rows[method] == {(4, 32), (3, 32), (2, 32)}
-    assert rows["qlora_nf4"] == {(None, None)}      # NF4 is 4-bit only
-    assert rows["base_bf16"] == {(None, None)}      # the base model, no fine-tuning
+    assert rows["qlora_nf4"] == {(None, None)}  # NF4 is 4-bit only
+    assert rows["base_bf16"] == {(None, None)}  # the base model, no fine-tuning
 
 
 def test_datatypes_evaluates_the_quantized_base_without_fine_tuning():
@@ -138,7 +137,10 @@ def test_local_launcher_is_the_default_and_slurm_is_one_override_away():
     assert compose_hydra("hydra/launcher=submitit_slurm").hydra.launcher._target_ == stock
     # the project's preset: the same launcher, plus a failed record for a job Slurm killed
     # (tests/test_slurm.py runs it on a real cluster)
-    assert compose_hydra("launcher=slurm").hydra.launcher._target_ == "hydra_plugins.qpeft_slurm.launcher.RecordingSlurmLauncher"
+    assert (
+        compose_hydra("launcher=slurm").hydra.launcher._target_
+        == "hydra_plugins.qpeft_slurm.launcher.RecordingSlurmLauncher"
+    )
     slurm = compose_hydra("launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
     assert slurm.partition == "gpu" and slurm.gpus_per_task == 1 and slurm.mem_gb > 0
     assert slurm.timeout_min > 10 and slurm.array_parallelism > 0 and slurm.setup
@@ -148,8 +150,9 @@ def test_local_launcher_is_the_default_and_slurm_is_one_override_away():
 def test_checkpoints_live_under_the_results_folder_and_out_of_git():
     cfg = compose_job(["results_dir=results/some_table"])
     assert cfg.checkpoint_dir == "results/some_table/.checkpoints"
-    ignored = subprocess.run(["git", "check-ignore", "-q", "results/some_table/.checkpoints/x/train_state.pt"],
-                             cwd=REPO)
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "results/some_table/.checkpoints/x/train_state.pt"], cwd=REPO
+    )
     assert ignored.returncode == 0
 
 
@@ -158,8 +161,14 @@ def test_checkpoints_live_under_the_results_folder_and_out_of_git():
 
 def run_cli_in(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def files_under(folder: Path) -> set[str]:
@@ -167,8 +176,15 @@ def files_under(folder: Path) -> set[str]:
 
 
 def test_a_local_sweep_writes_only_its_folders_and_a_rerun_does_no_work(tmp_path):
-    args = ("-m", *FAST, "method=lora_bf16,qlora_nf4", "train.checkpoint_every=1",
-            "results_dir=records", "hydra.sweep.dir=sweep", "logger=wandb")
+    args = (
+        "-m",
+        *FAST,
+        "method=lora_bf16,qlora_nf4",
+        "train.checkpoint_every=1",
+        "results_dir=records",
+        "hydra.sweep.dir=sweep",
+        "logger=wandb",
+    )
     first = run_cli_in(tmp_path, *args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "2 ok, 0 failed" in first.stdout
@@ -194,10 +210,24 @@ def test_a_local_sweep_writes_only_its_folders_and_a_rerun_does_no_work(tmp_path
 
 
 def test_a_run_killed_mid_training_continues_from_its_checkpoint_when_the_sweep_is_rerun(tmp_path):
-    args = ("-m", "model=llama_synthetic", "method=lora_bf16", "method.lora.r=4", "threads=1",
-            "train.max_steps=150", "train.checkpoint_every=5", "results_dir=records", "hydra.sweep.dir=sweep")
-    sweep = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = (
+        "-m",
+        "model=llama_synthetic",
+        "method=lora_bf16",
+        "method.lora.r=4",
+        "threads=1",
+        "train.max_steps=150",
+        "train.checkpoint_every=5",
+        "results_dir=records",
+        "hydra.sweep.dir=sweep",
+    )
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     checkpoints = tmp_path / "records" / ".checkpoints"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("*/train_state.pt")) and time.monotonic() < deadline and sweep.poll() is None:

@@ -16,8 +16,9 @@ everything else is submitit's and hydra-submitit-launcher's own behaviour.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
@@ -74,8 +75,10 @@ class _JobOrLoss:
         lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         # an uncompleted job's error says why in its first line; a job that raised, in its last
         reason = lines[0] if isinstance(error, UncompletedJobError) else lines[-1]
-        message = (f"Slurm job {self.job.job_id} ended {state} before the run finished its record "
-                   f"(log: {self.job.paths.stdout}): {reason.strip()}")
+        message = (
+            f"Slurm job {self.job.job_id} ended {state} before the run finished its record "
+            f"(log: {self.job.paths.stdout}): {reason.strip()}"
+        )
         config = self.launcher.job_config(self.overrides, self.job_num)
         output_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
         task_config = copy.deepcopy(config)
@@ -91,12 +94,19 @@ class _JobOrLoss:
         if not _written_by(written.get("slurm") or {}, str(self.job.job_id)):
             write_record(lost_job_record(task_config, run_id, state, message, self.job.job_id), record_path)
         write_pointer(output_dir, run_id, record_path)
-        return self._returned(config, task_config, output_dir,
-                              {"record_path": str(record_path), "status": "failed", "error": message})
+        return self._returned(
+            config, task_config, output_dir, {"record_path": str(record_path), "status": "failed", "error": message}
+        )
 
     def _returned(self, config, task_config, output_dir: Path, value: dict) -> JobReturn:
-        result = JobReturn(overrides=self.overrides, cfg=task_config, hydra_cfg=config, working_dir=str(output_dir),
-                           task_name=str(config.hydra.job.name), status=JobStatus.COMPLETED)
+        result = JobReturn(
+            overrides=self.overrides,
+            cfg=task_config,
+            hydra_cfg=config,
+            working_dir=str(output_dir),
+            task_name=str(config.hydra.job.name),
+            status=JobStatus.COMPLETED,
+        )
         # COMPLETED, not FAILED: Hydra's sweeper re-raises a failed job's error and would stop
         # before the summary, which lists this run from its record.
         result.return_value = value

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from experiments.record import cpuinfo_field
+from core.cpu import cpu_flags
 
 AUTO = "auto"
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -29,12 +29,9 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
-def cpu_flags() -> set[str]:
-    return set((cpuinfo_field("flags") or "").split())
-
-
-def native_compute_dtype(device: torch.device, flags: set[str] | None = None,
-                         onednn_max_isa: str | None = None) -> tuple[str, str]:
+def native_compute_dtype(
+    device: torch.device, flags: set[str] | None = None, onednn_max_isa: str | None = None
+) -> tuple[str, str]:
     """(dtype name, why) for ``compute_dtype: auto`` on ``device``."""
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported(including_emulation=False):
@@ -43,11 +40,16 @@ def native_compute_dtype(device: torch.device, flags: set[str] | None = None,
     flags = cpu_flags() if flags is None else flags
     native = sorted(set(CPU_BF16_FLAGS) & flags)
     if not native:
-        return "float32", "the CPU has no native bfloat16 (no avx512_bf16 or amx_bf16): bf16 would be emulated, ~60x slower"
+        return (
+            "float32",
+            "the CPU has no native bfloat16 (no avx512_bf16 or amx_bf16): bf16 would be emulated, ~60x slower",
+        )
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA", "") if onednn_max_isa is None else onednn_max_isa).upper()
     if isa in ONEDNN_ISAS_WITHOUT_BF16:
-        return "float32", (f"ONEDNN_MAX_CPU_ISA={isa} keeps oneDNN from the CPU's bfloat16 instructions "
-                           f"({', '.join(native)}): bf16 would be emulated, ~60x slower")
+        return "float32", (
+            f"ONEDNN_MAX_CPU_ISA={isa} keeps oneDNN from the CPU's bfloat16 instructions "
+            f"({', '.join(native)}): bf16 would be emulated, ~60x slower"
+        )
     return "bfloat16", f"the CPU computes bfloat16 natively ({', '.join(native)})"
 
 

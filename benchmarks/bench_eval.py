@@ -1,6 +1,6 @@
 """Benchmark: the harness's MMLU evaluator against lm-eval, same model, same questions, one process.
 
-    python -m experiments.bench_eval --limit-per-subject 4 --shots 0 5
+    python -m benchmarks.bench_eval --limit-per-subject 4 --shots 0 5
 
 For each number of shots it runs both backends (experiments.evaluate and
 experiments.lm_eval_backend) on the same loaded model and the same questions, and
@@ -22,20 +22,26 @@ import torch
 from omegaconf import OmegaConf
 
 from analysis.model_shapes import shape_from_config
+from core.tensors import tensor_bytes
 from experiments.evaluate import evaluate_mmlu
 from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
-from experiments.measure import PhaseMeter, limit_heap_retention, tensor_bytes
+from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import load_tokenizer, resolve_model
-from methods.base import DTYPES, load_pretrained
+from methods.loading import load_pretrained
+from methods.settings import DTYPES
 
 
 def compare(ours: dict, reference: dict) -> dict:
     theirs = {p["index"]: p for p in reference["predictions"]}
     same = sum(p["pred"] == theirs[p["index"]]["pred"] for p in ours["predictions"])
-    max_diff = max(max(abs(a - b) for a, b in zip(p["logprobs"], theirs[p["index"]]["logprobs"]))
-                   for p in ours["predictions"])
-    return {"agreement": same / len(ours["predictions"]), "acc_diff_points": 100 * (ours["acc"] - reference["acc"]),
-            "max_logprob_diff": max_diff}
+    max_diff = max(
+        max(abs(a - b) for a, b in zip(p["logprobs"], theirs[p["index"]]["logprobs"])) for p in ours["predictions"]
+    )
+    return {
+        "agreement": same / len(ours["predictions"]),
+        "acc_diff_points": 100 * (ours["acc"] - reference["acc"]),
+        "max_logprob_diff": max_diff,
+    }
 
 
 def run_backend(name: str, model, tokenizer, meter: PhaseMeter, **kwargs) -> tuple[dict, dict]:
@@ -43,10 +49,16 @@ def run_backend(name: str, model, tokenizer, meter: PhaseMeter, **kwargs) -> tup
     with meter.phase(f"{name}_{kwargs['num_fewshot']}shot") as phase:
         result = evaluate(model, tokenizer, **kwargs)
     n = result["n_questions"]
-    return result, {"backend": name, "backend_version": result["backend_version"], "questions": n,
-                    "seconds": round(phase.wall_s, 2), "questions_per_second": n / phase.wall_s,
-                    "acc": result["acc"], "peak_memory_bytes": phase.peak_memory_bytes,
-                    "memory_growth_bytes": phase.peak_memory_bytes - phase.memory_at_start_bytes}
+    return result, {
+        "backend": name,
+        "backend_version": result["backend_version"],
+        "questions": n,
+        "seconds": round(phase.wall_s, 2),
+        "questions_per_second": n / phase.wall_s,
+        "acc": result["acc"],
+        "peak_memory_bytes": phase.peak_memory_bytes,
+        "memory_growth_bytes": phase.peak_memory_bytes - phase.memory_at_start_bytes,
+    }
 
 
 def kv_bytes_per_position(model) -> int:
@@ -64,8 +76,11 @@ def memory_check(model, harness: dict, row: dict) -> dict:
     """
     weights = sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
     batch = harness["largest_batch_positions"] * kv_bytes_per_position(model)
-    return {"weights_bytes": weights, "largest_batch_kv_bytes": batch,
-            "memory_ratio": (weights + row["memory_growth_bytes"]) / (weights + batch)}
+    return {
+        "weights_bytes": weights,
+        "largest_batch_kv_bytes": batch,
+        "memory_ratio": (weights + row["memory_growth_bytes"]) / (weights + batch),
+    }
 
 
 def main(argv=None):
@@ -85,28 +100,49 @@ def main(argv=None):
     model = load_pretrained(spec, device, DTYPES[args.dtype])
     tokenizer = load_tokenizer(spec)
     meter = PhaseMeter(device)
-    report = {"model": spec.name, "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
-              "limit_per_subject": args.limit_per_subject, "runs": []}
+    report = {
+        "model": spec.name,
+        "dtype": args.dtype,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "limit_per_subject": args.limit_per_subject,
+        "runs": [],
+    }
     for shots in args.shots:
-        kwargs = dict(num_fewshot=shots, subjects=args.subjects, limit_per_subject=args.limit_per_subject,
-                      batch_size=args.batch_size, progress=False)
+        kwargs = dict(
+            num_fewshot=shots,
+            subjects=args.subjects,
+            limit_per_subject=args.limit_per_subject,
+            batch_size=args.batch_size,
+            progress=False,
+        )
         ours, ours_row = run_backend("harness", model, tokenizer, meter, **kwargs)
         reference, ref_row = run_backend("lm_eval", model, tokenizer, meter, **kwargs)
-        row = {"num_fewshot": shots, "harness": ours_row, "lm_eval": ref_row,
-               "speedup": ours_row["questions_per_second"] / ref_row["questions_per_second"],
-               # the speed-up that skipping work alone would give: every prompt token once
-               # (lm-eval, which also pads) against what the harness runs through the model
-               "prompt_tokens": ours["prompt_tokens"], "harness_tokens_forward": ours["tokens_forward"],
-               "work_ratio": ours["prompt_tokens"] / ours["tokens_forward"],
-               **compare(ours, reference), **memory_check(model, ours, ours_row)}
+        row = {
+            "num_fewshot": shots,
+            "harness": ours_row,
+            "lm_eval": ref_row,
+            "speedup": ours_row["questions_per_second"] / ref_row["questions_per_second"],
+            # the speed-up that skipping work alone would give: every prompt token once
+            # (lm-eval, which also pads) against what the harness runs through the model
+            "prompt_tokens": ours["prompt_tokens"],
+            "harness_tokens_forward": ours["tokens_forward"],
+            "work_ratio": ours["prompt_tokens"] / ours["tokens_forward"],
+            **compare(ours, reference),
+            **memory_check(model, ours, ours_row),
+        }
         report["runs"].append(row)
-        print(f"{shots}-shot, {ours_row['questions']} questions: harness {ours_row['questions_per_second']:.2f} q/s, "
-              f"lm-eval {ref_row['questions_per_second']:.2f} q/s, speedup {row['speedup']:.1f}x "
-              f"(token work ratio {row['work_ratio']:.1f}x), "
-              f"agreement {100 * row['agreement']:.2f}%, acc {ours_row['acc']:.4f} vs {ref_row['acc']:.4f} "
-              f"(max |dlogprob| {row['max_logprob_diff']:.2e}); harness memory (weights + growth) / "
-              f"(weights + largest batch's KV cache) {row['memory_ratio']:.2f}", flush=True)
+        print(
+            f"{shots}-shot, {ours_row['questions']} questions: harness {ours_row['questions_per_second']:.2f} q/s, "
+            f"lm-eval {ref_row['questions_per_second']:.2f} q/s, speedup {row['speedup']:.1f}x "
+            f"(token work ratio {row['work_ratio']:.1f}x), "
+            f"agreement {100 * row['agreement']:.2f}%, acc {ours_row['acc']:.4f} vs {ref_row['acc']:.4f} "
+            f"(max |dlogprob| {row['max_logprob_diff']:.2e}); harness memory (weights + growth) / "
+            f"(weights + largest batch's KV cache) {row['memory_ratio']:.2f}",
+            flush=True,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written {args.out}")

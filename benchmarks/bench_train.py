@@ -10,9 +10,9 @@ the same batch. For each it prints tokens/s (non-padding tokens after warm-up st
 peak ``torch.cuda.max_memory_allocated`` (reset per method and per phase) and the peak
 predicted by analysis.memory_model, and writes the figures as JSON and Markdown.
 
-    python -m experiments.bench_train                       # Llama-2-7B shape, batch 1 x 512, on CUDA
-    python -m experiments.bench_train --batch 4 --seq 1024 --rank 8   # the issue's A100 anchors' setting
-    python -m experiments.bench_train --preset tiny --device cpu --steps 3 --warmup 1 --seq 32   # smoke test
+    python -m benchmarks.bench_train                       # Llama-2-7B shape, batch 1 x 512, on CUDA
+    python -m benchmarks.bench_train --batch 4 --seq 1024 --rank 8   # the issue's A100 anchors' setting
+    python -m benchmarks.bench_train --preset tiny --device cpu --steps 3 --warmup 1 --seq 32   # smoke test
 
 Every method sees the same token ids (random, full length, no padding), so tokens/s
 compare the training step only.
@@ -29,30 +29,36 @@ from pathlib import Path
 
 import torch
 
+from experiments.config import CONF
 from experiments.measure import optimizer_state_bytes, paged_state_bytes
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 HARNESS_METHODS = ("lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qalora")
 REFERENCE = "reference_qlora_nf4"
 PAIRED = "qlora_nf4"  # the harness method the reference reimplements
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="llama2_7b",
-                        help="experiments.models.LLAMA_PRESETS key (tiny for a smoke test)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="llama2_7b", help="core.shapes.LLAMA_PRESETS key (tiny for a smoke test)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test only: no memory figures)")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help=f"conf/method names (default: those of {', '.join(HARNESS_METHODS)} that exist)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"conf/method names (default: those of {', '.join(HARNESS_METHODS)} that exist)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the bare transformers+peft+bnb loop")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: each method config's)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per method, warm-up included")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of tokens/s")
-    parser.add_argument("--optimizer", default=None,
-                        help="train.optimizer (default: paged_adamw_32bit on CUDA, QLoRA's; adamw_torch on CPU)")
+    parser.add_argument(
+        "--optimizer",
+        default=None,
+        help="train.optimizer (default: paged_adamw_32bit on CUDA, QLoRA's; adamw_torch on CPU)",
+    )
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--out", default="results/bench_train", help="folder for <preset>.json and <preset>.md")
     return parser.parse_args(argv)
@@ -61,8 +67,11 @@ def parse_args(argv):
 def check_device(args) -> torch.device:
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
-            print("error: no CUDA device. This benchmark measures GPU throughput and peak CUDA memory; "
-                  "run it on a GPU machine, or smoke-test it here with --preset tiny --device cpu", file=sys.stderr)
+            print(
+                "error: no CUDA device. This benchmark measures GPU throughput and peak CUDA memory; "
+                "run it on a GPU machine, or smoke-test it here with --preset tiny --device cpu",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
         return torch.device(args.device)
     if args.device != "cpu":
@@ -72,22 +81,28 @@ def check_device(args) -> torch.device:
 
 
 def compose(method: str, args, optimizer: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from experiments.config import compose_config
 
-    overrides = [f"method={method}", "model=llama_synthetic", f"model.preset={args.preset}",
-                 f"train.batch_size={args.batch}", f"train.max_seq_len={args.seq}", f"train.max_steps={args.steps}",
-                 f"train.measure_after_steps={args.warmup}", f"train.optimizer={optimizer}",
-                 f"train.gradient_checkpointing={not args.no_gradient_checkpointing}"]
+    overrides = [
+        f"method={method}",
+        "model=llama_synthetic",
+        f"model.preset={args.preset}",
+        f"train.batch_size={args.batch}",
+        f"train.max_seq_len={args.seq}",
+        f"train.max_steps={args.steps}",
+        f"train.measure_after_steps={args.warmup}",
+        f"train.optimizer={optimizer}",
+        f"train.gradient_checkpointing={not args.no_gradient_checkpointing}",
+    ]
     if args.rank is not None:
         overrides.append(f"method.lora.r={args.rank}")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(*overrides)
 
 
 def synthetic_spec(preset: str):
     """The harness's random Llama of the preset's shape, built directly on the device (no checkpoint on
     disk, no tokenizer: the benchmark feeds token ids, and a GPU machine may have no network)."""
-    from experiments.errors import ConfigError
+    from core.errors import ConfigError
     from experiments.models import random_llama_spec
 
     try:
@@ -146,12 +161,20 @@ def _peaks(device: torch.device, paged_bytes: int = 0) -> dict:
     """CUDA peaks since the last reset; ``paged_bytes`` (unified memory the allocator does not see) is added
     to the allocated peak as ``max_allocated_plus_paged_bytes``, the figure the memory model predicts."""
     if device.type != "cuda":
-        return {"max_allocated_bytes": None, "max_reserved_bytes": None, "paged_bytes": paged_bytes,
-                "max_allocated_plus_paged_bytes": None}
+        return {
+            "max_allocated_bytes": None,
+            "max_reserved_bytes": None,
+            "paged_bytes": paged_bytes,
+            "max_allocated_plus_paged_bytes": None,
+        }
     torch.cuda.synchronize(device)
     allocated = torch.cuda.max_memory_allocated(device)
-    return {"max_allocated_bytes": allocated, "max_reserved_bytes": torch.cuda.max_memory_reserved(device),
-            "paged_bytes": paged_bytes, "max_allocated_plus_paged_bytes": allocated + paged_bytes}
+    return {
+        "max_allocated_bytes": allocated,
+        "max_reserved_bytes": torch.cuda.max_memory_reserved(device),
+        "paged_bytes": paged_bytes,
+        "max_allocated_plus_paged_bytes": allocated + paged_bytes,
+    }
 
 
 def predicted(method_cfg: dict, model_path: str, args, optimizer: str) -> dict:
@@ -159,10 +182,21 @@ def predicted(method_cfg: dict, model_path: str, args, optimizer: str) -> dict:
     from analysis.method_specs import spec_from_method_config
     from analysis.model_shapes import resolve_shape
 
-    prediction = predict(resolve_shape(model_path), spec_from_method_config(method_cfg),
-                         TrainShape(args.batch, args.seq, optimizer, not args.no_gradient_checkpointing))
-    return {key: prediction[key] for key in ("peak_allocated_bytes", "peak_device_bytes", "floor_allocated_bytes",
-                                             "floor_device_bytes", "optimizer_paged_bytes")}
+    prediction = predict(
+        resolve_shape(model_path),
+        spec_from_method_config(method_cfg),
+        TrainShape(args.batch, args.seq, optimizer, not args.no_gradient_checkpointing),
+    )
+    return {
+        key: prediction[key]
+        for key in (
+            "peak_allocated_bytes",
+            "peak_device_bytes",
+            "floor_allocated_bytes",
+            "floor_device_bytes",
+            "optimizer_paged_bytes",
+        )
+    }
 
 
 def run_harness(method_name: str, args, device: torch.device, optimizer: str) -> dict:
@@ -187,11 +221,17 @@ def run_harness(method_name: str, args, device: torch.device, optimizer: str) ->
     load = {**_peaks(device), "wall_s": time.perf_counter() - started}
     _reset(device)
     result = train(model, _FixedBatches(same_batch(spec.vocab_size, args.batch, args.seq)), settings, device)
-    figures = {"name": method_name, "kind": "harness", "load": load,
-               "train": _peaks(device, result.optimizer_paged_bytes),
-               "tokens_per_second": result.tokens_per_second, "loss_first": result.losses[0],
-               "loss_last": result.losses[-1], "optimizer_state_bytes": result.optimizer_state_bytes,
-               "predicted": predicted(method_cfg, spec.path, args, optimizer)}
+    figures = {
+        "name": method_name,
+        "kind": "harness",
+        "load": load,
+        "train": _peaks(device, result.optimizer_paged_bytes),
+        "tokens_per_second": result.tokens_per_second,
+        "loss_first": result.losses[0],
+        "loss_last": result.losses[-1],
+        "optimizer_state_bytes": result.optimizer_state_bytes,
+        "predicted": predicted(method_cfg, spec.path, args, optimizer),
+    }
     del model, method, result
     return figures
 
@@ -211,8 +251,12 @@ def run_reference(args, device: torch.device, optimizer: str) -> dict:
     spec = synthetic_spec(args.preset)  # the same shape and seed as the harness's random base
     _reset(device)
     started = time.perf_counter()
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"])
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["lm_head"],
+    )
     # No checkpoint on disk: the same random NF4 base as the harness's (methods/random_base.py puts
     # bitsandbytes' Linear4bit where transformers' quantizer would). What this reference leaves
     # out of the project is everything from here on: adapters, training step, optimizer.
@@ -220,9 +264,17 @@ def run_reference(args, device: torch.device, optimizer: str) -> dict:
     model.requires_grad_(False)
     model.config.use_cache = False
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                             target_modules=list(lora["target_modules"]), bias="none",
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=list(lora["target_modules"]),
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.enable_input_require_grads()
     load = {**_peaks(device), "wall_s": time.perf_counter() - started}
     _reset(device)
@@ -230,8 +282,12 @@ def run_reference(args, device: torch.device, optimizer: str) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizers = {"adamw_torch": torch.optim.AdamW, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-                  "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}
+    optimizers = {
+        "adamw_torch": torch.optim.AdamW,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+    }
     opt = optimizers[optimizer](params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     ids = same_batch(spec.vocab_size, args.batch, args.seq).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -251,11 +307,17 @@ def run_reference(args, device: torch.device, optimizer: str) -> dict:
         if step >= args.warmup:
             measured_tokens += ids.numel()
             measured_s += time.perf_counter() - t0
-    figures = {"name": REFERENCE, "kind": "reference (transformers + peft + bitsandbytes)", "load": load,
-               "train": _peaks(device, paged_state_bytes(opt)),
-               "tokens_per_second": measured_tokens / measured_s if measured_s else None,
-               "loss_first": losses[0], "loss_last": losses[-1], "optimizer_state_bytes": optimizer_state_bytes(opt),
-               "predicted": predicted(OmegaConf.to_container(cfg.method, resolve=True), spec.path, args, optimizer)}
+    figures = {
+        "name": REFERENCE,
+        "kind": "reference (transformers + peft + bitsandbytes)",
+        "load": load,
+        "train": _peaks(device, paged_state_bytes(opt)),
+        "tokens_per_second": measured_tokens / measured_s if measured_s else None,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "optimizer_state_bytes": optimizer_state_bytes(opt),
+        "predicted": predicted(OmegaConf.to_container(cfg.method, resolve=True), spec.path, args, optimizer),
+    }
     del model, opt, params
     return figures
 
@@ -287,18 +349,24 @@ def _ratio(numerator, denominator) -> str:
 def markdown(report: dict) -> str:
     s = report["settings"]
     reference_tps = _mean_tokens_per_second(report["runs"], REFERENCE)
-    lines = [f"# Training throughput and memory: {s['preset']} shape, random weights", "",
-             f"Device: {report['device']}; batch {s['batch']} x {s['seq']} tokens, LoRA rank "
-             f"{s['rank'] or 'from config'}, optimizer {s['optimizer']}, gradient checkpointing "
-             f"{s['gradient_checkpointing']}, {s['steps']} steps ({s['warmup']} warm-up). "
-             f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.", "",
-             "Memory is the training phase's peak of torch.cuda.max_memory_allocated plus the paged optimizer "
-             "state (CUDA unified memory, which the allocator does not count); the prediction is "
-             "analysis.memory_model's peak_device_bytes, the floor its floor_device_bytes.", "",
-             "| run | status | tokens/s | / bare loop (mean) | peak allocated (GiB) | paged (GiB) | allocated + paged (GiB) | "
-             "predicted (GiB) | measured / predicted | predicted floor (GiB) | measured / floor | "
-             "peak reserved (GiB) | load peak (GiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Training throughput and memory: {s['preset']} shape, random weights",
+        "",
+        f"Device: {report['device']}; batch {s['batch']} x {s['seq']} tokens, LoRA rank "
+        f"{s['rank'] or 'from config'}, optimizer {s['optimizer']}, gradient checkpointing "
+        f"{s['gradient_checkpointing']}, {s['steps']} steps ({s['warmup']} warm-up). "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
+        "",
+        "Memory is the training phase's peak of torch.cuda.max_memory_allocated plus the paged optimizer "
+        "state (CUDA unified memory, which the allocator does not count); the prediction is "
+        "analysis.memory_model's peak_device_bytes, the floor its floor_device_bytes.",
+        "",
+        "| run | status | tokens/s | / bare loop (mean) | peak allocated (GiB) | paged (GiB) | "
+        "allocated + paged (GiB) | "
+        "predicted (GiB) | measured / predicted | predicted floor (GiB) | measured / floor | "
+        "peak reserved (GiB) | load peak (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["runs"]:
         if r["status"] != "ok":
             lines.append(f"| {r['name']} | {r['status']} | {r.get('error', '')[:120]} |" + " |" * 10)
@@ -310,13 +378,21 @@ def markdown(report: dict) -> str:
             f"{_gib(train['max_allocated_bytes'])} | {_gib(train['paged_bytes'])} | {_gib(measured)} | "
             f"{_gib(pred['peak_device_bytes'])} | {_ratio(measured, pred['peak_device_bytes'])} | "
             f"{_gib(pred['floor_device_bytes'])} | {_ratio(measured, pred['floor_device_bytes'])} | "
-            f"{_gib(train['max_reserved_bytes'])} | {_gib(r['load']['max_allocated_bytes'])} |")
+            f"{_gib(train['max_reserved_bytes'])} | {_gib(r['load']['max_allocated_bytes'])} |"
+        )
     ratio = report.get("harness_over_reference")
     if ratio:
-        lines += ["", f"Harness QLoRA NF4 over the bare loop, means of their runs (run in the order A B B A): "
-                      f"{ratio:.3f} (target: at least 0.98)."]
-    lines += ["", "Published anchors (A100, Llama-2-7B, batch 4 x 1024, r=8; not measured here): "
-              + "; ".join(f"{name} about {tps:,} tokens/s at {gb:.0f} GB" for name, tps, gb in ANCHORS) + "."]
+        lines += [
+            "",
+            f"Harness QLoRA NF4 over the bare loop, means of their runs (run in the order A B B A): "
+            f"{ratio:.3f} (target: at least 0.98).",
+        ]
+    lines += [
+        "",
+        "Published anchors (A100, Llama-2-7B, batch 4 x 1024, r=8; not measured here): "
+        + "; ".join(f"{name} about {tps:,} tokens/s at {gb:.0f} GB" for name, tps, gb in ANCHORS)
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -337,13 +413,26 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             runs.append(_guarded(lambda name=name: run_harness(name, args, device, optimizer), name, device))
     report = {
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else "cpu (smoke test: no memory figures)"),
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__},
-        "settings": {"preset": args.preset, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-                     "steps": args.steps, "warmup": args.warmup, "optimizer": optimizer,
-                     "gradient_checkpointing": not args.no_gradient_checkpointing},
+        "device": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test: no memory figures)"
+        ),
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__,
+        },
+        "settings": {
+            "preset": args.preset,
+            "batch": args.batch,
+            "seq": args.seq,
+            "rank": args.rank,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "optimizer": optimizer,
+            "gradient_checkpointing": not args.no_gradient_checkpointing,
+        },
         "runs": runs,
         "harness_over_reference": paired_ratio(runs),
     }

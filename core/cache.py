@@ -36,6 +36,15 @@ log = logging.getLogger(__name__)
 _NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
+def cache_dir() -> Path:
+    """The cache's root: ``$QPEFT_CACHE``, else ~/.cache/qpeft-bench (shared with compute nodes:
+    experiments.assets)."""
+    root = os.environ.get("QPEFT_CACHE") or Path.home() / ".cache" / "qpeft-bench"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def content_key(*parts, length: int = 16) -> str:
     """A short hex digest of JSON-serialisable ``parts``: what determines an entry's content."""
     text = json.dumps(parts, sort_keys=True, default=str)

@@ -1,0 +1,54 @@
+"""Loading a base the same way for every method, and adding peft's LoRA adapters to it."""
+
+from __future__ import annotations
+
+import torch
+
+from core.model_spec import ModelSpec
+from methods.settings import LoraSettings
+
+
+def load_pretrained(model_spec: ModelSpec, device: torch.device, dtype: torch.dtype, quantization_config=None):
+    """Load a checkpoint the same way for every method, frozen, on ``device``.
+
+    A spec with a ``random_shape`` (experiments.models.random_llama_spec) has no checkpoint:
+    its random weights are built directly on ``device`` (methods/random_base.py).
+    """
+    if getattr(model_spec, "random_shape", None) is not None:
+        from methods.random_base import build_random_base
+
+        model = build_random_base(model_spec.random_shape, device, dtype, quantization_config)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_spec.path,
+            dtype=dtype,
+            quantization_config=quantization_config,
+            device_map={"": device},
+            attn_implementation="sdpa",
+        )
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def load_16bit(model_spec: ModelSpec, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype):
+    """A base stored in the 16-bit ``dtype``, computing in ``compute_dtype`` (float32 where the device
+    emulates the 16-bit one: methods/upcast.py)."""
+    model = load_pretrained(model_spec, device, dtype)
+    if compute_dtype != dtype:
+        from methods.upcast import compute_in
+
+        model = compute_in(model, compute_dtype)
+    return model
+
+
+def add_lora(model: torch.nn.Module, lora: LoraSettings):
+    """Wrap ``model`` with peft LoRA adapters (A random, B zero; adapters kept in fp32)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora.peft_config())
+    # Gradient checkpointing on a frozen base needs inputs that require grad.
+    model.enable_input_require_grads()
+    return model
