@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import ConfigError
+from core.files import atomic_write
 from experiments.data import BatchSource
 from experiments.measure import optimizer_state_bytes, paged_state_bytes
 from methods.upcast import model_compute_dtype
@@ -175,9 +175,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a checkpoint is whole or absent, never half-written
+    atomic_write(path, lambda handle: torch.save(state, handle), binary=True)  # whole or absent, never half
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> TrainResult:
