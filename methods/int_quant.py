@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import ConfigError
+from core.modules import swap_modules
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CODES_PER_CHUNK = 8  # 8 codes of k bits are exactly k bytes
@@ -176,14 +177,11 @@ class GroupQuantLinear(torch.nn.Module):
 
 def replace_linears(model: torch.nn.Module, target_modules, make_layer) -> int:
     """Swap every nn.Linear whose name is in ``target_modules`` for ``make_layer(name, linear)``."""
-    replaced = 0
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if child_name in target_modules and isinstance(child, torch.nn.Linear):
-                full_name = f"{parent_name}.{child_name}" if parent_name else child_name
-                setattr(parent, child_name, make_layer(full_name, child))
-                replaced += 1
-    return replaced
+
+    def targeted(name: str, child: torch.nn.Module) -> bool:
+        return name.rsplit(".", 1)[-1] in target_modules and isinstance(child, torch.nn.Linear)
+
+    return swap_modules(model, targeted, make_layer)
 
 
 def quantize_linears_rtn(model, target_modules, bits: int, group_size: int) -> int:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from core.errors import ConfigError
+from core.modules import swap_modules
 from methods.base import TRAINED_PARAMS_ATTR, CalibrationSettings, LoadContext, Method, MethodFormat, trained_parameters
 from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, quantize_linears_rtn
 from methods.loading import load_pretrained
@@ -133,10 +134,11 @@ class QALoRA(Method):
         return model
 
     def add_adapters(self, model):
-        for parent in list(model.modules()):
-            for child_name, child in list(parent.named_children()):
-                if isinstance(child, GroupQuantLinear):
-                    setattr(parent, child_name, QALoRALinear(child, self.lora, self.pooling))
+        swap_modules(
+            model,
+            lambda name, child: isinstance(child, GroupQuantLinear),
+            lambda name, child: QALoRALinear(child, self.lora, self.pooling),
+        )
         return model.to(next(model.parameters()).device)
 
     def finalize(self, model, context: LoadContext):
@@ -171,13 +173,7 @@ class QALoRA(Method):
 def merge_adapters(model) -> int:
     """Fold every QA-LoRA adapter into its INT-k layer; the model remembers how many parameters it trained."""
     setattr(model, TRAINED_PARAMS_ATTR, trained_parameters(model))
-    merged = 0
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, QALoRALinear):
-                setattr(parent, child_name, child.merged())
-                merged += 1
-    return merged
+    return swap_modules(model, lambda name, child: isinstance(child, QALoRALinear), lambda name, child: child.merged())
 
 
 def save_merged(model, folder: Path) -> Path:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from core.modules import swap_modules
+
 
 def build_random_base(random_shape: dict, device: torch.device, dtype: torch.dtype, quantization_config=None):
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -35,31 +37,31 @@ def quantize_linears_bnb_4bit(model: torch.nn.Module, config, device: torch.devi
     if not getattr(config, "load_in_4bit", False):
         raise ValueError("a random base can be quantized with a 4-bit BitsAndBytesConfig only")
     skip = set(config.llm_int8_skip_modules or ())
-    replaced = 0
-    for _, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if not isinstance(child, torch.nn.Linear) or child_name in skip:
-                continue
-            layer = bnb.nn.Linear4bit(
-                child.in_features,
-                child.out_features,
-                bias=child.bias is not None,
-                compute_dtype=config.bnb_4bit_compute_dtype,
-                compress_statistics=config.bnb_4bit_use_double_quant,
-                quant_type=config.bnb_4bit_quant_type,
-                quant_storage=config.bnb_4bit_quant_storage,
-                device="meta",
-            )
-            layer.weight = bnb.nn.Params4bit(
-                child.weight.data,
-                requires_grad=False,
-                compress_statistics=config.bnb_4bit_use_double_quant,
-                quant_type=config.bnb_4bit_quant_type,
-                quant_storage=config.bnb_4bit_quant_storage,
-                module=layer,
-            ).to(device)
-            if child.bias is not None:
-                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(parent, child_name, layer)
-            replaced += 1
-    return replaced
+
+    def quantized(name: str, child: torch.nn.Module) -> torch.nn.Module:
+        layer = bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=config.bnb_4bit_compute_dtype,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=config.bnb_4bit_quant_storage,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            child.weight.data,
+            requires_grad=False,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=config.bnb_4bit_quant_storage,
+            module=layer,
+        ).to(device)
+        if child.bias is not None:
+            layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+        return layer
+
+    def selected(name: str, child: torch.nn.Module) -> bool:
+        return isinstance(child, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip
+
+    return swap_modules(model, selected, quantized)
