@@ -21,7 +21,7 @@ from hydra.errors import MissingConfigException
 from experiments.record import read_record
 from experiments.run import check_eval, instantiate_method
 from experiments.train import TrainSettings
-from tests.conftest import CONF, REPO, compose_config
+from tests.conftest import CONF, REPO, compose_config, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 PAPER_TABLES = ("qlora_table4", "qalora_table1", "datatypes")
@@ -159,18 +159,6 @@ def test_checkpoints_live_under_the_results_folder_and_out_of_git():
 # ----------------------------------------------------------------------------- local sweeps
 
 
-def run_cli_in(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
@@ -185,7 +173,7 @@ def test_a_local_sweep_writes_only_its_folders_and_a_rerun_does_no_work(tmp_path
         "hydra.sweep.dir=sweep",
         "logger=wandb",
     )
-    first = run_cli_in(tmp_path, *args)
+    first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "2 ok, 0 failed" in first.stdout
     # every file is a record, or lies in its run's own output folder under the sweep folder
@@ -198,7 +186,7 @@ def test_a_local_sweep_writes_only_its_folders_and_a_rerun_does_no_work(tmp_path
     assert len(wandb_runs) == 2  # each run's wandb files in its own output folder
 
     created = {p.name: read_record(p)["created_at"] for p in records}
-    again = run_cli_in(tmp_path, *args)
+    again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 ok, 0 failed" in again.stdout
     if read_record(records[0])["env"]["git_dirty"] is False:  # a clean commit (as in CI): nothing is redone
@@ -237,7 +225,7 @@ def test_a_run_killed_mid_training_continues_from_its_checkpoint_when_the_sweep_
     assert list(checkpoints.glob("*/train_state.pt")), "no checkpoint was written before the kill"
     assert not list((tmp_path / "records").glob("*.json"))
 
-    rerun = run_cli_in(tmp_path, *args)
+    rerun = run_cli(*args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     [path] = (tmp_path / "records").glob("*.json")
     record = read_record(path)
