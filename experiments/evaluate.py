@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments import mmlu_data
+from experiments.fidelity import token_windows
 from experiments.mmlu_data import LETTERS
 
 BACKEND_NAME = "harness"
@@ -350,13 +351,7 @@ def perplexity(
     progress: bool = True,
 ) -> dict:
     """exp(mean next-token NLL) over the texts joined by blank lines, in non-overlapping windows."""
-    ids = _encode(tokenizer, "\n\n".join(texts))
-    if max_tokens:
-        ids = ids[:max_tokens]
-    if vocab_size is not None:
-        ids = [t % vocab_size for t in ids]
-    windows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
-    windows = [w for w in windows if len(w) > 1]
+    windows = token_windows(_encode(tokenizer, "\n\n".join(texts)), seq_len, max_tokens, vocab_size)
     device = _model_device(model)
     total_nll, total_tokens = 0.0, 0
     model.eval()

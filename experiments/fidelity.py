@@ -1,0 +1,178 @@
+"""How much of a reference model a candidate keeps: KL divergence of next-token distributions.
+
+Over the same held-out token windows, for every predicted position: the KL divergence
+KL(P_reference || P_candidate) over the full vocabulary, whether the two models' most likely
+next tokens agree, and each model's perplexity. Reported as llama.cpp's
+``perplexity --kl-divergence`` reports them (mean, median, 99th percentile and maximum of
+the KL divergence; the share of positions whose top token agrees). Unlike MMLU near chance
+on a small model, this ranks quantization formats and exports by how far they move the
+model's predictions.
+
+The reference's log-probabilities are computed once and kept on disk, so that many
+candidates are compared to one reference without holding two models in memory. The
+layout is our own, after llama.cpp's ``--kl-divergence-base`` file: per position, the
+full-vocabulary log-softmax quantized to 16 bits between that position's minimum and
+maximum (``logprobs_u16.npy``: 2 bytes per vocabulary entry; the rounding error is at
+most (max - min) / 131070 nats, about 2e-4 for a 30-nat range), plus its minimum and step
+(``scale.npy``, 2 x fp32), the target token's exact log-probability (``target_logprob.npy``,
+fp32) and the top token (``top_token.npy``, int32). ``meta.json`` says the shape and the
+file's size. Dequantized values are renormalized (log-softmax again) before use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+U16_LEVELS = 65535
+FORMAT = "qpeft-reference-logprobs/1"
+
+
+def token_windows(
+    ids: list[int], seq_len: int, max_tokens: int | None = None, vocab_size: int | None = None
+) -> list[list[int]]:
+    """Non-overlapping windows of ``seq_len`` tokens (the last may be shorter; single tokens dropped)."""
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if vocab_size is not None:
+        ids = [t % vocab_size for t in ids]
+    windows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+    return [w for w in windows if len(w) > 1]
+
+
+@torch.no_grad()
+def window_logprobs(
+    model, windows: list[list[int]], batch_size: int = 4
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each window in order: (log-softmax over the vocabulary of its positions 0..L-2 in fp32,
+    the next tokens they predict)."""
+    device = next(model.parameters()).device
+    model.eval()
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        width = max(len(w) for w in chunk)
+        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, w in enumerate(chunk):
+            input_ids[r, : len(w)] = torch.tensor(w)
+            mask[r, : len(w)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
+        for r, w in enumerate(chunk):
+            n = len(w) - 1
+            yield logprobs[r, :n], input_ids[r, 1 : n + 1]
+
+
+def quantize_logprobs(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint16 codes as int32, per-row [minimum, step]) of log-probability rows."""
+    low = logprobs.min(dim=-1).values
+    high = logprobs.max(dim=-1).values
+    step = ((high - low) / U16_LEVELS).clamp_min(1e-12)
+    codes = torch.round((logprobs - low[:, None]) / step[:, None]).clamp(0, U16_LEVELS).to(torch.int32)
+    return codes, torch.stack([low, step], dim=-1)
+
+
+def dequantize_logprobs(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    values = scale[:, :1] + codes.to(torch.float32) * scale[:, 1:]
+    return torch.log_softmax(values, dim=-1)  # renormalized: rounding left the mass a hair off 1
+
+
+def kl_divergence(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """KL(P_reference || P_candidate) per row, from log-probability rows over the same vocabulary."""
+    return (reference.exp() * (reference - candidate)).sum(dim=-1).clamp_min(0.0)
+
+
+@dataclass
+class Reference:
+    """A reference's stored log-probabilities (see the module docstring), read through memory maps."""
+
+    folder: Path
+
+    def __post_init__(self):
+        self.folder = Path(self.folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{self.folder}: not a {FORMAT} folder")
+        self.codes = np.load(self.folder / "logprobs_u16.npy", mmap_mode="r")
+        self.scale = np.load(self.folder / "scale.npy", mmap_mode="r")
+        self.target_logprob = np.load(self.folder / "target_logprob.npy", mmap_mode="r")
+        self.top_token = np.load(self.folder / "top_token.npy", mmap_mode="r")
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        codes = torch.from_numpy(np.asarray(self.codes[start:stop], dtype=np.int32))
+        return dequantize_logprobs(codes, torch.from_numpy(np.array(self.scale[start:stop])))
+
+
+def save_reference(model, windows: list[list[int]], folder: Path, batch_size: int = 4) -> dict:
+    """Compute ``model``'s log-probabilities over ``windows`` once and store them in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    positions = sum(len(w) - 1 for w in windows)
+    vocab = None
+    done = 0
+    files = {}
+    for logprobs, targets in window_logprobs(model, windows, batch_size):
+        if vocab is None:
+            vocab = logprobs.shape[-1]
+            files = {
+                "codes": np.lib.format.open_memmap(folder / "logprobs_u16.npy", "w+", np.uint16, (positions, vocab)),
+                "scale": np.lib.format.open_memmap(folder / "scale.npy", "w+", np.float32, (positions, 2)),
+                "target": np.lib.format.open_memmap(folder / "target_logprob.npy", "w+", np.float32, (positions,)),
+                "top": np.lib.format.open_memmap(folder / "top_token.npy", "w+", np.int32, (positions,)),
+            }
+        n = logprobs.shape[0]
+        codes, scale = quantize_logprobs(logprobs)
+        files["codes"][done : done + n] = codes.numpy().astype(np.uint16)
+        files["scale"][done : done + n] = scale.numpy()
+        files["target"][done : done + n] = logprobs.gather(-1, targets[:, None]).squeeze(-1).numpy()
+        files["top"][done : done + n] = logprobs.argmax(dim=-1).numpy()
+        done += n
+    for array in files.values():
+        array.flush()
+    size = sum(f.stat().st_size for f in folder.glob("*.npy"))
+    meta = {"format": FORMAT, "positions": positions, "vocab": vocab, "windows": len(windows), "bytes": size}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def kl_summary(kl: torch.Tensor, agree: torch.Tensor, nll_candidate: float, nll_reference: float) -> dict:
+    """The figures llama.cpp's ``--kl-divergence`` prints, from per-position values."""
+    kl = kl.double()
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_median": float(kl.median()),
+        "kl_p99": float(torch.quantile(kl, 0.99)),
+        "kl_max": float(kl.max()),
+        "top_token_agreement": float(agree.double().mean()),
+        "perplexity": math.exp(nll_candidate / kl.numel()),
+        "reference_perplexity": math.exp(nll_reference / kl.numel()),
+        "n_positions": kl.numel(),
+    }
+
+
+def fidelity(model, reference: Reference, windows: list[list[int]], batch_size: int = 4) -> dict:
+    """KL divergence, top-token agreement and perplexities of ``model`` against a stored ``reference``,
+    over the same ``windows`` the reference was made from."""
+    positions = sum(len(w) - 1 for w in windows)
+    if positions != reference.meta["positions"]:
+        raise ValueError(
+            f"the windows hold {positions} positions, the reference {reference.meta['positions']}: "
+            "compare over the windows the reference was made from"
+        )
+    kls, agrees = [], []
+    nll, nll_ref, done = 0.0, 0.0, 0
+    for logprobs, targets in window_logprobs(model, windows, batch_size):
+        n = logprobs.shape[0]
+        ref = reference.rows(done, done + n)
+        kls.append(kl_divergence(ref, logprobs))
+        agrees.append(logprobs.argmax(dim=-1) == torch.from_numpy(np.array(reference.top_token[done : done + n])))
+        nll -= float(logprobs.gather(-1, targets[:, None]).sum())
+        nll_ref -= float(np.asarray(reference.target_logprob[done : done + n], dtype=np.float64).sum())
+        done += n
+    return kl_summary(torch.cat(kls), torch.cat(agrees), nll, nll_ref)

@@ -1,0 +1,84 @@
+"""The fidelity measure: KL divergence and top-token agreement against a stored reference (experiments/fidelity.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.evaluate import perplexity
+from experiments.fidelity import Reference, fidelity, kl_divergence, save_reference, token_windows, window_logprobs
+from methods.loading import load_pretrained
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_spec):
+    reference = load_pretrained(tiny_spec, CPU, torch.float32)
+    candidate = load_pretrained(tiny_spec, CPU, torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in candidate.parameters():
+            param.add_(0.5 * torch.randn(param.shape, generator=generator) * param.abs().mean())
+    return reference, candidate
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_spec):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, tiny_spec.vocab_size, (300,), generator=generator).tolist()
+    return token_windows(ids, seq_len=64)
+
+
+def test_a_model_against_itself_has_zero_kl_and_full_agreement(models, windows, tmp_path):
+    reference, _ = models
+    logprobs = torch.cat([lp for lp, _ in window_logprobs(reference, windows)])
+    assert float(kl_divergence(logprobs, logprobs).abs().max()) == 0.0
+    save_reference(reference, windows, tmp_path / "ref")
+    result = fidelity(reference, Reference(tmp_path / "ref"), windows)
+    assert result["kl_max"] < 1e-6  # only the stored reference's 16-bit rounding
+    assert result["top_token_agreement"] == 1.0
+    assert result["perplexity"] == pytest.approx(result["reference_perplexity"], rel=1e-6)
+
+
+def test_the_measure_equals_a_direct_computation(models, windows, tmp_path):
+    reference, candidate = models
+    ref = torch.cat([lp for lp, _ in window_logprobs(reference, windows)]).double()
+    cand = torch.cat([lp for lp, _ in window_logprobs(candidate, windows)]).double()
+    direct = torch.nn.functional.kl_div(cand, ref, log_target=True, reduction="none").sum(-1)
+    save_reference(reference, windows, tmp_path / "ref")
+    result = fidelity(candidate, Reference(tmp_path / "ref"), windows)
+    assert direct.mean() > 1e-3  # the candidate really differs
+    assert result["kl_mean"] == pytest.approx(float(direct.mean()), rel=1e-3)
+    assert result["kl_median"] == pytest.approx(float(direct.median()), rel=1e-2)
+    assert result["kl_max"] == pytest.approx(float(direct.max()), rel=1e-3)
+    assert result["top_token_agreement"] == pytest.approx(float((ref.argmax(-1) == cand.argmax(-1)).double().mean()))
+    assert result["n_positions"] == ref.shape[0] == sum(len(w) - 1 for w in windows)
+
+
+def test_perplexities_are_the_evaluators(models, windows, tmp_path, tiny_spec):
+    reference, candidate = models
+    save_reference(reference, windows, tmp_path / "ref")
+    result = fidelity(candidate, Reference(tmp_path / "ref"), windows)
+
+    class Ids:  # a tokenizer that returns the windows' ids as they are
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoded", (), {"input_ids": [t for w in windows for t in w]})()
+
+    expected = perplexity(candidate, Ids(), ["x"], seq_len=64, progress=False)["perplexity"]
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_stored_reference_is_two_bytes_per_vocabulary_entry(models, windows, tmp_path):
+    reference, _ = models
+    meta = save_reference(reference, windows, tmp_path / "ref")
+    positions, vocab = meta["positions"], meta["vocab"]
+    payload = positions * (2 * vocab + 2 * 4 + 4 + 4)  # codes, [min, step], target log-prob, top token
+    assert payload <= meta["bytes"] < payload + 4 * 1024  # four .npy headers
+    assert np.load(tmp_path / "ref" / "logprobs_u16.npy", mmap_mode="r").dtype == np.uint16
+
+
+def test_other_windows_than_the_references_are_refused(models, windows, tmp_path):
+    reference, _ = models
+    save_reference(reference, windows, tmp_path / "ref")
+    with pytest.raises(ValueError, match="compare over the windows the reference was made from"):
+        fidelity(reference, Reference(tmp_path / "ref"), windows[:-1])
