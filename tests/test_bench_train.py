@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from experiments import bench_train
+from benchmarks import bench_train
 from tests.conftest import REPO
 
 
