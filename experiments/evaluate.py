@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments import mmlu_data
-from experiments.fidelity import token_windows
+from experiments.fidelity import token_windows, window_logprobs
 from experiments.mmlu_data import LETTERS
 
 BACKEND_NAME = "harness"
@@ -154,6 +154,7 @@ def _score_with_prefix(
         output = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
         cache = output.cache if hasattr(output, "cache") else output.past_key_values  # "cache": transformers 5.24
     scores: list[list[float] | None] = [None] * len(suffixes)
+    cache_key = cache_keyword(model) if cache is not None else None
     for rows in length_batches([len(s) for s in suffixes], batch_size):
         width = max(len(suffixes[i]) for i in rows)
         work["tokens_forward"] += len(rows) * width
@@ -178,7 +179,7 @@ def _score_with_prefix(
             logits_to_keep=1,
         )
         if cache is not None:
-            kwargs[cache_keyword(model)] = _expand_cache(cache, len(rows))
+            kwargs[cache_key] = _expand_cache(cache, len(rows))
         final = model(**kwargs).logits[:, -1].float()
         logprobs = torch.log_softmax(final, dim=-1)[:, letter_ids]
         for r, i in enumerate(rows):
@@ -352,25 +353,12 @@ def perplexity(
 ) -> dict:
     """exp(mean next-token NLL) over the texts joined by blank lines, in non-overlapping windows."""
     windows = token_windows(_encode(tokenizer, "\n\n".join(texts)), seq_len, max_tokens, vocab_size)
-    device = _model_device(model)
     total_nll, total_tokens = 0.0, 0
-    model.eval()
-    bar = tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=None if progress else True, leave=False)
-    for start in bar:
-        chunk = windows[start : start + batch_size]
-        width = max(len(w) for w in chunk)
-        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for r, w in enumerate(chunk):
-            input_ids[r, : len(w)] = torch.tensor(w)
-            mask[r, : len(w)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = input_ids[:, 1:].to(logits.device)
-        valid = mask[:, 1:].to(logits.device).bool()
-        nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        total_nll += float(nll[valid].sum())
-        total_tokens += int(valid.sum())
+    scored = window_logprobs(model, windows, batch_size)
+    for logprobs, targets in tqdm(scored, total=len(windows), desc="perplexity", disable=None if progress else True,
+                                  leave=False):  # fmt: skip
+        total_nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
+        total_tokens += targets.numel()
     return {
         "perplexity": math.exp(total_nll / total_tokens),
         "nll": total_nll / total_tokens,

@@ -51,7 +51,8 @@ def window_logprobs(
     model, windows: list[list[int]], batch_size: int = 4
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """For each window in order: (log-softmax over the vocabulary of its positions 0..L-2 in fp32,
-    the next tokens they predict)."""
+    the next tokens they predict), both on the model's device. Windows are run ``batch_size`` at a
+    time, right-padded; the padding's positions are not yielded."""
     device = next(model.parameters()).device
     model.eval()
     for start in range(0, len(windows), batch_size):
@@ -63,10 +64,11 @@ def window_logprobs(
             input_ids[r, : len(w)] = torch.tensor(w)
             mask[r, : len(w)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = input_ids[:, 1:].to(logprobs.device)
         for r, w in enumerate(chunk):
             n = len(w) - 1
-            yield logprobs[r, :n], input_ids[r, 1 : n + 1]
+            yield logprobs[r, :n], targets[r, :n]
 
 
 def quantize_logprobs(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +120,7 @@ def save_reference(model, windows: list[list[int]], folder: Path, batch_size: in
     done = 0
     files = {}
     for logprobs, targets in window_logprobs(model, windows, batch_size):
+        logprobs, targets = logprobs.cpu(), targets.cpu()
         if vocab is None:
             vocab = logprobs.shape[-1]
             files = {
@@ -168,6 +171,7 @@ def fidelity(model, reference: Reference, windows: list[list[int]], batch_size: 
     kls, agrees = [], []
     nll, nll_ref, done = 0.0, 0.0, 0
     for logprobs, targets in window_logprobs(model, windows, batch_size):
+        logprobs, targets = logprobs.cpu(), targets.cpu()
         n = logprobs.shape[0]
         ref = reference.rows(done, done + n)
         kls.append(kl_divergence(ref, logprobs))

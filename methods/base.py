@@ -36,7 +36,7 @@ import torch
 
 from core.model_spec import ModelSpec
 from core.shapes import LLAMA_BLOCK_LINEARS
-from methods.settings import LoraSettings, dtype_name
+from methods.settings import LoraSettings
 from methods.storage import trainable_parameters, weight_storage
 
 # What ``family`` decides: which paper tables a run's row joins (analysis/tables.py).
@@ -183,11 +183,8 @@ class Method:
 
     def describe(self, model: torch.nn.Module, trainable_params: int | None = None) -> dict:
         """The record's ``method`` section: the format, and the storage counted from ``model``'s tensors."""
-        identity = self.method_format().as_record()
-        if identity["compute_dtype"] is None:
-            identity["compute_dtype"] = dtype_name(model.dtype)
         return {
-            **identity,
+            **self.method_format().as_record(),
             **weight_storage(model, self.storage_targets()),
             "trainable_params": trained_parameters(model) if trainable_params is None else trainable_params,
         }
