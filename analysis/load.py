@@ -124,6 +124,14 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "perplexity": ("float64", ("eval.perplexity.perplexity",)),
         "perplexity_n_tokens": ("Int64", ("eval.perplexity.n_tokens",)),
         "perplexity_source": ("string", ("eval.perplexity.source",)),
+        # fidelity against the 16-bit base (experiments/fidelity.py)
+        "kl_vs_base_mean": ("float64", ("eval.fidelity.vs_base.kl_mean",)),
+        "kl_vs_base_median": ("float64", ("eval.fidelity.vs_base.kl_median",)),
+        "kl_vs_base_p99": ("float64", ("eval.fidelity.vs_base.kl_p99",)),
+        "kl_vs_base_max": ("float64", ("eval.fidelity.vs_base.kl_max",)),
+        "top_token_agreement_vs_base": ("float64", ("eval.fidelity.vs_base.top_token_agreement",)),
+        # deploy formats: export name -> sub-record (load_exports makes them rows)
+        "exports": ("object", ("exports",)),
         # where it ran
         "device": ("string", ("env.device",)),
         "device_name": ("string", ("env.device_name",)),
@@ -293,3 +301,47 @@ def load_runs(path: str | Path) -> pd.DataFrame:
         frame[name] = frame[name].convert_dtypes()
     order = ["method", "model", "data", "seed", "run_id"]
     return frame.sort_values(order, na_position="last", kind="mergesort").reset_index(drop=True)
+
+
+# An export's figures (experiments/export.py) -> column in load_exports' rows.
+EXPORT_COLUMNS = {
+    "export_status": ("string", "status"),
+    "export_error": ("string", "error.message"),
+    "export_bytes": ("Int64", "bytes"),
+    "export_bits_per_param": ("float64", "bits_per_param"),
+    "export_weight_bits_per_param": ("float64", "weight_bits_per_param"),
+    "export_perplexity": ("float64", "perplexity"),
+    "export_mmlu_acc": ("float64", "mmlu_acc"),
+    "export_mmlu_n_questions": ("Int64", "mmlu_n_questions"),
+    **{
+        f"export_{measure}_vs_{reference}": ("float64", f"vs_{reference}.{field}")
+        for reference in ("trained", "base")
+        for measure, field in (
+            ("kl_mean", "kl_mean"),
+            ("kl_median", "kl_median"),
+            ("kl_p99", "kl_p99"),
+            ("kl_max", "kl_max"),
+            ("top_token_agreement", "top_token_agreement"),
+        )
+    },
+    "export_wall_s": ("float64", "wall_s"),
+}
+
+
+def load_exports(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, export format) of ``load_runs``' frame: the run's columns, ``export`` (the
+    format's name) and the export's figures (``EXPORT_COLUMNS``). Runs without exports give no row."""
+    rows = []
+    for run in runs.to_dict("records"):
+        exports = run.get("exports")
+        for name, sub in (exports or {}).items() if isinstance(exports, dict) else ():
+            figures = {column: _first(sub, path) for column, (_, path) in EXPORT_COLUMNS.items()}
+            rows.append({**run, "export": name, **figures})
+    frame = pd.DataFrame(rows, columns=[*runs.columns, "export", *EXPORT_COLUMNS])
+    frame["export"] = frame["export"].astype("string")
+    for column, (dtype, _) in EXPORT_COLUMNS.items():
+        if dtype == "string":
+            frame[column] = frame[column].astype("string")
+        else:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(dtype)
+    return frame

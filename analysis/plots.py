@@ -10,6 +10,9 @@
   constants, unquantized weights (embeddings, norms), adapters, optimizer state, and
   activations and the rest (peak training memory minus the tensors counted before).
 - ``loss_curves``: training loss per step.
+- ``fidelity_vs_bits``: KL divergence against the 16-bit base by bits per parameter for the
+  storage formats without fine-tuning (``analysis.tables.datatype_fidelity``'s points),
+  Pareto front marked.
 
 Every point is the mean over the seeds of a configuration's ok runs (error bars: std); a
 configuration is what ``analysis.tables`` groups (runs that differ in nothing but the seed
@@ -32,7 +35,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from analysis.load import NoRecordsError, load_runs
-from analysis.tables import LABEL_COLUMNS, MIXED, configuration_groups, mixed_environment
+from analysis.tables import LABEL_COLUMNS, MIXED, configuration_groups, fidelity_points, mixed_environment
 from experiments.record import Status
 
 DPI = 150
@@ -269,6 +272,34 @@ def plot_loss_curves(configs: pd.DataFrame):
     return fig
 
 
+def plot_fidelity_vs_bits(runs: pd.DataFrame):
+    """Mean KL divergence against the 16-bit base by bits per parameter, without fine-tuning:
+    the data-type table's points, the Pareto front (no other format is both smaller and closer)."""
+    fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
+    ax.set_xlabel("Bits per parameter of the block linears (quantization constants included)")
+    ax.set_ylabel("KL divergence to the 16-bit base (nats, log scale)")
+    points = fidelity_points(runs).groupby(["model", "format"], as_index=False)[["bits_per_param", "kl_mean"]].mean()
+    points = points[points["kl_mean"] > 0]  # the log scale has no 0; the 16-bit base against itself is not a point
+    if points.empty:
+        _empty(ax, "no run measured its KL divergence")
+        return fig
+    for model, of_model in points.groupby("model"):
+        x, y = of_model["bits_per_param"].to_numpy(), of_model["kl_mean"].to_numpy()
+        ax.scatter(x, y, s=36, label=model, zorder=3)
+        for xi, yi, name in zip(x, y, of_model["format"]):
+            ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        front = pareto_front(x, -y)
+        ax.step(x[front], y[front], where="post", color="0.2", linestyle="--", linewidth=1)
+        ax.scatter(x[front], y[front], s=140, facecolors="none", edgecolors="0.2", linewidths=1.1)
+    ax.set_yscale("log")
+    ax.legend(title="model", loc="upper right")
+    ax.set_title("Fidelity vs size without fine-tuning (circled: Pareto front, fewer bits and lower KL)")
+    return fig
+
+
+# Plots of the runs themselves (not of configurations): they read fields configurations() does not carry.
+RUN_PLOTS = {"fidelity_vs_bits": plot_fidelity_vs_bits}
+
 PLOTS = {
     "memory_vs_accuracy": plot_memory_vs_accuracy,
     "throughput": plot_throughput,
@@ -294,6 +325,8 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
         configs = configurations(runs)
         for name, plot in PLOTS.items():
             written += save(plot(configs), out, name)
+        for name, plot in RUN_PLOTS.items():
+            written += save(plot(runs), out, name)
     return written
 
 

@@ -2,7 +2,7 @@
 
     python -m analysis.tables --results results/quickstart --out results/quickstart/tables
 
-Four tables (pandas; the Markdown and LaTeX writers are here, a few lines each, so that
+Six tables (pandas; the Markdown and LaTeX writers are here, a few lines each, so that
 the output depends on no optional package and is byte-for-byte stable):
 
 1. ``main``: one row per method configuration: storage, peak training memory,
@@ -14,6 +14,12 @@ the output depends on no optional package and is byte-for-byte stable):
    per category and average).
 4. ``datatype_perplexity``: quantization data type x held-out perplexity without
    fine-tuning, in the spirit of the QLoRA paper's Table 2.
+5. ``datatype_fidelity``: each storage format of the base without fine-tuning (the
+   methods' own and the 16-bit base's exports, GGUF) against the 16-bit base: bits/param,
+   KL divergence of next-token distributions, top-token agreement, perplexity.
+6. ``deploy_fidelity``: method x export format after fine-tuning: bits/param, file size,
+   perplexity, KL divergence and top-token agreement against the fine-tuned model before
+   export and against the 16-bit base, MMLU.
 
 Published numbers come from ``analysis/reference/published.csv`` and are shown as rows
 marked with their paper and table. "—" is a cell with no run (or a published value we
@@ -37,7 +43,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.load import MMLU_CATEGORIES, STATUSES, NoRecordsError, load_runs
+from analysis.load import MMLU_CATEGORIES, STATUSES, NoRecordsError, load_exports, load_runs
 from experiments.record import Status
 
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "published.csv"
@@ -76,16 +82,17 @@ MIXED_NOTE = (
 # ----------------------------------------------------------------------------- cells
 
 
-def _fmt_stat(values: pd.Series, digits: int, with_n: bool = False) -> str:
+def _fmt_stat(values: pd.Series, digits: int | str, with_n: bool = False) -> str:
+    spec = digits if isinstance(digits, str) else f".{digits}f"  # a str: a format spec, e.g. ".3g"
     mean = values.mean()
-    text = f"{mean:.{digits}f}"
+    text = f"{mean:{spec}}"
     std = values.std(ddof=1) if len(values) > 1 else 0.0
     if std > 0:  # equal over seeds (storage, for one): the Seeds column says how many
-        text += f" ± {std:.{digits}f}"
+        text += f" ± {std:{spec}}"
     return f"{text} (n={len(values)})" if with_n else text
 
 
-def cell(runs: pd.DataFrame, column: str, *, scale: float = 1.0, digits: int = 1, with_n: bool = False) -> str:
+def cell(runs: pd.DataFrame, column: str, *, scale: float = 1.0, digits: int | str = 1, with_n: bool = False) -> str:
     """Mean ± std of ``column`` over the ok runs; else the failure statuses; else "—"."""
     ok = runs.loc[runs["status"] == Status.OK, column].dropna().astype("float64") * scale
     if len(ok):
@@ -408,6 +415,166 @@ def datatype_perplexity(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd
     return _drop_empty_settings(pd.DataFrame(rows).fillna(MISSING)), notes
 
 
+def storage_label(family, quant_format, bits, group_size) -> str:
+    """How the fidelity tables name a storage format: "NFloat4", "INT3 RTN g32", "INT4 GPTQ g32"."""
+    if family in ("rtn", "gptq", "qalora", "qlora_gptq") and not pd.isna(bits) and not pd.isna(group_size):
+        kind = {"rtn": "RTN", "gptq": "GPTQ", "qalora": "QA-LoRA", "qlora_gptq": "GPTQ"}[family]
+        return f"INT{int(bits)} {kind} g{int(group_size)}"
+    return DATA_TYPE_LABELS.get(quant_format, quant_format if isinstance(quant_format, str) else MISSING)
+
+
+def export_label(export: str) -> str:
+    return f"GGUF {export.removeprefix('gguf_').upper()}" if export.startswith("gguf_") else export
+
+
+KL_DIGITS = ".3g"  # KL divergence spans 1e-5 (8-bit) to nats (2-bit): significant digits, not decimals
+
+
+def _as_export_runs(exports: pd.DataFrame) -> pd.DataFrame:
+    """Export rows with the export's own status where ``cell`` reads a run's."""
+    return exports.assign(status=exports["export_status"])
+
+
+def _fidelity_figures(group: pd.DataFrame, bits: str, kl: str, agreement: str, ppl: str) -> dict:
+    """The data-type table's figures; ``kl`` names the KL columns with a ``{}`` for mean, median, p99, max."""
+    return {
+        "Bits/param": cell(group, bits, digits=3),
+        "KL mean": cell(group, kl.format("mean"), digits=KL_DIGITS),
+        "KL median": cell(group, kl.format("median"), digits=KL_DIGITS),
+        "KL p99": cell(group, kl.format("p99"), digits=KL_DIGITS),
+        "KL max": cell(group, kl.format("max"), digits=KL_DIGITS),
+        "Top-token agreement %": cell(group, agreement, scale=100, digits=2),
+        "Perplexity": cell(group, ppl, digits=2),
+        "Seeds": _marked(str(_n_seeds(group)), group),
+    }
+
+
+def _untrained(runs: pd.DataFrame) -> pd.DataFrame:
+    post_training = runs["method_family"].isin(["base", "rtn", "gptq"]).fillna(False)
+    return runs[runs["train_max_steps"].eq(0).fillna(False) | post_training]
+
+
+def datatype_fidelity(runs: pd.DataFrame) -> pd.DataFrame:
+    """Storage formats of the base without fine-tuning against the 16-bit base, most bits first.
+
+    Rows: every untrained run that measured its fidelity (its method's format), and every
+    export of an untrained 16-bit base run (the GGUF rows).
+    """
+    untrained = _untrained(runs)
+    measured = untrained[untrained["kl_vs_base_mean"].notna() | untrained["status"].ne(Status.OK)]
+    rows = []
+    for (model, method, fmt), settings, group in configuration_groups(measured, ["model", "method", "quant_format"]):
+        first = group.iloc[0]
+        rows.append(
+            {
+                "Model": model,
+                "Format": storage_label(first["method_family"], fmt, first["bits"], first["group_size"]),
+                "Run": method,
+                "Settings": settings,
+                **_fidelity_figures(
+                    group, "weight_bits_per_param", "kl_vs_base_{}", "top_token_agreement_vs_base", "perplexity"
+                ),
+                "_bits": group["weight_bits_per_param"].mean(),
+                "_kl": group["kl_vs_base_mean"].mean(),
+            }
+        )
+    exports = load_exports(untrained[untrained["method_family"].eq("base").fillna(False)])
+    exports = _as_export_runs(exports)
+    for (model, method, export), settings, group in configuration_groups(exports, ["model", "method", "export"]):
+        rows.append(
+            {
+                "Model": model,
+                "Format": export_label(export),
+                "Run": f"{method} → {export}",
+                "Settings": settings,
+                **_fidelity_figures(
+                    group,
+                    "export_weight_bits_per_param",
+                    "export_kl_{}_vs_base",
+                    "export_top_token_agreement_vs_base",
+                    "export_perplexity",
+                ),
+                "_bits": group["export_weight_bits_per_param"].mean(),
+                "_kl": group["export_kl_mean_vs_base"].mean(),
+            }
+        )
+    if not rows:
+        return pd.DataFrame([{"Model": MISSING, "Format": MISSING, "Run": "no run measured its fidelity"}])
+    table = pd.DataFrame(rows).sort_values(["Model", "_bits", "_kl"], ascending=[True, False, True], kind="mergesort")
+    return _drop_empty_settings(table.drop(columns=["_bits", "_kl"]).reset_index(drop=True))
+
+
+def fidelity_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """The data-type table's points, one per ok run or export: model, format label, bits/param,
+    mean KL divergence against the 16-bit base (for plots)."""
+    untrained = _untrained(runs)
+    own = untrained[untrained["status"].eq(Status.OK) & untrained["kl_vs_base_mean"].notna()]
+    points = [
+        (row.model, storage_label(row.method_family, row.quant_format, row.bits, row.group_size),
+         row.weight_bits_per_param, row.kl_vs_base_mean)
+        for row in own.itertuples()
+    ]  # fmt: skip
+    exports = load_exports(untrained[untrained["method_family"].eq("base").fillna(False)])
+    exports = exports[exports["export_status"].eq(Status.OK.value)]
+    points += [
+        (row.model, export_label(row.export), row.export_weight_bits_per_param, row.export_kl_mean_vs_base)
+        for row in exports.itertuples()
+    ]
+    return pd.DataFrame(points, columns=["model", "format", "bits_per_param", "kl_mean"])
+
+
+def deploy_fidelity(runs: pd.DataFrame) -> pd.DataFrame:
+    """Fine-tuned runs with exports: the run as trained, then each export of it."""
+    exported = runs[
+        runs["exports"].map(lambda e: isinstance(e, dict) and bool(e)) & ~runs.index.isin(_untrained(runs).index)
+    ]
+    exports = _as_export_runs(load_exports(exported))
+    rows = []
+    for (model, method, fmt), settings, group in configuration_groups(exported, ["model", "method", "quant_format"]):
+        first = group.iloc[0]
+        label = storage_label(first["method_family"], fmt, first["bits"], first["group_size"])
+        rows.append(
+            {
+                "Model": model,
+                "Method": method,
+                "Format": f"as trained ({label})",
+                "Settings": settings,
+                "Bits/param": cell(group, "weight_bits_per_param", digits=3),
+                "Size MB": cell(group, "weight_bytes", scale=1e-6),
+                "Perplexity": cell(group, "perplexity", digits=2),
+                "KL vs trained": MISSING,
+                "Top-token agreement vs trained %": MISSING,
+                "KL vs 16-bit base": cell(group, "kl_vs_base_mean", digits=KL_DIGITS),
+                "MMLU %": cell(group, "mmlu_acc", scale=100),
+                "Seeds": _marked(str(_n_seeds(group)), group),
+            }
+        )
+        mine = exports[exports["config_id"].isin(group["config_id"])]
+        for export in dict.fromkeys(mine["export"]):
+            runs_of = mine[mine["export"] == export]
+            rows.append(
+                {
+                    "Model": model,
+                    "Method": method,
+                    "Format": export_label(export),
+                    "Settings": settings,
+                    "Bits/param": cell(runs_of, "export_weight_bits_per_param", digits=3),
+                    "Size MB": cell(runs_of, "export_bytes", scale=1e-6),
+                    "Perplexity": cell(runs_of, "export_perplexity", digits=2),
+                    "KL vs trained": cell(runs_of, "export_kl_mean_vs_trained", digits=KL_DIGITS),
+                    "Top-token agreement vs trained %": cell(
+                        runs_of, "export_top_token_agreement_vs_trained", scale=100, digits=2
+                    ),
+                    "KL vs 16-bit base": cell(runs_of, "export_kl_mean_vs_base", digits=KL_DIGITS),
+                    "MMLU %": cell(runs_of, "export_mmlu_acc", scale=100),
+                    "Seeds": _marked(str(_n_seeds(runs_of)), runs_of),
+                }
+            )
+    if not rows:
+        return pd.DataFrame([{"Model": MISSING, "Method": "no fine-tuned run with exports"}])
+    return _drop_empty_settings(pd.DataFrame(rows))
+
+
 # ----------------------------------------------------------------------------- writers
 
 
@@ -465,6 +632,13 @@ CAPTIONS = {
     "in the layout of the QLoRA paper's Table 4.",
     "qalora_table1": "MMLU 0-shot and 5-shot accuracy (%) by method and bit width, "
     "in the layout of the QA-LoRA paper's Table 1.",
+    "datatype_fidelity": "Storage formats of the base without fine-tuning against the 16-bit base (bf16 "
+    "weights computing in fp32): bits per parameter of the block linears (quantization constants included), "
+    "KL divergence KL(base || format) of next-token distributions over the full vocabulary in nats, share of "
+    "positions whose most likely next token agrees, held-out perplexity.",
+    "deploy_fidelity": "Each fine-tuned method exported to deploy formats: bits per parameter of the block "
+    "linears, size on disk (the run as trained: in memory), perplexity, mean KL divergence in nats against the "
+    "fine-tuned model before export and against the 16-bit base, top-token agreement, MMLU (%).",
     "datatype_perplexity": "Held-out perplexity by quantization data type without fine-tuning, "
     "in the spirit of the QLoRA paper's Table 2 (the published numbers are "
     "Pile Common Crawl means over many models, not our text).",
@@ -482,6 +656,8 @@ def build_tables(runs: pd.DataFrame, reference: pd.DataFrame) -> dict[str, tuple
         "qlora_table4": qlora_table4(runs, reference),
         "qalora_table1": qalora_table1(runs, reference),
         "datatype_perplexity": datatype_perplexity(runs, reference),
+        "datatype_fidelity": (datatype_fidelity(runs), []),
+        "deploy_fidelity": (deploy_fidelity(runs), []),
     }
 
 

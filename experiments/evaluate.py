@@ -340,6 +340,14 @@ def heldout_texts(limit_per_subject: int, mmlu_file: str | None = None) -> list[
 
 
 @torch.no_grad()
+def text_windows(
+    tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None, vocab_size: int | None = None
+) -> list[list[int]]:
+    """The token windows perplexity and fidelity are measured on: the texts joined by blank lines,
+    cut into non-overlapping windows of ``seq_len`` tokens."""
+    return token_windows(_encode(tokenizer, "\n\n".join(texts)), seq_len, max_tokens, vocab_size)
+
+
 def perplexity(
     model,
     tokenizer,
@@ -352,7 +360,7 @@ def perplexity(
     progress: bool = True,
 ) -> dict:
     """exp(mean next-token NLL) over the texts joined by blank lines, in non-overlapping windows."""
-    windows = token_windows(_encode(tokenizer, "\n\n".join(texts)), seq_len, max_tokens, vocab_size)
+    windows = text_windows(tokenizer, texts, seq_len, max_tokens, vocab_size)
     total_nll, total_tokens = 0.0, 0
     scored = window_logprobs(model, windows, batch_size)
     for logprobs, targets in tqdm(scored, total=len(windows), desc="perplexity", disable=None if progress else True,

@@ -21,14 +21,17 @@ file's size. Dequantized values are renormalized (log-softmax again) before use.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from core.cache import build_once, cache_dir, content_key
 
 U16_LEVELS = 65535
 FORMAT = "qpeft-reference-logprobs/1"
@@ -144,6 +147,29 @@ def save_reference(model, windows: list[list[int]], folder: Path, batch_size: in
     return meta
 
 
+def windows_digest(windows: list[list[int]]) -> str:
+    digest = hashlib.sha256()
+    for window in windows:
+        digest.update(np.asarray(window, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+def stored_reference(
+    identity, load_model: Callable[[], torch.nn.Module], windows: list[list[int]], batch_size: int = 4
+) -> Reference:
+    """The reference of the model ``load_model()`` builds, over ``windows``, kept in the cache under
+    ``identity`` (what names the model) and the windows' tokens: computed by one process, once."""
+    key = content_key(FORMAT, identity, windows_digest(windows))
+
+    def build(scratch: Path) -> Path:
+        model = load_model()
+        save_reference(model, windows, scratch, batch_size)
+        del model
+        return scratch
+
+    return Reference(build_once(cache_dir() / "fidelity" / key, build))
+
+
 def kl_summary(kl: torch.Tensor, agree: torch.Tensor, nll_candidate: float, nll_reference: float) -> dict:
     """The figures llama.cpp's ``--kl-divergence`` prints, from per-position values."""
     kl = kl.double()
@@ -159,24 +185,38 @@ def kl_summary(kl: torch.Tensor, agree: torch.Tensor, nll_candidate: float, nll_
     }
 
 
-def fidelity(model, reference: Reference, windows: list[list[int]], batch_size: int = 4) -> dict:
-    """KL divergence, top-token agreement and perplexities of ``model`` against a stored ``reference``,
-    over the same ``windows`` the reference was made from."""
+def _check_windows(reference: Reference, windows: list[list[int]]) -> None:
     positions = sum(len(w) - 1 for w in windows)
     if positions != reference.meta["positions"]:
         raise ValueError(
             f"the windows hold {positions} positions, the reference {reference.meta['positions']}: "
             "compare over the windows the reference was made from"
         )
-    kls, agrees = [], []
-    nll, nll_ref, done = 0.0, 0.0, 0
+
+
+def fidelity_against(
+    model, references: dict[str, Reference], windows: list[list[int]], batch_size: int = 4
+) -> dict[str, dict]:
+    """KL divergence, top-token agreement and perplexities of ``model`` against each stored
+    reference, in one pass of the model over the ``windows`` the references were made from."""
+    for reference in references.values():
+        _check_windows(reference, windows)
+    kls = {name: [] for name in references}
+    agrees = {name: [] for name in references}
+    nll, nll_ref, done = 0.0, dict.fromkeys(references, 0.0), 0
     for logprobs, targets in window_logprobs(model, windows, batch_size):
         logprobs, targets = logprobs.cpu(), targets.cpu()
         n = logprobs.shape[0]
-        ref = reference.rows(done, done + n)
-        kls.append(kl_divergence(ref, logprobs))
-        agrees.append(logprobs.argmax(dim=-1) == torch.from_numpy(np.array(reference.top_token[done : done + n])))
+        top = logprobs.argmax(dim=-1)
+        for name, reference in references.items():
+            kls[name].append(kl_divergence(reference.rows(done, done + n), logprobs))
+            agrees[name].append(top == torch.from_numpy(np.array(reference.top_token[done : done + n])))
+            nll_ref[name] -= float(np.asarray(reference.target_logprob[done : done + n], dtype=np.float64).sum())
         nll -= float(logprobs.gather(-1, targets[:, None]).sum())
-        nll_ref -= float(np.asarray(reference.target_logprob[done : done + n], dtype=np.float64).sum())
         done += n
-    return kl_summary(torch.cat(kls), torch.cat(agrees), nll, nll_ref)
+    return {name: kl_summary(torch.cat(kls[name]), torch.cat(agrees[name]), nll, nll_ref[name]) for name in references}
+
+
+def fidelity(model, reference: Reference, windows: list[list[int]], batch_size: int = 4) -> dict:
+    """``fidelity_against`` one reference."""
+    return fidelity_against(model, {"reference": reference}, windows, batch_size)["reference"]

@@ -2,15 +2,18 @@
 
 ``RunRecord`` is its layout, field by field; ``Status`` and ``Phase`` name what a run and
 its phases can be, for the harness that writes records and for analysis/load.py, the one
-reader. Schema version 2 (version 1 records load the same way; version 2 writes the method's
-identity, ``method_format``, when the run starts, so a failed run says what it ran):
+reader. Schema version 3 (older records load the same way; version 2 writes the method's
+identity, ``method_format``, when the run starts, so a failed run says what it ran; version 3
+adds ``exports`` and ``eval.fidelity``):
 
 ``schema_version``, ``run_id``, ``status`` (a ``Status``), ``error`` (type, message,
 traceback tail; null when ok), ``created_at``, ``config`` (the full resolved Hydra config),
 ``env`` (package versions, git commit and dirty flag, device, threads, compute dtype choice),
 ``slurm`` (job ids when under Slurm), ``model`` (``model.id`` names it by what was loaded:
 ``model_identity``), ``method`` (``methods.base.Method.describe``), ``train``
-(``experiments.train.TrainResult``), ``eval`` (``mmlu``, ``perplexity``), ``memory`` (exact
+(``experiments.train.TrainResult``), ``eval`` (``mmlu``, ``perplexity``, ``fidelity``: KL
+divergence against the 16-bit base), ``exports`` (format -> its sub-record:
+experiments/export.py), ``memory`` (exact
 tensor bytes by part), ``phases`` (``Phase`` -> wall time and peak memory), ``finished_at``.
 
 This module also says which config keys can change a result (``NOT_RESULT_KEYS`` and
@@ -40,7 +43,7 @@ from core.files import atomic_write_text
 if TYPE_CHECKING:  # torch is heavy: analysis/ reads records without it
     import torch
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Status(str, Enum):
@@ -61,6 +64,7 @@ FINISHED = (Status.OK, Status.OOM, Status.FAILED)
 class Phase(str, Enum):
     """The timed phases of a run, in the order they run (``record["phases"]`` keys)."""
 
+    FIDELITY_REFERENCE = "fidelity_reference"  # the 16-bit base's log-probabilities (cached; before load)
     CALIBRATION_DATA = "calibration_data"
     LOAD = "load"
     QUANTIZE = "quantize"  # instead of load or finalize, for the step a method quantizes in
@@ -68,9 +72,18 @@ class Phase(str, Enum):
     FINALIZE = "finalize"
     EVAL_MMLU = "eval_mmlu"
     EVAL_PERPLEXITY = "eval_perplexity"
+    EVAL_FIDELITY = "eval_fidelity"
+    EXPORT = "export"
 
     def __str__(self) -> str:
         return self.value
+
+
+def error_summary(error: BaseException) -> dict:
+    """A record's ``error``: type, message, the traceback's tail (call inside the ``except``)."""
+    import traceback
+
+    return {"type": type(error).__name__, "message": str(error)[:2000], "traceback": traceback.format_exc()[-4000:]}
 
 
 @dataclass
@@ -89,24 +102,19 @@ class RunRecord:
     train: dict | None = None
     eval: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    exports: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)
     finished_at: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def fail(self, status: Status, error: BaseException) -> None:
-        import traceback
-
         self.status = status
-        self.error = {
-            "type": type(error).__name__,
-            "message": str(error)[:2000],
-            "traceback": traceback.format_exc()[-4000:],
-        }
+        self.error = error_summary(error)
 
     def as_json(self) -> dict:
         record = asdict(self)
         order = ("schema_version", "run_id", "status", "error", "created_at", "config", "env", "slurm", "model",
-                 "method", "train", "eval", "memory", "phases", "finished_at")  # fmt: skip
+                 "method", "train", "eval", "exports", "memory", "phases", "finished_at")  # fmt: skip
         return {key: str(record[key]) if key == "status" else record[key] for key in order}
 
 

@@ -1,4 +1,4 @@
-"""The benchmark's entry point: one run = load -> adapt -> train -> finalize -> evaluate -> record.
+"""The benchmark's entry point: one run = load -> adapt -> train -> finalize -> evaluate -> export -> record.
 
     python -m experiments.run method=qlora_nf4_dq model=smollm2_135m seed=0
     python -m experiments.run -m experiment=quickstart        # a sweep (Hydra multirun)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ from core.compute_dtype import resolve_auto_compute_dtype
 from core.errors import ConfigError
 from experiments import mmlu_data
 from experiments.data import BatchSource, calibration_segments, load_examples, tokenize_examples
-from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity
+from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity, text_windows
+from experiments.export import ExportJob, ExportSettings, check_exports, export_all
+from experiments.fidelity import Reference, fidelity_against, save_reference, stored_reference
 from experiments.loggers import make_logger
 from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
@@ -54,6 +57,7 @@ from experiments.summary import format_table
 from experiments.sweep_summary import write_pointer
 from experiments.train import TrainSettings, train
 from methods.base import LoadContext, Method
+from methods.loading import load_16bit
 from methods.storage import trainable_parameters
 
 EVAL_BACKENDS = ("harness", "lm_eval")
@@ -73,7 +77,13 @@ class RunPlan:
     device: torch.device
     record_path: Path
     output_dir: Path
+    exports: ExportSettings
     compute_dtype_choice: dict | None = None  # how compute_dtype=auto was resolved, and why
+
+    @property
+    def measures_fidelity(self) -> bool:
+        """KL divergence against the 16-bit base: asked for, or needed by the exports."""
+        return not self.model_spec.synthetic and bool(self.cfg.eval.fidelity.enabled or self.exports.formats)
 
 
 def run_id_of(cfg: DictConfig) -> str:
@@ -161,9 +171,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     if cfg.mmlu_file is not None and not Path(cfg.mmlu_file).is_file():
         raise ConfigError(f"mmlu_file={cfg.mmlu_file}: no such file")
     model_spec = resolve_model(cfg.model)
-    method.validate(model_shape(model_spec.path))  # e.g. a group size that does not divide a layer's inputs
+    shape = model_shape(model_spec.path)
+    method.validate(shape)  # e.g. a group size that does not divide a layer's inputs
+    exports = check_exports(cfg.export, method, shape, model_spec.synthetic)
     examples = None
-    if method.trainable or method.calibration is not None:
+    if method.trainable or method.calibration is not None or exports.needs_calibration:
         try:
             examples = load_examples(cfg.data, cfg.mmlu_file)
         except FileNotFoundError as error:
@@ -180,6 +192,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         device,
         Path(cfg.results_dir) / f"{run_id}.json",
         output_dir,
+        exports,
         dtype_choice,
     )
 
@@ -189,60 +202,107 @@ def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter) -> dict:
     if plan.model_spec.synthetic:
         return results  # random weights: accuracy would mean nothing
     with meter.phase(Phase.EVAL_MMLU):
-        subjects = list(cfg.eval.subjects) if cfg.eval.subjects is not None else None
-        kwargs = dict(
-            num_fewshot=cfg.eval.num_fewshot,
-            subjects=subjects,
-            limit_per_subject=cfg.eval.limit_per_subject,
-            batch_size=cfg.eval.batch_size,
-            mmlu_file=cfg.mmlu_file,
-            max_length=cfg.model.max_length,
-        )
-        if cfg.eval.backend == "lm_eval":
-            from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
-
-            mmlu = evaluate_mmlu_lm_eval(model, tokenizer, **kwargs)
-        else:
-            mmlu = evaluate_mmlu(model, tokenizer, **kwargs)
-    predictions = mmlu.pop("predictions")
-    with open(plan.output_dir / "mmlu_predictions.jsonl", "w") as handle:
-        handle.writelines(json.dumps(p) + "\n" for p in predictions)
-    results["mmlu"] = mmlu
+        results["mmlu"] = score_mmlu(cfg, model, tokenizer, plan.output_dir / "mmlu_predictions.jsonl")
     if cfg.eval.perplexity.enabled:
         with meter.phase(Phase.EVAL_PERPLEXITY):
             results["perplexity"] = run_perplexity(cfg, model, tokenizer, plan.model_spec)
     return results
 
 
-def run_perplexity(cfg, model, tokenizer, spec: ModelSpec) -> dict:
+def score_mmlu(cfg, model, tokenizer, predictions_path: Path) -> dict:
+    """MMLU accuracy on the configured questions; each question's prediction goes to ``predictions_path``."""
+    subjects = list(cfg.eval.subjects) if cfg.eval.subjects is not None else None
+    kwargs = dict(
+        num_fewshot=cfg.eval.num_fewshot,
+        subjects=subjects,
+        limit_per_subject=cfg.eval.limit_per_subject,
+        batch_size=cfg.eval.batch_size,
+        mmlu_file=cfg.mmlu_file,
+        max_length=cfg.model.max_length,
+    )
+    if cfg.eval.backend == "lm_eval":
+        from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
+
+        mmlu = evaluate_mmlu_lm_eval(model, tokenizer, **kwargs)
+    else:
+        mmlu = evaluate_mmlu(model, tokenizer, **kwargs)
+    predictions = mmlu.pop("predictions")
+    with open(predictions_path, "w") as handle:
+        handle.writelines(json.dumps(p) + "\n" for p in predictions)
+    return mmlu
+
+
+def perplexity_texts(cfg) -> list[str]:
     ppl_cfg = cfg.eval.perplexity
     if ppl_cfg.source == "mmlu_heldout":
-        texts = heldout_texts(ppl_cfg.texts_per_subject, cfg.mmlu_file)
-    elif ppl_cfg.source == "wikitext2":
+        return heldout_texts(ppl_cfg.texts_per_subject, cfg.mmlu_file)
+    if ppl_cfg.source == "wikitext2":
         from datasets import load_dataset
 
-        texts = [t for t in load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"] if t.strip()]
-    else:  # check_eval accepted it: a source added there must be added here
-        raise AssertionError(ppl_cfg.source)
+        return [t for t in load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"] if t.strip()]
+    raise AssertionError(ppl_cfg.source)  # check_eval accepted it: a source added there must be added here
+
+
+def run_perplexity(cfg, model, tokenizer, spec: ModelSpec) -> dict:
+    ppl_cfg = cfg.eval.perplexity
     result = perplexity(
-        model, tokenizer, texts, seq_len=ppl_cfg.seq_len, max_tokens=ppl_cfg.max_tokens, vocab_size=spec.vocab_size
+        model,
+        tokenizer,
+        perplexity_texts(cfg),
+        seq_len=ppl_cfg.seq_len,
+        max_tokens=ppl_cfg.max_tokens,
+        vocab_size=spec.vocab_size,
     )
     return {**result, "source": ppl_cfg.source}
+
+
+def fidelity_windows(cfg, tokenizer, spec: ModelSpec) -> list[list[int]]:
+    """The perplexity evaluation's windows: KL divergence is measured where perplexity is."""
+    ppl_cfg = cfg.eval.perplexity
+    return text_windows(tokenizer, perplexity_texts(cfg), ppl_cfg.seq_len, ppl_cfg.max_tokens, spec.vocab_size)
+
+
+def base_reference(plan: RunPlan, windows: list[list[int]], model_id: dict) -> Reference:
+    """The 16-bit base's log-probabilities over ``windows``: bf16 weights computing in float32 (a
+    bf16 run's own compute rounding then shows as its KL divergence). Computed once per model and
+    windows, in the cache, and shared by every run of a sweep."""
+
+    def base_model():
+        return load_16bit(plan.model_spec, plan.device, torch.bfloat16, torch.float32)
+
+    return stored_reference(("base-bf16-fp32", model_id), base_model, windows, batch_size=plan.cfg.eval.batch_size)
+
+
+def run_exports(plan: RunPlan, model, tokenizer, windows, references: dict[str, Reference]) -> dict:
+    folder = plan.output_dir / "exports"
+
+    def measure(exported, name: str) -> dict:
+        compared = fidelity_against(exported, references, windows, batch_size=plan.cfg.eval.batch_size)
+        mmlu = score_mmlu(plan.cfg, exported, tokenizer, folder / f"{name}.mmlu_predictions.jsonl")
+        return {
+            "perplexity": compared["base"]["perplexity"],
+            "mmlu_acc": mmlu["acc"],
+            "mmlu_n_questions": mmlu["n_questions"],
+            **{f"vs_{ref}": without_keys(summary, ("perplexity",)) for ref, summary in compared.items()},
+        }
+
+    calibration = None
+    if plan.exports.needs_calibration:
+        calibration = calibration_segments(plan.exports.gptq_calibration, plan.examples, tokenizer, seed=plan.cfg.seed)
+    job = ExportJob(plan.exports, plan.method, plan.model_spec, plan.device, folder, calibration, measure)
+    return export_all(job, model, tokenizer)
 
 
 def execute(plan: RunPlan) -> dict:
     cfg = plan.cfg
     meter = PhaseMeter(plan.device)
+    model_id = model_identity(cfg.model.kind, plan.model_spec)
     record = RunRecord(
         plan.run_id,
         OmegaConf.to_container(cfg, resolve=True),
         env={**environment(plan.device), "compute_dtype_choice": plan.compute_dtype_choice},
         slurm=slurm_info(),
-        model={
-            **plan.model_spec.as_dict(),
-            "id": model_identity(cfg.model.kind, plan.model_spec),
-            **model_shape(plan.model_spec.path),
-        },
+        model={**plan.model_spec.as_dict(), "id": model_id, **model_shape(plan.model_spec.path)},
         method=plan.method.method_format().as_record(),  # what ran, even if the run fails
         phases=meter.phases,
     )
@@ -253,6 +313,11 @@ def execute(plan: RunPlan) -> dict:
     try:
         torch.manual_seed(cfg.seed)
         tokenizer = load_tokenizer(plan.model_spec)
+        references: dict[str, Reference] = {}
+        if plan.measures_fidelity:  # before the method's model loads: never two models in memory
+            windows = fidelity_windows(cfg, tokenizer, plan.model_spec)
+            with meter.phase(Phase.FIDELITY_REFERENCE):
+                references["base"] = base_reference(plan, windows, model_id)
         context = LoadContext(device=plan.device, model_spec=plan.model_spec)
         if method.calibration is not None:
             with meter.phase(Phase.CALIBRATION_DATA):
@@ -274,6 +339,17 @@ def execute(plan: RunPlan) -> dict:
         record.method = method.describe(model, trainable_params)
         record.memory.update({key: record.method.get(key) for key in MEMORY_PARTS})
         record.eval = evaluate(plan, model, tokenizer, meter)
+        if plan.measures_fidelity:
+            with meter.phase(Phase.EVAL_FIDELITY):
+                compared = fidelity_against(model, references, windows, batch_size=cfg.eval.batch_size)
+                record.eval["fidelity"] = {"vs_base": compared["base"]}
+        if plan.exports.formats:
+            with meter.phase(Phase.EXPORT):
+                trained = plan.output_dir / "fidelity_reference_trained"
+                save_reference(model, windows, trained, batch_size=cfg.eval.batch_size)
+                references["trained"] = Reference(trained)
+                record.exports = run_exports(plan, model, tokenizer, windows, references)
+                shutil.rmtree(trained)  # hundreds of MB, needed only while the exports are compared
         record.status = Status.OK
     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
         record.fail(Status.OOM, error)

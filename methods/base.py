@@ -19,6 +19,10 @@ in this order, always through the members below (never probing for others):
    when ``quantize_phase == "finalize"``).
 7. ``describe(model, trainable_params)``: the record's ``method`` section, built from
    ``method_format()`` and the storage counted from the finalized model's tensors.
+8. Exports (``export.formats``, experiments/export.py): every method's finalized model is
+   merged into plain 16-bit weights (methods/merge.py) and re-quantized to the deploy
+   formats; a method that has a format of its own names it in ``native_exports`` and
+   writes and reads it with ``save_native_export`` / ``load_native_export``.
 
 A method keeps no state between these calls: what a later step needs comes from its arguments
 (``LoadContext.model_spec`` names the checkpoint for ``finalize``). The memory model
@@ -30,6 +34,7 @@ conf/method/ (and its name in the README's method list, which a test checks).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -154,6 +159,8 @@ class Method:
     quantize_phase: ClassVar[str | None] = None
     # Set: the harness makes calibration segments and passes them in LoadContext.calibration.
     calibration: CalibrationSettings | None = None
+    # Deploy formats only this method can write (``export.formats``), besides the common ones.
+    native_exports: ClassVar[tuple[str, ...]] = ()
 
     def validate(self, shape: dict) -> None:
         """Fail before any work (ConfigError) if the method cannot run on a model of this shape
@@ -170,6 +177,15 @@ class Method:
     def finalize(self, model: torch.nn.Module, context: LoadContext) -> torch.nn.Module:
         """What is evaluated and shipped, after training."""
         return model
+
+    def save_native_export(self, export: str, model: torch.nn.Module, folder: Path) -> None:
+        """Write the finalized ``model`` into ``folder`` as the ``native_exports`` format ``export``
+        (e.g. QA-LoRA's exact INT-k merge); may merge ``model`` in place where that is exact."""
+        raise NotImplementedError(f"{type(self).__name__} has no export {export!r}")
+
+    def load_native_export(self, export: str, folder: Path, device: torch.device) -> torch.nn.Module:
+        """Read back what ``save_native_export`` wrote, computing as the method computes."""
+        raise NotImplementedError(f"{type(self).__name__} has no export {export!r}")
 
     def method_format(self) -> MethodFormat:
         """What the method is, from its settings alone."""

@@ -183,13 +183,20 @@ def load_quantized(folder: Path, device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
+def dense_gptq_weight(module) -> torch.Tensor:
+    """A GPTQ layer's dequantized weight (out, in) in fp32, read by running it on the identity."""
+    eye = torch.eye(module.in_features, dtype=module.scales.dtype, device=module.scales.device)
+    weight = module(eye).float().T
+    if getattr(module, "bias", None) is not None:
+        weight = weight - module.bias.float().unsqueeze(1)
+    return weight
+
+
+@torch.no_grad()
 def layer_codes(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, scales, zeros) that reproduce a GPTQ layer's dequantized weight exactly."""
     in_features, out_features = module.in_features, module.out_features
-    eye = torch.eye(in_features, dtype=module.scales.dtype, device=module.scales.device)
-    weight = module(eye).float().T  # (out, in)
-    if getattr(module, "bias", None) is not None:
-        weight = weight - module.bias.float().unsqueeze(1)
+    weight = dense_gptq_weight(module)
     scales = module.scales.float().T.contiguous()  # GPTQ stores (groups, out)
     group_size = module.group_size if module.group_size > 0 else in_features
     steps = torch.round(weight.reshape(out_features, -1, group_size) / scales.unsqueeze(-1))  # q - z, integers

@@ -30,7 +30,26 @@ def load_pretrained(model_spec: ModelSpec, device: torch.device, dtype: torch.dt
         )
     model.requires_grad_(False)
     model.config.use_cache = False
+    if quantization_config is not None:
+        keep_bnb_4bit_layout(model)
     return model
+
+
+def keep_bnb_4bit_layout(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes 4-bit layers in their stored layout on CPUs with AVX-512 BF16.
+
+    There, bitsandbytes repacks a layer's codes for its CPU inference kernel on the first
+    forward without gradients, with the absmax rounded to bf16. Measured on SmolLM2-135M NF4
+    (2-core Xeon with AMX, bitsandbytes 0.50.2): that kernel is 2-4x slower than the generic
+    dequantize-and-matmul path, its outputs differ from the stored model's (KL divergence 1e-3
+    in float32, where the generic path gives 0), and the repacked codes can no longer be
+    dequantized to merge adapters (bitsandbytes' inverse leaves the absmax transposed).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_16bit(model_spec: ModelSpec, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype):

@@ -86,6 +86,7 @@ class QALoRALinear(torch.nn.Module):
 
 class QALoRA(Method):
     trainable = True
+    native_exports = ("qalora_merged",)
     quantize_phase = "load"  # the base is quantized (RTN or GPTQ) as it loads
 
     def __init__(
@@ -145,6 +146,16 @@ class QALoRA(Method):
         if self.merge:
             merge_adapters(model)
         return model
+
+    def save_native_export(self, export: str, model, folder: Path) -> None:
+        """QA-LoRA's merged INT-k model (merged in place first if ``merge: false`` kept the adapters:
+        the merge is exact)."""
+        if any(isinstance(m, QALoRALinear) for m in model.modules()):
+            merge_adapters(model)
+        save_merged(model, folder)
+
+    def load_native_export(self, export: str, folder: Path, device):
+        return load_merged(folder, device, self.compute_dtype)
 
     def method_format(self) -> MethodFormat:
         return MethodFormat(

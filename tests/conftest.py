@@ -46,6 +46,30 @@ def smollm2(smollm2_spec):
     return model, load_tokenizer(smollm2_spec)
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint_with_bundled_vocab(tmp_path_factory, smollm2_spec):
+    """A tiny random Llama (bf16) with the bundled tokenizer's vocabulary, saved as a checkpoint: MMLU and
+    perplexity run on it (its accuracy means nothing; the code paths are what runs)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_spec.tokenizer_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-bundled-vocab")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m experiments.run`` as a user would."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}

@@ -16,7 +16,15 @@ import pandas as pd
 import pytest
 
 from analysis.load import COLUMNS, NoRecordsError, RecordWarning, load_runs
-from analysis.tables import load_reference, main_table, qalora_table1, qlora_table4, write_tables
+from analysis.tables import (
+    datatype_fidelity,
+    deploy_fidelity,
+    load_reference,
+    main_table,
+    qalora_table1,
+    qlora_table4,
+    write_tables,
+)
 from analysis.tables import main as tables_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +38,7 @@ FORMATS = {  # method -> (family, quant_format, bits, group_size, weight bytes, 
     "qalora": ("qalora", "int{bits}-g32", None, 32, 70_000_000, 3_000_000),
     "qlora_gptq": ("qlora_gptq", "int{bits}-g32", None, 32, 70_000_000, 3_000_000),
     "gptq": ("gptq", "int{bits}-g32", None, 32, 70_000_000, 3_000_000),
+    "base_bf16": ("base", "bfloat16", 16, None, 269_030_272, 0),
 }
 
 CONFIG_METHOD = {  # the resolved conf/method/<name>.yaml keys that matter to the reader
@@ -40,13 +49,14 @@ CONFIG_METHOD = {  # the resolved conf/method/<name>.yaml keys that matter to th
     "qalora": {"_target_": "methods.qalora.QALoRA", "group_size": 32},
     "qlora_gptq": {"_target_": "methods.qlora_gptq.QLoRAGPTQ", "group_size": 32},
     "gptq": {"_target_": "methods.gptq.GPTQ", "group_size": 32},
+    "base_bf16": {"_target_": "methods.plain.Plain", "dtype": "bfloat16"},
 }
 
 
 def make_record(method="qlora_nf4", seed=0, status="ok", acc=0.30, shots=5, bits=None, ppl=11.0) -> dict:
     family, fmt, default_bits, group, weight, constants = FORMATS[method]
     bits = bits or default_bits
-    trained = method != "gptq"
+    trained = method not in ("gptq", "base_bf16")
     categories = {
         c: {"acc": acc + d, "n": 50}
         for c, d in (("humanities", -0.02), ("stem", 0.01), ("social_sciences", 0.0), ("other", 0.03))
@@ -273,7 +283,14 @@ def test_written_tables_are_byte_for_byte_stable(sweep, tmp_path):
     second = write_tables(runs.sample(frac=1, random_state=1), tmp_path / "b", "results/sweep")
     assert sorted(p.name for p in first) == sorted(
         f"{t}.{ext}"
-        for t in ("main", "qlora_table4", "qalora_table1", "datatype_perplexity")
+        for t in (
+            "main",
+            "qlora_table4",
+            "qalora_table1",
+            "datatype_perplexity",
+            "datatype_fidelity",
+            "deploy_fidelity",
+        )
         for ext in ("md", "csv", "tex")
     )
     for a, b in zip(first, second):
@@ -282,6 +299,72 @@ def test_written_tables_are_byte_for_byte_stable(sweep, tmp_path):
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "lora\\_bf16" in tex
     perplexity = (tmp_path / "a" / "datatype_perplexity.md").read_text()
     assert "| ours | int4-g32 | gptq | 13.50 (n=1) |" in perplexity  # only the untrained run
+
+
+# ----------------------------------------------------------------------------- fidelity tables
+
+
+def kl_figures(kl: float, agreement: float = 0.9) -> dict:
+    return {"kl_mean": kl, "kl_median": kl / 2, "kl_p99": kl * 5, "kl_max": kl * 20, "top_token_agreement": agreement}
+
+
+def with_fidelity(record: dict, kl: float, *, max_steps: int = 0, exports: dict | None = None) -> dict:
+    record["schema_version"] = 3
+    record["config"]["train"]["max_steps"] = max_steps
+    record["eval"]["fidelity"] = {"vs_base": {**kl_figures(kl), "perplexity": 12.0, "n_positions": 4000}}
+    record["exports"] = exports or {}
+    return record
+
+
+def export_figures(bits: float, kl: float, kl_trained: float | None = None) -> dict:
+    return {
+        "status": "ok",
+        "bytes": int(bits * 1e6),
+        "bits_per_param": bits + 0.2,
+        "weight_bits_per_param": bits,
+        "perplexity": 12.5,
+        "mmlu_acc": 0.26,
+        "mmlu_n_questions": 57,
+        "vs_base": kl_figures(kl),
+        "vs_trained": kl_figures(kl if kl_trained is None else kl_trained),
+    }
+
+
+FAILED_EXPORT = {"status": "failed", "error": {"type": "RuntimeError", "message": "reader crashed"}}
+
+
+def test_the_datatype_table_ranks_every_format_of_the_untrained_base_including_its_gguf_exports(tmp_path):
+    gguf = {"gguf_q8_0": export_figures(8.5, 1e-4), "gguf_q4_0": export_figures(4.5, 2e-2), "gguf_q5_1": FAILED_EXPORT}
+    folder = write(
+        tmp_path,
+        with_fidelity(make_record("base_bf16"), 0.0, exports=gguf),
+        with_fidelity(make_record("qlora_nf4"), 1e-2),
+        with_fidelity(make_record("qlora_fp4"), 3e-2),
+        with_fidelity(make_record("gptq", bits=3), 5e-2),
+        with_fidelity(make_record("lora_bf16"), 1e-3, max_steps=4),  # fine-tuned: not a data type's row
+    )
+    table = datatype_fidelity(load_runs(folder))
+    # most bits first, then least KL; a failed export (no figures) last
+    assert list(table["Format"]) == ["BFloat16", "GGUF Q8_0", "NFloat4", "GGUF Q4_0", "Float4", "INT3 GPTQ g32",
+                                     "GGUF Q5_1"]  # fmt: skip
+    q8 = table[table["Format"] == "GGUF Q8_0"].iloc[0]
+    assert (q8["Bits/param"], q8["KL mean"], q8["Top-token agreement %"]) == ("8.500", "0.0001", "90.00")
+    assert table[table["Format"] == "GGUF Q5_1"].iloc[0]["KL mean"] == "failed"
+
+
+def test_the_deploy_table_shows_each_fine_tuned_run_then_its_exports(tmp_path):
+    exports = {"merged_16bit": export_figures(16, 1e-3, 1e-6), "gguf_q4_0": export_figures(4.5, 3e-2, 2e-2)}
+    folder = write(
+        tmp_path,
+        with_fidelity(make_record("qlora_nf4"), 1e-2, max_steps=4, exports=exports),
+        with_fidelity(make_record("qlora_fp4"), 1e-2, max_steps=4),  # no exports: not in this table
+        with_fidelity(make_record("base_bf16"), 0.0, exports={"gguf_q8_0": export_figures(8.5, 1e-4)}),  # untrained
+    )
+    table = deploy_fidelity(load_runs(folder))
+    assert list(table["Format"]) == ["as trained (NFloat4)", "merged_16bit", "GGUF Q4_0"]
+    assert list(table["KL vs trained"]) == ["—", "1e-06", "0.02"]
+    assert list(table["KL vs 16-bit base"]) == ["0.01", "0.001", "0.03"]
+    assert table.iloc[2]["Size MB"] == "4.5" and table.iloc[2]["MMLU %"] == "26.0"
 
 
 # ----------------------------------------------------------------------------- plots

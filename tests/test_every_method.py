@@ -20,28 +20,6 @@ TINY_OVERRIDES = {
 SUBJECTS = ("anatomy", "astronomy")
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint_with_bundled_vocab(tmp_path_factory, smollm2_spec):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_spec.tokenizer_path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-bundled-vocab")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHOD_CONFIGS)
 def test_every_method_config_runs_through_training_finalize_and_evaluation(

@@ -9,8 +9,8 @@ from experiments.train import TrainSettings
 from methods.base import LoadContext
 from methods.int_quant import GroupQuantLinear, dequantize, rtn_quantize
 from methods.loading import load_pretrained
+from methods.merge import load_merged_weights, merged_weights
 from methods.qalora import QALoRALinear
-from methods.qlora_gptq import load_merged_weights, merged_state_dict
 from methods.settings import LoraSettings
 from tests.conftest import compose_config
 from tests.test_methods import make_method
@@ -21,7 +21,7 @@ def test_a_drifted_parameter_name_stops_the_qlora_gptq_merge_instead_of_quantizi
     model = make_method("lora_bf16", "method.lora.r=4").add_adapters(
         make_method("lora_bf16", "method.lora.r=4").load_base(spec, LoadContext(device=cpu))
     )
-    state = merged_state_dict(model, torch.bfloat16)
+    state = merged_weights(model, torch.bfloat16)
     load_merged_weights(load_pretrained(spec, cpu, torch.bfloat16), state)  # names match: loads
     name = "model.layers.0.self_attn.q_proj.weight"
     state[name.replace("q_proj", "q_proj.base")] = state.pop(name)  # what a renamed layer looks like

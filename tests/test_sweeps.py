@@ -124,8 +124,12 @@ def test_qalora_table1_rows_are_methods_at_4_3_2_bits_with_group_size_32():
 
 def test_datatypes_evaluates_the_quantized_base_without_fine_tuning():
     configs = [compose_job(job) for job in sweep_jobs("datatypes_small")]
-    assert {c.method.name for c in configs} == {"base_bf16", "qlora_fp4", "qlora_nf4", "qlora_nf4_dq"}
-    assert all(c.train.max_steps == 0 and c.eval.perplexity.enabled for c in configs)
+    assert {c.method.name for c in configs} == {"base_bf16", "qlora_fp4", "qlora_nf4", "qlora_nf4_dq", "rtn", "gptq"}
+    assert all(c.train.max_steps == 0 and c.eval.perplexity.enabled and c.eval.fidelity.enabled for c in configs)
+    rtn = {(c.method.bits, c.method.group_size) for c in configs if c.method.name == "rtn"}
+    assert rtn == {(bits, group) for bits in (4, 3, 2) for group in (32, 64)}
+    [gguf] = [list(c.export.formats) for c in configs if c.export.formats]
+    assert gguf == ["gguf_q8_0", "gguf_q5_1", "gguf_q4_1", "gguf_q4_0"]  # exports of the 16-bit base
 
 
 # ----------------------------------------------------------------------------- launchers

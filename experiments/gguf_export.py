@@ -1,0 +1,188 @@
+"""A merged Llama model as a GGUF file, the format llama.cpp serves (Gerganov et al., ggml/llama.cpp).
+
+Written with the ``gguf`` package (llama.cpp's own Python writer): tensor names from its
+``TensorNameMap``, the query/key rows permuted as llama.cpp's ``convert_hf_to_gguf.py``
+permutes them for the Llama architecture (its rotary embedding pairs dimensions
+differently), the hyper-parameters and the tokenizer (GPT-2 style BPE: tokens, types,
+merges, special ids) as metadata. The blocks' 2-D weights are stored in the chosen type;
+norms stay F32. The output head (and the token embedding when the head is tied to it) is
+kept at 8 bits (Q8_0) for the types below 8 bits: llama.cpp's ``llama-quantize`` gives that
+tensor Q6_K for its legacy 4- and 5-bit types, a K-quant Python cannot write, and Q8_0 is
+the nearest it can; an untied token embedding is stored in the chosen type, as there.
+
+The ``gguf`` package quantizes in Python to the legacy block types only (Q8_0, Q5_1,
+Q5_0, Q4_1, Q4_0: blocks of 32 weights, one fp16 scale and, for the ``_1`` types, one
+fp16 minimum) and to F16/BF16/F32. The K-quants (Q4_K_M, ...) and i-quants need
+llama.cpp's C ``llama-quantize``; they cannot be produced here.
+
+Written here because no library turns an in-memory transformers model into GGUF: the
+converter is a script of llama.cpp's, not an importable module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import ConfigError
+
+# Export name suffix -> gguf type: the types the gguf package can write from Python.
+GGUF_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "f16", "bf16", "f32")
+# Types llama.cpp has that only its C tools produce: named in the error for them.
+C_ONLY_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+FILE_TYPES = {
+    "q8_0": "MOSTLY_Q8_0",
+    "q5_1": "MOSTLY_Q5_1",
+    "q5_0": "MOSTLY_Q5_0",
+    "q4_1": "MOSTLY_Q4_1",
+    "q4_0": "MOSTLY_Q4_0",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "f32": "ALL_F32",
+}
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def check_gguf_type(name: str) -> str:
+    """The gguf type of an export suffix, or a ConfigError naming the ones the gguf package writes."""
+    if name in GGUF_TYPES:
+        return name
+    valid = ", ".join(f"gguf_{t}" for t in GGUF_TYPES)
+    if name in C_ONLY_TYPES:
+        raise ConfigError(
+            f"gguf_{name}: the gguf Python package cannot quantize to {name.upper()} (only llama.cpp's C "
+            f"llama-quantize can); valid: {valid}"
+        )
+    raise ConfigError(f"gguf_{name} is not a GGUF type this suite writes; valid: {valid}")
+
+
+def check_model_type(model_type: str) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"GGUF export writes the {', '.join(SUPPORTED_MODEL_TYPES)} architecture only, not {model_type!r}"
+        )
+
+
+def _permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute``: per head, interleave the two rotary halves."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+# Types below 8 bits, whose output head llama.cpp keeps at higher precision (see the module docstring).
+HEAD_TYPE_FOR_LOW_BITS = "q8_0"
+LOW_BIT_TYPES = ("q5_1", "q5_0", "q4_1", "q4_0")
+
+
+def _quantized(array: np.ndarray, gguf_type: str):
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
+    if array.ndim != 2 or gguf_type == "f32":
+        return array.astype(np.float32), gguf.GGMLQuantizationType.F32
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if array.shape[-1] % block:  # llama.cpp falls back the same way for rows that do not split into blocks
+        return array.astype(np.float16), gguf.GGMLQuantizationType.F16
+    if gguf_type == "f16":
+        return array.astype(np.float16), qtype
+    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    import gguf
+
+    tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    special = set(tokenizer.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab_size)]
+    )
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None:
+        import json
+
+        model = json.loads(backend.to_str()).get("model", {})
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        if merges:
+            writer.add_token_merges(merges)
+    for kind in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(int(token_id))
+
+
+@torch.no_grad()
+def write_gguf(state: dict[str, torch.Tensor], config, tokenizer, path: Path, gguf_type: str) -> dict:
+    """Write the plain (merged, unquantized) Llama ``state`` as one GGUF file of ``gguf_type``.
+
+    Returns bytes and bits per parameter: over the whole file and over the block linears.
+    """
+    import gguf
+
+    check_gguf_type(gguf_type)
+    check_model_type(config.model_type)
+    n_blocks = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(getattr(config, "_name_or_path", "") or "qpeft-export")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(n_blocks)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or config.rope_theta
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[gguf_type]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(writer, tokenizer, config.vocab_size)
+
+    linear_params = linear_bytes = total_params = 0
+    for hf_name, tensor in state.items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # stored once, as the embedding: a GGUF without output.weight is tied
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"GGUF export: no llama.cpp name for tensor {hf_name!r}")
+        array = tensor.detach().to(torch.float32).cpu().numpy()
+        if hf_name.endswith("q_proj.weight"):
+            array = _permute_rotary(array, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            array = _permute_rotary(array, config.num_key_value_heads)
+        is_head = hf_name == "lm_head.weight" or (config.tie_word_embeddings and hf_name == "model.embed_tokens.weight")
+        data, qtype = _quantized(array, HEAD_TYPE_FOR_LOW_BITS if is_head and gguf_type in LOW_BIT_TYPES else gguf_type)
+        writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=qtype)
+        total_params += array.size
+        if ".layers." in hf_name and array.ndim == 2:
+            linear_params += array.size
+            linear_bytes += data.nbytes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    size = Path(path).stat().st_size
+    return {
+        "bytes": size,
+        "bits_per_param": 8 * size / total_params,
+        "weight_bits_per_param": 8 * linear_bytes / linear_params if linear_params else None,
+    }
+
+
+def load_gguf(path: Path, device: torch.device, dtype: torch.dtype):
+    """Read a GGUF file back with transformers' GGUF loader (dequantized to ``dtype``): a reader
+    independent of the writer above."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model.requires_grad_(False)
+    return model.to(device).eval()
