@@ -14,7 +14,9 @@ plus its KL divergence against the run's model before export and against the 16-
 - ``nf4`` / ``nf4_dq``: that checkpoint quantized by bitsandbytes as it loads (4-bit NF4,
   with double quantization for ``nf4_dq``), saved with ``save_pretrained``;
 - ``gguf_<type>``: that model as a GGUF file (experiments/gguf_export.py) read back by
-  transformers' GGUF loader, for the types the ``gguf`` package writes;
+  transformers' GGUF loader, for the types the ``gguf`` package writes; where
+  llama-cpp-python is installed, also scored by llama.cpp itself (``llama_cpp`` in the
+  sub-record: perplexity and KL divergence, no MMLU);
 - ``gptq_int<bits>``: that checkpoint through GPTQModel (methods/gptq.py), group size and
   calibration from ``export.gptq``;
 - a method's own formats (``Method.native_exports``), e.g. ``qalora_merged``.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,15 @@ from core.compute_dtype import auto_compute_dtype
 from core.errors import ConfigError
 from core.model_spec import ModelSpec
 from core.shapes import LLAMA_BLOCK_LINEARS
-from experiments.gguf_export import GGUF_TYPES, check_gguf_type, check_model_type, load_gguf, write_gguf
+from experiments.gguf_export import (
+    GGUF_TYPES,
+    check_gguf_type,
+    check_model_type,
+    llama_cpp_available,
+    llama_cpp_logprobs,
+    load_gguf,
+    write_gguf,
+)
 from experiments.record import error_summary
 from methods.base import CalibrationSettings, LoadContext, Method
 from methods.gptq import GPTQ, state_dict_digest
@@ -118,6 +128,10 @@ class ExportJob:
     folder: Path  # <run output folder>/exports
     calibration: list[list[int]] | None  # token ids, for the GPTQ exports
     measure: Callable[[torch.nn.Module, str], dict]  # the run's evaluation of an exported model, by name
+    # The run's fidelity measure of (log-probabilities, targets) per window (experiments.fidelity.compare_logprobs
+    # against the run's references), and its windows: for a GGUF file scored by llama.cpp itself.
+    compare: Callable[[Iterable], dict] | None = None
+    windows: list[list[int]] | None = None
 
 
 def folder_bytes(path: Path) -> int:
@@ -178,8 +192,11 @@ def _write_and_load(job: ExportJob, name: str, state: dict, merged: Path, folder
         gguf_type = name.removeprefix("gguf_")
         path = folder / f"model-{gguf_type}.gguf"
         written = write_gguf(state, config, tokenizer, path, gguf_type)
+        extra = {"weight_bits_per_param": written["weight_bits_per_param"], "reader": "transformers"}
+        if job.compare is not None and llama_cpp_available():  # the runtime the format is made for, too
+            extra["llama_cpp"] = job.compare(llama_cpp_logprobs(path, job.windows, torch.get_num_threads()))
         # Read back in float32: the file's values exactly, no second rounding.
-        return load_gguf(path, job.device, torch.float32), {"weight_bits_per_param": written["weight_bits_per_param"]}
+        return load_gguf(path, job.device, torch.float32), extra
     raise AssertionError(name)  # check_exports accepted it: a format added there must be added here
 
 
@@ -199,7 +216,8 @@ def _measured(job: ExportJob, name: str, model, folder: Path, params: int, extra
         "path": str(folder),
         "bytes": size,
         "bits_per_param": 8 * size / params,
-        "weight_bits_per_param": extra.get("weight_bits_per_param", storage["weight_bits_per_param"]),
+        "weight_bits_per_param": extra.pop("weight_bits_per_param", storage["weight_bits_per_param"]),
+        **extra,
         **job.measure(model, name),
         "wall_s": time.perf_counter() - start,
     }

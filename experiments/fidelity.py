@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,13 +199,21 @@ def fidelity_against(
 ) -> dict[str, dict]:
     """KL divergence, top-token agreement and perplexities of ``model`` against each stored
     reference, in one pass of the model over the ``windows`` the references were made from."""
+    return compare_logprobs(window_logprobs(model, windows, batch_size), references, windows)
+
+
+def compare_logprobs(
+    scored: Iterable[tuple[torch.Tensor, torch.Tensor]], references: dict[str, Reference], windows: list[list[int]]
+) -> dict[str, dict]:
+    """``fidelity_against`` for log-probabilities from any source (a transformers model through
+    ``window_logprobs``, llama.cpp): per window in order, (log-probabilities, next tokens)."""
     for reference in references.values():
         _check_windows(reference, windows)
     kls = {name: [] for name in references}
     agrees = {name: [] for name in references}
     nll, nll_ref, done = 0.0, dict.fromkeys(references, 0.0), 0
-    for logprobs, targets in window_logprobs(model, windows, batch_size):
-        logprobs, targets = logprobs.cpu(), targets.cpu()
+    for logprobs, targets in scored:
+        logprobs, targets = logprobs.cpu().float(), targets.cpu()
         n = logprobs.shape[0]
         top = logprobs.argmax(dim=-1)
         for name, reference in references.items():

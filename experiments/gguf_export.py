@@ -17,6 +17,11 @@ llama.cpp's C ``llama-quantize``; they cannot be produced here.
 
 Written here because no library turns an in-memory transformers model into GGUF: the
 converter is a script of llama.cpp's, not an importable module.
+
+Where ``llama-cpp-python`` is installed (never required: ``pip install llama-cpp-python``
+builds llama.cpp from source), ``llama_cpp_logprobs`` also scores the file through llama.cpp
+itself, the runtime the format is made for; transformers' reader dequantizes to float32
+and computes in PyTorch, llama.cpp computes on the quantized blocks with its own kernels.
 """
 
 from __future__ import annotations
@@ -186,3 +191,26 @@ def load_gguf(path: Path, device: torch.device, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     model.requires_grad_(False)
     return model.to(device).eval()
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def llama_cpp_logprobs(path: Path, windows: list[list[int]], threads: int | None = None):
+    """Per window in order: (log-softmax of llama.cpp's logits at positions 0..L-2, the next tokens),
+    the file loaded and run by llama.cpp (llama-cpp-python), one window at a time from an empty cache."""
+    from llama_cpp import Llama
+
+    width = max(len(w) for w in windows)
+    llm = Llama(model_path=str(path), n_ctx=width, n_batch=width, logits_all=True, n_threads=threads, verbose=False)
+    try:
+        for window in windows:
+            llm.reset()
+            llm.eval(window)
+            logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32))
+            yield torch.log_softmax(logits, dim=-1), torch.tensor(window[1:])
+    finally:
+        llm.close()

@@ -34,7 +34,14 @@ from experiments import mmlu_data
 from experiments.data import BatchSource, calibration_segments, load_examples, tokenize_examples
 from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity, text_windows
 from experiments.export import ExportJob, ExportSettings, check_exports, export_all
-from experiments.fidelity import Reference, fidelity_against, save_reference, stored_reference
+from experiments.fidelity import (
+    Reference,
+    compare_logprobs,
+    fidelity_against,
+    save_reference,
+    stored_reference,
+    window_logprobs,
+)
 from experiments.loggers import make_logger
 from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
@@ -274,22 +281,27 @@ def base_reference(plan: RunPlan, windows: list[list[int]], model_id: dict) -> R
 
 
 def run_exports(plan: RunPlan, model, tokenizer, windows, references: dict[str, Reference]) -> dict:
+    """Every export of ``export.formats``, each measured against the 16-bit base and the run's model."""
     folder = plan.output_dir / "exports"
 
-    def measure(exported, name: str) -> dict:
-        compared = fidelity_against(exported, references, windows, batch_size=plan.cfg.eval.batch_size)
-        mmlu = score_mmlu(plan.cfg, exported, tokenizer, folder / f"{name}.mmlu_predictions.jsonl")
+    def compare(scored) -> dict:  # fidelity of any source of log-probabilities over ``windows``
+        compared = compare_logprobs(scored, references, windows)
         return {
             "perplexity": compared["base"]["perplexity"],
-            "mmlu_acc": mmlu["acc"],
-            "mmlu_n_questions": mmlu["n_questions"],
             **{f"vs_{ref}": without_keys(summary, ("perplexity",)) for ref, summary in compared.items()},
         }
+
+    def measure(exported, name: str) -> dict:
+        mmlu = score_mmlu(plan.cfg, exported, tokenizer, folder / f"{name}.mmlu_predictions.jsonl")
+        scored = window_logprobs(exported, windows, plan.cfg.eval.batch_size)
+        return {"mmlu_acc": mmlu["acc"], "mmlu_n_questions": mmlu["n_questions"], **compare(scored)}
 
     calibration = None
     if plan.exports.needs_calibration:
         calibration = calibration_segments(plan.exports.gptq_calibration, plan.examples, tokenizer, seed=plan.cfg.seed)
-    job = ExportJob(plan.exports, plan.method, plan.model_spec, plan.device, folder, calibration, measure)
+    job = ExportJob(
+        plan.exports, plan.method, plan.model_spec, plan.device, folder, calibration, measure, compare, windows
+    )
     return export_all(job, model, tokenizer)
 
 

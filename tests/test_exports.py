@@ -98,6 +98,22 @@ def test_a_16_or_32_bit_gguf_file_reads_back_with_the_logits_of_the_model_writte
         assert torch.equal(got, model(ids).logits.detach())  # permuted and named as llama.cpp does, exactly
 
 
+def test_llama_cpp_scores_a_written_gguf_file_as_transformers_scores_the_model(tiny_fp32, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (a source build of llama.cpp)")
+    from experiments.fidelity import compare_logprobs
+    from experiments.gguf_export import llama_cpp_logprobs
+
+    model, tokenizer = tiny_fp32
+    windows = random_windows(model.config.vocab_size)
+    write_gguf(
+        {k: v.clone() for k, v in model.state_dict().items()}, model.config, tokenizer, tmp_path / "m.gguf", "f32"
+    )
+    save_reference(model, windows, tmp_path / "ref")
+    scored = llama_cpp_logprobs(tmp_path / "m.gguf", windows)
+    result = compare_logprobs(scored, {"model": Reference(tmp_path / "ref")}, windows)["model"]
+    assert result["kl_mean"] < 1e-4 and result["top_token_agreement"] > 0.95
+
+
 def test_qalora_merged_export_matches_its_unmerged_fine_tuned_model_to_float_rounding(
     tiny_checkpoint_with_bundled_vocab, tmp_path
 ):
