@@ -367,6 +367,19 @@ def test_the_deploy_table_shows_each_fine_tuned_run_then_its_exports(tmp_path):
     assert table.iloc[2]["Size MB"] == "4.5" and table.iloc[2]["MMLU %"] == "26.0"
 
 
+def test_the_committed_data_type_records_show_the_orderings_the_papers_and_llama_cpp_report():
+    from analysis.tables import fidelity_points
+
+    kl = fidelity_points(load_runs(REPO / "results" / "datatypes_small")).set_index("format")["kl_mean"]
+    assert kl["GGUF Q8_0"] < kl["GGUF Q5_1"] < kl["GGUF Q4_0"]  # llama.cpp's ranking of its types
+    assert kl["NFloat4"] < kl["Float4"]  # QLoRA, Table 2
+    assert kl["INT3 GPTQ g32"] < kl["INT3 RTN g32"] and kl["INT2 GPTQ g32"] < kl["INT2 RTN g32"]  # GPTQ
+    assert kl["INT4 RTN g32"] < kl["INT4 RTN g64"]  # smaller groups, closer
+    # The bundled checkpoint is a dequantized Q4_1 GGUF: its weights lie on Q4_1's grid, which
+    # re-quantizing to Q4_1 finds again (README, "Deployment fidelity").
+    assert kl["GGUF Q4_1"] < kl["GGUF Q8_0"]
+
+
 # ----------------------------------------------------------------------------- plots
 
 
