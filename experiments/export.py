@@ -223,33 +223,35 @@ def _measured(job: ExportJob, name: str, model, folder: Path, params: int, extra
     }
 
 
-def export_all(job: ExportJob, model: torch.nn.Module, tokenizer) -> dict[str, dict]:
-    """Write and measure every export of ``job``; a failed one is recorded, the others go on."""
-    results: dict[str, dict] = {}
-    formats = job.settings.formats
-    job.folder.mkdir(parents=True, exist_ok=True)
-    for name in (f for f in formats if f in job.method.native_exports):  # these need the run's model itself
+def _native_exports(job: ExportJob, model: torch.nn.Module) -> dict[str, dict]:
+    results = {}
+    for name in (f for f in job.settings.formats if f in job.method.native_exports):
         start = time.perf_counter()
         folder = job.folder / name
         try:
             job.method.save_native_export(name, model, folder)
             loaded = job.method.load_native_export(name, folder, job.device)
-            state = merged_weights(loaded, torch.float32)
-            params = _parameter_count(state, loaded.config.tie_word_embeddings)
+            params = _parameter_count(merged_weights(loaded, torch.float32), loaded.config.tie_word_embeddings)
             results[name] = _measured(job, name, loaded, folder, params, {}, start)
         except Exception as error:  # noqa: BLE001 - an export failing is a result
             results[name] = _failed(error, start)
-    common = [f for f in formats if f not in job.method.native_exports]
-    if not common:
-        return results
+    return results
+
+
+def _common_exports(job: ExportJob, model: torch.nn.Module, tokenizer, names: list[str]) -> dict[str, dict]:
     from transformers import AutoConfig
 
-    state = merged_weights(model, job.settings.dtype)
-    config = AutoConfig.from_pretrained(job.model_spec.path)
+    start = time.perf_counter()
     merged = job.folder / MERGED
-    write_merged(state, job.model_spec, job.settings.dtype, merged)
+    try:  # the source of every common format: if it fails, they all fail, with its error
+        state = merged_weights(model, job.settings.dtype)
+        config = AutoConfig.from_pretrained(job.model_spec.path)
+        write_merged(state, job.model_spec, job.settings.dtype, merged)
+    except Exception as error:  # noqa: BLE001 - an export failing is a result
+        return dict.fromkeys(names, _failed(error, start))
     params = _parameter_count(state, config.tie_word_embeddings)
-    for name in common:
+    results = {}
+    for name in names:
         start = time.perf_counter()
         folder = merged if name == MERGED else job.folder / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -259,6 +261,17 @@ def export_all(job: ExportJob, model: torch.nn.Module, tokenizer) -> dict[str, d
             del loaded
         except Exception as error:  # noqa: BLE001 - an export failing is a result
             results[name] = _failed(error, start)
-    if MERGED not in formats:
+    if MERGED not in names:
         shutil.rmtree(merged)  # written as the other exports' source only
     return results
+
+
+def export_all(job: ExportJob, model: torch.nn.Module, tokenizer) -> dict[str, dict]:
+    """Write and measure every export of ``job``; a failed one is recorded, the others go on.
+    A method's own formats go first: they are written from the run's model itself."""
+    job.folder.mkdir(parents=True, exist_ok=True)
+    results = _native_exports(job, model)
+    common = [name for name in job.settings.formats if name not in job.method.native_exports]
+    if common:
+        results.update(_common_exports(job, model, tokenizer, common))
+    return {name: results[name] for name in job.settings.formats}  # in the order asked for

@@ -280,8 +280,17 @@ def base_reference(plan: RunPlan, windows: list[list[int]], model_id: dict) -> R
     return stored_reference(("base-bf16-fp32", model_id), base_model, windows, batch_size=plan.cfg.eval.batch_size)
 
 
-def run_exports(plan: RunPlan, model, tokenizer, windows, references: dict[str, Reference]) -> dict:
+def run_exports(plan: RunPlan, model, tokenizer, windows, base: Reference) -> dict:
     """Every export of ``export.formats``, each measured against the 16-bit base and the run's model."""
+    trained = plan.output_dir / "fidelity_reference_trained"
+    save_reference(model, windows, trained, batch_size=plan.cfg.eval.batch_size)
+    try:
+        return _run_exports(plan, model, tokenizer, windows, {"base": base, "trained": Reference(trained)})
+    finally:
+        shutil.rmtree(trained)  # hundreds of MB, needed only while the exports are compared
+
+
+def _run_exports(plan: RunPlan, model, tokenizer, windows, references: dict[str, Reference]) -> dict:
     folder = plan.output_dir / "exports"
 
     def compare(scored) -> dict:  # fidelity of any source of log-probabilities over ``windows``
@@ -357,11 +366,7 @@ def execute(plan: RunPlan) -> dict:
                 record.eval["fidelity"] = {"vs_base": compared["base"]}
         if plan.exports.formats:
             with meter.phase(Phase.EXPORT):
-                trained = plan.output_dir / "fidelity_reference_trained"
-                save_reference(model, windows, trained, batch_size=cfg.eval.batch_size)
-                references["trained"] = Reference(trained)
-                record.exports = run_exports(plan, model, tokenizer, windows, references)
-                shutil.rmtree(trained)  # hundreds of MB, needed only while the exports are compared
+                record.exports = run_exports(plan, model, tokenizer, windows, references["base"])
         record.status = Status.OK
     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
         record.fail(Status.OOM, error)

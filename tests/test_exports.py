@@ -194,6 +194,25 @@ def test_a_failing_export_is_recorded_as_failed_and_the_others_are_kept(tiny_che
     assert (tmp_path / "exports" / "merged_16bit" / "config.json").exists()
 
 
+def test_when_the_merge_fails_every_format_built_on_it_is_recorded_failed(
+    tiny_checkpoint_with_bundled_vocab, tmp_path, monkeypatch
+):
+    import experiments.export
+
+    def broken_merge(model, dtype):
+        raise RuntimeError("unknown layer type")
+
+    monkeypatch.setattr(experiments.export, "merged_weights", broken_merge)
+    method = make_method("lora_bf16", "method.lora.r=4")
+    spec = tiny_spec_of(tiny_checkpoint_with_bundled_vocab)
+    settings = export_settings("lora_bf16", ["gguf_q8_0", "merged_16bit"], "method.lora.r=4")
+    job = ExportJob(settings, method, spec, torch.device("cpu"), tmp_path / "exports", None, lambda m, n: {})
+    results = export_all(job, method.load_base(spec, LoadContext(device=torch.device("cpu"))), None)
+    assert list(results) == ["gguf_q8_0", "merged_16bit"]
+    assert {r["status"] for r in results.values()} == {"failed"}
+    assert results["merged_16bit"]["error"]["message"] == "unknown layer type"
+
+
 EVERY_FORMAT = [
     "qalora_merged", "merged_16bit", "nf4", "nf4_dq", "gguf_q8_0", "gguf_q5_1", "gguf_q5_0", "gguf_q4_1",
     "gguf_q4_0", "gguf_f16", "gptq_int4",
