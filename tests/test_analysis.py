@@ -380,6 +380,21 @@ def test_the_committed_data_type_records_show_the_orderings_the_papers_and_llama
     assert kl["GGUF Q4_1"] < kl["GGUF Q8_0"]
 
 
+def test_the_committed_deploy_records_show_what_survives_export():
+    from analysis.load import load_exports
+
+    exports = load_exports(load_runs(REPO / "results" / "deploy_small"))
+    kl = exports.set_index(["method", "export"])["export_kl_mean_vs_trained"]
+    assert (exports["export_status"] == "ok").all()
+    # llama.cpp's types, on a model whose weights are off the bundled checkpoint's Q4_1 grid
+    assert kl["qlora_nf4", "gguf_q8_0"] < kl["qlora_nf4", "gguf_q5_1"] < kl["qlora_nf4", "gguf_q4_1"]
+    assert kl["qlora_nf4", "gguf_q4_1"] < kl["qlora_nf4", "gguf_q4_0"]
+    # QLoRA merged and quantized again to NF4 is not the model that was trained (peft's merge rounding)
+    assert kl["qlora_nf4", "nf4"] > 3 * kl["qlora_nf4", "merged_16bit"]
+    # QA-LoRA's INT4 g32 model is Q4_1's layout (32 weights, a scale and a minimum): it converts nearly exactly
+    assert kl["qalora", "gguf_q4_1"] < 0.01 < kl["qlora_nf4", "gguf_q4_1"]
+
+
 # ----------------------------------------------------------------------------- plots
 
 
