@@ -325,6 +325,13 @@ EXPORT_COLUMNS = {
         )
     },
     "export_wall_s": ("float64", "wall_s"),
+    # a GGUF file scored by llama.cpp itself, where llama-cpp-python was installed
+    "export_llama_cpp_perplexity": ("float64", "llama_cpp.perplexity"),
+    **{
+        f"export_llama_cpp_{measure}_vs_{reference}": ("float64", f"llama_cpp.vs_{reference}.{measure}")
+        for reference in ("trained", "base")
+        for measure in ("kl_mean", "kl_p99", "top_token_agreement")
+    },
 }
 
 

@@ -2,7 +2,7 @@
 
     python -m analysis.tables --results results/quickstart --out results/quickstart/tables
 
-Six tables (pandas; the Markdown and LaTeX writers are here, a few lines each, so that
+Seven tables (pandas; the Markdown and LaTeX writers are here, a few lines each, so that
 the output depends on no optional package and is byte-for-byte stable):
 
 1. ``main``: one row per method configuration: storage, peak training memory,
@@ -20,6 +20,7 @@ the output depends on no optional package and is byte-for-byte stable):
 6. ``deploy_fidelity``: method x export format after fine-tuning: bits/param, file size,
    perplexity, KL divergence and top-token agreement against the fine-tuned model before
    export and against the 16-bit base, MMLU.
+7. ``gguf_readers``: each GGUF export as transformers reads it and as llama.cpp runs it.
 
 Published numbers come from ``analysis/reference/published.csv`` and are shown as rows
 marked with their paper and table. "—" is a cell with no run (or a published value we
@@ -575,6 +576,34 @@ def deploy_fidelity(runs: pd.DataFrame) -> pd.DataFrame:
     return _drop_empty_settings(pd.DataFrame(rows))
 
 
+def gguf_readers(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each GGUF export as transformers' reader scores it (dequantized, PyTorch in float32) and as
+    llama.cpp runs it, against the 16-bit base: what the runtime itself adds."""
+    exports = load_exports(runs)
+    scored = _as_export_runs(exports[exports["export_llama_cpp_perplexity"].notna()])
+    rows = []
+    for (model, method, export), settings, group in configuration_groups(scored, ["model", "method", "export"]):
+        rows.append(
+            {
+                "Model": model,
+                "Run": f"{method} → {export}",
+                "Settings": settings,
+                "Bits/param": cell(group, "export_weight_bits_per_param", digits=3),
+                "KL transformers": cell(group, "export_kl_mean_vs_base", digits=KL_DIGITS),
+                "KL llama.cpp": cell(group, "export_llama_cpp_kl_mean_vs_base", digits=KL_DIGITS),
+                "Top-token % transformers": cell(group, "export_top_token_agreement_vs_base", scale=100, digits=2),
+                "Top-token % llama.cpp": cell(
+                    group, "export_llama_cpp_top_token_agreement_vs_base", scale=100, digits=2
+                ),
+                "Perplexity transformers": cell(group, "export_perplexity", digits=3),
+                "Perplexity llama.cpp": cell(group, "export_llama_cpp_perplexity", digits=3),
+            }
+        )
+    if not rows:
+        return pd.DataFrame([{"Model": MISSING, "Run": "no GGUF export scored by llama.cpp"}])
+    return _drop_empty_settings(pd.DataFrame(rows))
+
+
 # ----------------------------------------------------------------------------- writers
 
 
@@ -639,6 +668,9 @@ CAPTIONS = {
     "deploy_fidelity": "Each fine-tuned method exported to deploy formats: bits per parameter of the block "
     "linears, size on disk (the run as trained: in memory), perplexity, mean KL divergence in nats against the "
     "fine-tuned model before export and against the 16-bit base, top-token agreement, MMLU (%).",
+    "gguf_readers": "GGUF exports scored two ways against the 16-bit base: read back by transformers "
+    "(dequantized, float32 compute) and run by llama.cpp (llama-cpp-python): mean KL divergence in nats, "
+    "top-token agreement, perplexity.",
     "datatype_perplexity": "Held-out perplexity by quantization data type without fine-tuning, "
     "in the spirit of the QLoRA paper's Table 2 (the published numbers are "
     "Pile Common Crawl means over many models, not our text).",
@@ -658,6 +690,7 @@ def build_tables(runs: pd.DataFrame, reference: pd.DataFrame) -> dict[str, tuple
         "datatype_perplexity": datatype_perplexity(runs, reference),
         "datatype_fidelity": (datatype_fidelity(runs), []),
         "deploy_fidelity": (deploy_fidelity(runs), []),
+        "gguf_readers": (gguf_readers(runs), []),
     }
 
 

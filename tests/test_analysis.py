@@ -290,6 +290,7 @@ def test_written_tables_are_byte_for_byte_stable(sweep, tmp_path):
             "datatype_perplexity",
             "datatype_fidelity",
             "deploy_fidelity",
+            "gguf_readers",
         )
         for ext in ("md", "csv", "tex")
     )
@@ -378,6 +379,21 @@ def test_the_committed_data_type_records_show_the_orderings_the_papers_and_llama
     # The bundled checkpoint is a dequantized Q4_1 GGUF: its weights lie on Q4_1's grid, which
     # re-quantizing to Q4_1 finds again (README, "Deployment fidelity").
     assert kl["GGUF Q4_1"] < kl["GGUF Q8_0"]
+
+
+def test_the_gguf_reader_table_puts_llama_cpp_beside_transformers(tmp_path):
+    from analysis.tables import gguf_readers
+
+    q4 = export_figures(4.5, 0.28)
+    q4["llama_cpp"] = {"perplexity": 11.4, "vs_base": kl_figures(0.29, 0.76), "vs_trained": kl_figures(0.29)}
+    exports = {"gguf_q4_0": q4, "gguf_q8_0": export_figures(8.5, 1e-3)}  # q8_0: llama.cpp not installed then
+    table = gguf_readers(load_runs(write(tmp_path, with_fidelity(make_record("base_bf16"), 0.0, exports=exports))))
+    assert list(table["Run"]) == ["base_bf16 → gguf_q4_0"]
+    assert list(table.iloc[0][["KL transformers", "KL llama.cpp", "Top-token % llama.cpp"]]) == [
+        "0.28",
+        "0.29",
+        "76.00",
+    ]
 
 
 def test_the_committed_deploy_records_show_what_survives_export():
