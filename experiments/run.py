@@ -363,7 +363,11 @@ def execute(plan: RunPlan) -> dict:
         if plan.measures_fidelity:
             with meter.phase(Phase.EVAL_FIDELITY):
                 compared = fidelity_against(model, references, windows, batch_size=cfg.eval.batch_size)
-                record.eval["fidelity"] = {"vs_base": compared["base"]}
+                # the stored reference's size on disk: what keeping the base's log-probabilities costs
+                record.eval["fidelity"] = {
+                    "vs_base": compared["base"],
+                    "reference_bytes": references["base"].meta["bytes"],
+                }
         if plan.exports.formats:
             with meter.phase(Phase.EXPORT):
                 record.exports = run_exports(plan, model, tokenizer, windows, references["base"])

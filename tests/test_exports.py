@@ -215,7 +215,7 @@ def test_when_the_merge_fails_every_format_built_on_it_is_recorded_failed(
 
 EVERY_FORMAT = [
     "qalora_merged", "merged_16bit", "nf4", "nf4_dq", "gguf_q8_0", "gguf_q5_1", "gguf_q5_0", "gguf_q4_1",
-    "gguf_q4_0", "gguf_f16", "gptq_int4",
+    "gguf_q4_0", "gguf_f16", "gguf_bf16", "gguf_f32", "gptq_int4",
 ]  # fmt: skip
 
 
@@ -248,7 +248,10 @@ def test_every_export_format_runs_end_to_end_and_lands_in_the_record(tiny_checkp
     [path] = (tmp_path / "results").glob("*.json")
     record = json.loads(path.read_text())
     assert record["status"] == "ok" and record["schema_version"] == 3
-    assert record["eval"]["fidelity"]["vs_base"]["n_positions"] > 0
+    fidelity = record["eval"]["fidelity"]
+    assert fidelity["vs_base"]["n_positions"] > 0
+    vocab = 49152  # the bundled tokenizer's: 2 bytes per vocabulary entry and position, plus the per-position figures
+    assert fidelity["reference_bytes"] >= 2 * vocab * fidelity["vs_base"]["n_positions"]
     exports = record["exports"]
     assert list(exports) == EVERY_FORMAT
     for name, sub in exports.items():
@@ -256,7 +259,8 @@ def test_every_export_format_runs_end_to_end_and_lands_in_the_record(tiny_checkp
         assert sub["bytes"] > 0 and sub["mmlu_n_questions"] == 2 and sub["perplexity"] > 1
         assert 0 <= sub["vs_trained"]["kl_mean"] and 0 <= sub["vs_base"]["top_token_agreement"] <= 1
     bits = {name: exports[name]["weight_bits_per_param"] for name in EVERY_FORMAT}
-    assert bits["merged_16bit"] == bits["gguf_f16"] == 16 and bits["gguf_q8_0"] == 8.5 and bits["gguf_q4_0"] == 4.5
+    assert bits["merged_16bit"] == bits["gguf_f16"] == bits["gguf_bf16"] == 16 and bits["gguf_f32"] == 32
+    assert bits["gguf_q8_0"] == 8.5 and bits["gguf_q5_1"] == 6 and bits["gguf_q4_1"] == 5 and bits["gguf_q4_0"] == 4.5
     assert bits["nf4_dq"] < bits["nf4"] == pytest.approx(4.5, abs=0.01)
     assert exports["qalora_merged"]["vs_trained"]["kl_mean"] < 1e-4  # exact merge, bf16 compute
     assert exports["gguf_q8_0"]["vs_trained"]["kl_mean"] < exports["gguf_q4_0"]["vs_trained"]["kl_mean"]
