@@ -9,6 +9,7 @@ Per linear layer kind:
 - peft LoRA layers: the base layer's dense weight plus ``get_delta_weight`` of each active
   adapter, added in fp32 and rounded once to the target dtype;
 - bitsandbytes ``Linear4bit``: ``dequantize_4bit`` (NF4/FP4, double quantization included);
+  ``Linear8bitLt`` (LLM.int8): the int8 weights times each row's scale / 127;
 - our INT-k layers (``GroupQuantLinear``): the exact ``s (q - z)``; a QA-LoRA layer is merged
   into its zeros first (methods/qalora.py), which is exact;
 - GPTQModel's layers: the layer run on the identity matrix (exact, whatever the packing);
@@ -25,7 +26,7 @@ import torch
 from methods.gptq import dense_gptq_weight
 from methods.int_quant import GroupQuantLinear
 from methods.qalora import QALoRALinear
-from methods.storage import is_gptq_layer
+from methods.storage import int8_row_scales, is_gptq_layer
 
 
 def _check_unpacked(module) -> None:
@@ -45,6 +46,8 @@ def _dense_base_weight(module) -> torch.Tensor | None:
     if isinstance(module, bnb.nn.Linear4bit):
         _check_unpacked(module)
         return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):  # LLM.int8: W = CB * SCB / 127, row by row
+        return module.weight.data.float() * (int8_row_scales(module).float() / 127).unsqueeze(1)
     if isinstance(module, QALoRALinear):
         return module.merged().dequantized_weight(torch.float32)
     if isinstance(module, GroupQuantLinear):

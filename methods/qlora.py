@@ -7,6 +7,13 @@ absmax values themselves to 8 bits (blocks of 256), saving about 0.37 bits/param
 LoRA adapters (peft) train in 16/32 bits on top, computing in ``compute_dtype``.
 One class serves NF4, NF4+DQ and FP4: they differ by two flags.
 
+``quant_type: int8`` is the "QLoRA 8-bit" row of LLaMA-Factory's hardware table: LoRA on a
+base stored by bitsandbytes in LLM.int8 (Dettmers et al., "LLM.int8(): 8-bit Matrix
+Multiplication for Transformers at Scale", arXiv 2208.07339): int8 weights with one fp32
+absmax scale per output row (vector-wise quantization); at run time bitsandbytes splits off
+the input features with outliers above ``llm_int8_threshold`` (6.0) and multiplies those in
+16 bits (mixed-precision decomposition). The weights stored are all int8.
+
 Unlike ``peft.prepare_model_for_kbit_training`` we do not upcast the unquantized parts
 (embeddings, norms, head) to fp32: they stay in the compute dtype, as in the 16-bit
 LoRA baseline, so that comparisons isolate the quantization of the linear layers.
@@ -19,7 +26,7 @@ from methods.base import LoadContext, Method, MethodFormat
 from methods.loading import add_lora, load_pretrained
 from methods.settings import LoraSettings, dtype_name, parse_dtype
 
-QUANT_TYPES = ("nf4", "fp4")
+QUANT_TYPES = ("nf4", "fp4", "int8")
 BNB_4BIT_BLOCK_SIZE = 64  # bitsandbytes' fixed block size for 4-bit weights
 
 
@@ -36,6 +43,8 @@ class QLoRA(Method):
     ):
         if quant_type not in QUANT_TYPES:
             raise ConfigError(f"method.quant_type={quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
+        if quant_type == "int8" and double_quant:
+            raise ConfigError("method.double_quant=true: double quantization applies to nf4 and fp4, not int8")
         self.name = name
         self.quant_type = quant_type
         self.double_quant = bool(double_quant)
@@ -46,6 +55,8 @@ class QLoRA(Method):
     def quantization_config(self):
         from transformers import BitsAndBytesConfig
 
+        if self.quant_type == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=self.quant_type,
@@ -56,6 +67,11 @@ class QLoRA(Method):
         )
 
     def load_base(self, model_spec, context: LoadContext):
+        if self.quant_type == "int8":
+            import warnings
+
+            # bitsandbytes warns on every int8 product that bf16 inputs are cast to fp16 for quantization
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         return load_pretrained(model_spec, context.device, self.compute_dtype, self.quantization_config())
 
     def add_adapters(self, model):
@@ -64,13 +80,14 @@ class QLoRA(Method):
     # finalize: the default; the adapters stay beside the 4-bit base, as QLoRA deploys them
 
     def method_format(self) -> MethodFormat:
+        int8 = self.quant_type == "int8"
         return MethodFormat(
             name=self.name,
             family="qlora",
             quant_format=self.quant_type + ("+dq" if self.double_quant else ""),
             weight_format=self.quant_type,
-            bits=4,
-            block_size=BNB_4BIT_BLOCK_SIZE,
+            bits=8 if int8 else 4,
+            block_size=None if int8 else BNB_4BIT_BLOCK_SIZE,  # int8: one scale per output row
             double_quant=self.double_quant,
             compute_dtype=self.compute_dtype_name,
             lora=self.lora,

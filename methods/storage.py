@@ -9,6 +9,8 @@ walk the modules and add up every tensor a format needs to store:
   per 256 blocks and its fp32 offset). The code tables (16 values for NF4/FP4, 256 for
   the 8-bit second level) are constants of the format, identical in every layer: they
   are counted once per model, not once per layer.
+- bitsandbytes ``Linear8bitLt`` (LLM.int8): int8 weights and, as constants, the fp32 absmax
+  per output row (``SCB``): 8 + 32 / in_features bits per weight.
 - GPTQ layers (GPTQModel's quantized linears): packed codes (``qweight``), and as
   constants the packed zeros (``qzeros``), fp16 ``scales`` and the ``g_idx`` permutation.
 - our INT-k layers (methods/int_quant.py) report their own parts (``storage_parts``).
@@ -60,6 +62,13 @@ def _bnb_4bit_parts(module) -> tuple[int, int, list[torch.Tensor]]:
     return code_bytes, constants, tables
 
 
+def int8_row_scales(module) -> torch.Tensor:
+    """An LLM.int8 layer's fp32 absmax per output row: on its weight until the first forward, which
+    moves it into the layer's matmul state (bitsandbytes' ``init_8bit_state``)."""
+    scales = getattr(module.weight, "SCB", None)
+    return scales if scales is not None else module.state.SCB
+
+
 def weight_storage(model: torch.nn.Module, target_modules: tuple[str, ...]) -> dict:
     """Bytes of the frozen weights by part, and bits/parameter over the target linear layers."""
     import bitsandbytes as bnb  # noqa: F401  (imported only to recognise its modules)
@@ -83,6 +92,12 @@ def weight_storage(model: torch.nn.Module, target_modules: tuple[str, ...]) -> d
                 key = (table.dtype, tuple(table.flatten().tolist()))
                 code_tables[key] = tensor_bytes(table)
             counted.add(id(module.weight))
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            scales = int8_row_scales(module)
+            quantized_params += module.weight.numel()
+            quantized_code_bytes += tensor_bytes(module.weight)
+            quantization_constant_bytes += tensor_bytes(scales)
+            counted.update({id(module.weight), id(scales)})
         elif is_gptq_layer(module):
             params, codes, constants, ids = _gptq_parts(module)
             quantized_params += params

@@ -25,7 +25,7 @@ from methods.base import LoadContext
 from tests.conftest import CONF, compose_config
 
 # QLoRA's formats, plus the INT-k group format of QA-LoRA and RTN when their configs exist
-METHODS = ("lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4") + tuple(
+METHODS = ("lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4", "qlora_int8") + tuple(
     m for m in ("qalora", "rtn") if (CONF / "method" / f"{m}.yaml").exists()
 )
 MODELS = {

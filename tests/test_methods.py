@@ -110,6 +110,32 @@ def test_nf4_storage_counts_every_constant_exactly(tiny_spec, cpu):
         assert method.describe(model)["quantized_linear_bytes"] == expected
 
 
+def test_llm_int8_storage_is_int8_weights_plus_an_fp32_scale_per_row(tiny_checkpoint_with_bundled_vocab, cpu):
+    """LLM.int8: 8 + 32 / in_features bits per weight, every layer; its weights merge back to the
+    16-bit ones to within half a quantization step (methods/merge.py)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from core.model_spec import ModelSpec
+    from methods.merge import merged_weights
+    from methods.storage import int8_row_scales
+
+    folder = str(tiny_checkpoint_with_bundled_vocab)
+    method = make_method("qlora_int8")
+    model = method.load_base(ModelSpec("tiny", folder, folder, False), LoadContext(device=cpu))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(layers) == 14  # 7 per block, the head stays 16-bit
+    info = method.describe(model)
+    assert info["quantized_linear_bytes"] == sum(m.in_features * m.out_features + 4 * m.out_features for m in layers)
+    assert info["bits"] == 8 and info["quant_format"] == "int8"
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    merged = merged_weights(model, torch.float32)
+    for name, layer in model.named_modules():
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            step = (int8_row_scales(layer).float() / 127).unsqueeze(1)
+            assert ((merged[f"{name}.weight"] - original[f"{name}.weight"]).abs() <= step / 2 + 1e-6).all(), name
+
+
 def test_lora_bits_are_the_base_dtype(tiny_spec, cpu):
     method = make_method("lora_bf16")
     model = method.add_adapters(method.load_base(tiny_spec, LoadContext(device=cpu)))
