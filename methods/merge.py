@@ -7,7 +7,8 @@ quantize the 16-bit result again for serving.
 
 Per linear layer kind:
 - peft LoRA layers: the base layer's dense weight plus ``get_delta_weight`` of each active
-  adapter, added in fp32 and rounded once to the target dtype;
+  adapter, added in fp32 and rounded once to the target dtype; with DoRA (``use_dora``) each
+  row of the sum is then scaled to the adapter's trained magnitude, as peft's own merge does;
 - bitsandbytes ``Linear4bit``: ``dequantize_4bit`` (NF4/FP4, double quantization included);
   ``Linear8bitLt`` (LLM.int8): the int8 weights times each row's scale / 127;
 - our INT-k layers (``GroupQuantLinear``): the exact ``s (q - z)``; a QA-LoRA layer is merged
@@ -65,7 +66,12 @@ def _dense_weight(module) -> torch.Tensor | None:
     if isinstance(module, LoraLayer):
         weight = _dense_base_weight(module.get_base_layer())
         for adapter in module.active_adapters:
-            weight = weight + module.get_delta_weight(adapter).float()
+            updated = weight + module.get_delta_weight(adapter).float()
+            if module.use_dora.get(adapter, False):
+                # DoRA: each output row rescaled to its trained magnitude (peft's merge does the same)
+                magnitude = module.lora_magnitude_vector[adapter].weight.float()
+                updated = (magnitude / torch.linalg.norm(updated, dim=1)).unsqueeze(1) * updated
+            weight = updated
         return weight
     return _dense_base_weight(module)
 

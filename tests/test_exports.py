@@ -152,6 +152,29 @@ def test_qlora_merges_the_same_weights_after_bitsandbytes_repacked_them_for_cpu_
         assert torch.equal(merged[name], expected[name]), name
 
 
+@pytest.mark.parametrize("name", ["lora_bf16", "dora_bf16", "qdora_nf4"])
+def test_merged_weights_compute_what_the_adapted_model_computes(name, tiny_checkpoint_with_bundled_vocab):
+    from transformers import AutoModelForCausalLM
+
+    from methods.merge import load_merged_weights
+
+    method = make_method(name, "method.lora.r=4", "method.compute_dtype=float32", "method.lora.dropout=0")
+    spec = tiny_spec_of(tiny_checkpoint_with_bundled_vocab)
+    model = method.add_adapters(method.load_base(spec, LoadContext(device=torch.device("cpu")))).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():  # trained adapters: B off zero, DoRA's magnitudes off the base's row norms
+        for parameter_name, parameter in model.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.normal_(0, 0.05)
+            elif "lora_magnitude_vector" in parameter_name:
+                parameter.mul_(1 + 0.2 * torch.rand_like(parameter))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_checkpoint_with_bundled_vocab, dtype=torch.float32).eval()
+    load_merged_weights(plain, merged_weights(model, torch.float32))
+    ids = torch.tensor(random_windows(plain.config.vocab_size, n=1, length=16))
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits.float(), atol=2e-3)
+
+
 # The reference, the run and its record
 
 
