@@ -68,10 +68,10 @@ class QLoRA(Method):
 
     def load_base(self, model_spec, context: LoadContext):
         if self.quant_type == "int8":
-            import warnings
+            import logging
 
-            # bitsandbytes warns on every int8 product that bf16 inputs are cast to fp16 for quantization
-            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+            # bitsandbytes logs on every int8 product that bf16 inputs are cast to fp16 for quantization
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         return load_pretrained(model_spec, context.device, self.compute_dtype, self.quantization_config())
 
     def add_adapters(self, model):
