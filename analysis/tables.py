@@ -52,7 +52,10 @@ MISSING = "—"
 OURS = "ours"
 
 # Display order of methods; a method not listed sorts after these, by name.
-METHOD_ORDER = ("lora_fp16", "lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4", "gptq", "qlora_gptq", "qalora")
+METHOD_ORDER = (
+    "lora_fp16", "lora_bf16", "dora_bf16", "qlora_int8", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4", "qdora_nf4",
+    "gptq", "qlora_gptq", "qalora",
+)  # fmt: skip
 DATA_TYPE_LABELS = {
     "bfloat16": "BFloat16",
     "float16": "Float16",
