@@ -200,8 +200,14 @@ def _write_and_load(job: ExportJob, name: str, state: dict, merged: Path, folder
     raise AssertionError(name)  # check_exports accepted it: a format added there must be added here
 
 
-def _parameter_count(state: dict[str, torch.Tensor], tied: bool) -> int:
-    return sum(t.numel() for k, t in state.items() if not (tied and k == "lm_head.weight"))
+def _parameter_count(config) -> int:
+    """The architecture's parameters (a tied head once): the denominator of every export's bits/param,
+    counted on the meta device, without weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in skeleton.parameters())
 
 
 def _failed(error: BaseException, start: float) -> dict:
@@ -223,7 +229,7 @@ def _measured(job: ExportJob, name: str, model, folder: Path, params: int, extra
     }
 
 
-def _native_exports(job: ExportJob, model: torch.nn.Module) -> dict[str, dict]:
+def _native_exports(job: ExportJob, model: torch.nn.Module, params: int) -> dict[str, dict]:
     results = {}
     for name in (f for f in job.settings.formats if f in job.method.native_exports):
         start = time.perf_counter()
@@ -231,25 +237,22 @@ def _native_exports(job: ExportJob, model: torch.nn.Module) -> dict[str, dict]:
         try:
             job.method.save_native_export(name, model, folder)
             loaded = job.method.load_native_export(name, folder, job.device)
-            params = _parameter_count(merged_weights(loaded, torch.float32), loaded.config.tie_word_embeddings)
             results[name] = _measured(job, name, loaded, folder, params, {}, start)
         except Exception as error:  # noqa: BLE001 - an export failing is a result
             results[name] = _failed(error, start)
     return results
 
 
-def _common_exports(job: ExportJob, model: torch.nn.Module, tokenizer, names: list[str]) -> dict[str, dict]:
-    from transformers import AutoConfig
-
+def _common_exports(
+    job: ExportJob, model: torch.nn.Module, tokenizer, names: list[str], config, params: int
+) -> dict[str, dict]:
     start = time.perf_counter()
     merged = job.folder / MERGED
     try:  # the source of every common format: if it fails, they all fail, with its error
         state = merged_weights(model, job.settings.dtype)
-        config = AutoConfig.from_pretrained(job.model_spec.path)
         write_merged(state, job.model_spec, job.settings.dtype, merged)
     except Exception as error:  # noqa: BLE001 - an export failing is a result
         return dict.fromkeys(names, _failed(error, start))
-    params = _parameter_count(state, config.tie_word_embeddings)
     results = {}
     for name in names:
         start = time.perf_counter()
@@ -269,9 +272,13 @@ def _common_exports(job: ExportJob, model: torch.nn.Module, tokenizer, names: li
 def export_all(job: ExportJob, model: torch.nn.Module, tokenizer) -> dict[str, dict]:
     """Write and measure every export of ``job``; a failed one is recorded, the others go on.
     A method's own formats go first: they are written from the run's model itself."""
+    from transformers import AutoConfig
+
     job.folder.mkdir(parents=True, exist_ok=True)
-    results = _native_exports(job, model)
+    config = AutoConfig.from_pretrained(job.model_spec.path)
+    params = _parameter_count(config)
+    results = _native_exports(job, model, params)
     common = [name for name in job.settings.formats if name not in job.method.native_exports]
     if common:
-        results.update(_common_exports(job, model, tokenizer, common))
+        results.update(_common_exports(job, model, tokenizer, common, config, params))
     return {name: results[name] for name in job.settings.formats}  # in the order asked for
