@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from core.compute_dtype import storage_dtype
 from core.shapes import LLAMA_BLOCK_LINEARS
 from methods.base import WEIGHT_FORMATS
 
@@ -103,7 +104,7 @@ def spec_from_method_config(cfg: dict) -> MethodSpec:
 
     cfg = dict(cfg)
     if cfg.get("compute_dtype") == "auto":
-        cfg["compute_dtype"] = cfg.get("dtype", "bfloat16")
+        cfg["compute_dtype"] = storage_dtype(cfg) or "bfloat16"
     method = hydra.utils.instantiate(cfg, _convert_="all")
     return spec_from_format(method.method_format())
 
@@ -112,6 +113,9 @@ def resolve_method(name_or_path: str) -> MethodSpec:
     """A method by conf/method name (preferred: the harness's own settings), built-in name, or YAML path."""
     from omegaconf import OmegaConf
 
+    from methods.compose import register_method_name_resolver
+
+    register_method_name_resolver()
     path = Path(name_or_path)
     if not path.suffix:
         path = CONF_METHODS / f"{name_or_path}.yaml"

@@ -65,10 +65,19 @@ def auto_compute_dtype(device: torch.device, storage_dtype: str | None = None) -
     return "float32", f"{reason}, not {storage_dtype}, the dtype the base is stored in"
 
 
+# The 16-bit bases of methods/compose.py and the dtype each stores its weights in.
+SIXTEEN_BIT_BASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def storage_dtype(method_cfg) -> str | None:
+    """The dtype a method config's 16-bit base is stored in (``dtype``, or its ``base`` axis); None if quantized."""
+    return method_cfg.get("dtype") or SIXTEEN_BIT_BASES.get(method_cfg.get("base"))
+
+
 def resolve_auto_compute_dtype(method_cfg, device: torch.device) -> dict | None:
     """Replace ``compute_dtype: auto`` in a method config by the device's choice; returns what was chosen and why."""
     if method_cfg.get("compute_dtype") != AUTO:
         return None
-    name, reason = auto_compute_dtype(device, method_cfg.get("dtype"))
+    name, reason = auto_compute_dtype(device, storage_dtype(method_cfg))
     method_cfg.compute_dtype = name
     return {"requested": AUTO, "resolved": name, "reason": reason}

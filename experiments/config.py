@@ -14,5 +14,8 @@ def compose_config(*overrides: str, hydra_node: bool = False) -> DictConfig:
     ``hydra_node``: with the ``hydra`` node a job sees (sweeper params, launcher)."""
     from hydra import compose, initialize_config_dir
 
+    from methods.compose import register_method_name_resolver
+
+    register_method_name_resolver()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_node)

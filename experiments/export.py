@@ -83,6 +83,11 @@ def valid_exports(method: Method) -> tuple[str, ...]:
 
 def _check_format(name: str, method: Method, shape: dict, gptq_group_size: int) -> None:
     valid = valid_exports(method)
+    if not method.mergeable and name not in method.native_exports:
+        raise ConfigError(
+            f"export.formats: {name!r} holds weights only, and method {method.name}'s adapter is not weights "
+            f"(it cannot be merged); valid for it: {', '.join(method.native_exports) or 'none'}"
+        )
     if name.startswith("gguf_"):
         check_gguf_type(name.removeprefix("gguf_"))
         check_model_type(shape.get("model_type") or "llama")

@@ -64,6 +64,7 @@ from experiments.summary import format_table
 from experiments.sweep_summary import write_pointer
 from experiments.train import TrainSettings, train
 from methods.base import LoadContext, Method
+from methods.compose import register_method_name_resolver
 from methods.loading import load_16bit
 from methods.storage import trainable_parameters
 
@@ -437,6 +438,9 @@ def _flat_metrics(record: dict) -> dict:
 
 def _is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+register_method_name_resolver()  # before Hydra composes conf/ (method names follow from their axes)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -53,6 +53,8 @@ FAMILIES = {
     "gptq": "post-training GPTQ, no fine-tuning (QA-LoRA Table 1)",
     "qlora_gptq": "QLoRA fine-tune, merged, then GPTQ (QA-LoRA Table 1's 'QLoRA w/ GPTQ')",
     "rtn": "post-training round-to-nearest INT-k, no fine-tuning",
+    "bnb": "a bitsandbytes NF4/FP4/LLM.int8 base, no fine-tuning: the data type alone",
+    "prompt": "prefix tuning or LLaMA-Adapter (trained prompts, weights untouched) on a 16-bit or bitsandbytes base",
 }
 # Storage formats of the frozen weights, as the memory model names them (analysis/method_specs.py).
 WEIGHT_FORMATS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8", "int_group", "gptq")
@@ -61,6 +63,8 @@ CALIBRATION_SOURCES = ("train", "c4")
 # Set on a model by a step that folds its trained parameters away (a merge), so that
 # ``trained_parameters`` still counts them afterwards.
 TRAINED_PARAMS_ATTR = "qpeft_trained_params"
+# Set on a model by an adapter whose initialisation is measured (LoftQ): record sections, merged by ``describe``.
+ADAPTER_INIT_ATTR = "qpeft_adapter_init"
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,9 @@ class Method:
     calibration: CalibrationSettings | None = None
     # Deploy formats only this method can write (``export.formats``), besides the common ones.
     native_exports: ClassVar[tuple[str, ...]] = ()
+    # The finalized model folds into plain weights (methods/merge.py), so the common deploy formats
+    # hold it; False for adapters that are not weights (prefix tuning, LLaMA-Adapter).
+    mergeable: bool = True
 
     def validate(self, shape: dict) -> None:
         """Fail before any work (ConfigError) if the method cannot run on a model of this shape
@@ -203,4 +210,5 @@ class Method:
             **self.method_format().as_record(),
             **weight_storage(model, self.storage_targets()),
             "trainable_params": trained_parameters(model) if trainable_params is None else trainable_params,
+            **getattr(model, ADAPTER_INIT_ATTR, {}),
         }

@@ -1,16 +1,19 @@
-"""LoRA on a 16-bit base (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022).
+"""An adapter on a 16-bit base; with LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language
+Models", ICLR 2022), the baseline of the QLoRA paper's Table 4 ("BFloat16").
 
-The frozen base is kept in a 16-bit dtype (bfloat16 or float16, selectable); peft adds
-trainable low-rank adapters B @ A to every target linear layer. This is the baseline
-of the QLoRA paper's Table 4 ("BFloat16"). Everything here is peft's; we only wire it.
-Where the device emulates the storage dtype, the base computes in float32 (methods/upcast.py).
+The frozen base is kept in a 16-bit dtype (bfloat16 or float16, selectable); the adapter
+(methods/adapters.py: LoRA by default, or DoRA, prefix tuning, LLaMA-Adapter) is peft's,
+added to every target linear layer or attention block. Everything here is peft's; we only
+wire it. Where the device emulates the storage dtype, the base computes in float32
+(methods/upcast.py).
 """
 
 from __future__ import annotations
 
+from methods.adapters import Adapter, LoraAdapter
 from methods.base import LoadContext, Method, MethodFormat
-from methods.loading import add_lora, load_16bit
-from methods.settings import LoraSettings, dtype_name, parse_16bit_compute_dtype, parse_dtype
+from methods.loading import load_16bit
+from methods.settings import dtype_name, parse_16bit_compute_dtype, parse_dtype
 
 SIXTEEN_BIT_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -18,28 +21,37 @@ SIXTEEN_BIT_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 class LoRA(Method):
     trainable = True
 
-    def __init__(self, name: str, dtype: str = "bfloat16", compute_dtype: str | None = None, lora: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        dtype: str = "bfloat16",
+        compute_dtype: str | None = None,
+        lora: dict | None = None,
+        adapter: Adapter | None = None,  # methods/compose.py passes it; default: LoRA with ``lora``
+    ):
         self.name = name
         self.dtype_name = dtype
         self.dtype = parse_dtype(dtype, "method.dtype")
         self.compute_dtype = parse_16bit_compute_dtype(compute_dtype, dtype)  # "auto" resolved: the dtype that runs
-        self.lora = LoraSettings.from_config(lora)
+        self.adapter = adapter if adapter is not None else LoraAdapter(lora)
+        self.mergeable = self.adapter.mergeable
 
     def load_base(self, model_spec, context: LoadContext):
         return load_16bit(model_spec, context.device, self.dtype, self.compute_dtype)
 
     def add_adapters(self, model):
-        return add_lora(model, self.lora)
+        return self.adapter.add(model)
 
     # finalize: the default; adapters stay separate, so evaluation sees base + B @ A exactly
 
     def method_format(self) -> MethodFormat:
         return MethodFormat(
             name=self.name,
-            family="lora",
+            family=self.adapter.family or "lora",
             quant_format=self.dtype_name,
             weight_format=SIXTEEN_BIT_FORMATS[self.dtype_name],
             bits=16 if self.dtype_name != "float32" else 32,
             compute_dtype=dtype_name(self.compute_dtype),
-            lora=self.lora,
+            lora=self.adapter.lora,
+            settings=self.adapter.settings(),
         )

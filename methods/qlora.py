@@ -22,9 +22,10 @@ LoRA baseline, so that comparisons isolate the quantization of the linear layers
 from __future__ import annotations
 
 from core.errors import ConfigError
+from methods.adapters import Adapter, LoraAdapter
 from methods.base import LoadContext, Method, MethodFormat
-from methods.loading import add_lora, load_pretrained
-from methods.settings import LoraSettings, dtype_name, parse_dtype
+from methods.loading import load_pretrained
+from methods.settings import dtype_name, parse_dtype
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 BNB_4BIT_BLOCK_SIZE = 64  # bitsandbytes' fixed block size for 4-bit weights
@@ -40,6 +41,7 @@ class QLoRA(Method):
         double_quant: bool = False,
         compute_dtype: str = "bfloat16",
         lora: dict | None = None,
+        adapter: Adapter | None = None,  # methods/compose.py passes it; default: LoRA with ``lora``
     ):
         if quant_type not in QUANT_TYPES:
             raise ConfigError(f"method.quant_type={quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
@@ -50,7 +52,8 @@ class QLoRA(Method):
         self.double_quant = bool(double_quant)
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
         self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
-        self.lora = LoraSettings.from_config(lora)
+        self.adapter = adapter if adapter is not None else LoraAdapter(lora)
+        self.trainable, self.mergeable = self.adapter.trainable, self.adapter.mergeable
 
     def quantization_config(self):
         from transformers import BitsAndBytesConfig
@@ -72,10 +75,15 @@ class QLoRA(Method):
 
             # bitsandbytes logs on every int8 product that bf16 inputs are cast to fp16 for quantization
             logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-        return load_pretrained(model_spec, context.device, self.compute_dtype, self.quantization_config())
+        model = load_pretrained(model_spec, context.device, self.compute_dtype, self.quantization_config())
+        if self.adapter.needs_original_weights:  # LoftQ: the 16-bit weights its initialisation starts from
+            from methods.loftq import ORIGINAL_WEIGHTS_ATTR, original_weights
+
+            setattr(model, ORIGINAL_WEIGHTS_ATTR, original_weights(model_spec, self.storage_targets()))
+        return model
 
     def add_adapters(self, model):
-        return add_lora(model, self.lora)
+        return self.adapter.add(model)
 
     # finalize: the default; the adapters stay beside the 4-bit base, as QLoRA deploys them
 
@@ -83,12 +91,13 @@ class QLoRA(Method):
         int8 = self.quant_type == "int8"
         return MethodFormat(
             name=self.name,
-            family="qlora",
+            family=self.adapter.family or ("qlora" if self.trainable else "bnb"),
             quant_format=self.quant_type + ("+dq" if self.double_quant else ""),
             weight_format=self.quant_type,
             bits=8 if int8 else 4,
             block_size=None if int8 else BNB_4BIT_BLOCK_SIZE,  # int8: one scale per output row
             double_quant=self.double_quant,
             compute_dtype=self.compute_dtype_name,
-            lora=self.lora,
+            lora=self.adapter.lora,
+            settings=self.adapter.settings(),
         )

@@ -83,7 +83,7 @@ class QLoRAThenGPTQ(Method):
         return replace(
             gptq,
             family="qlora_gptq",
-            lora=self.finetuner.lora,
+            lora=self.finetuner.adapter.lora,
             settings={**gptq.settings, "finetune_base": self.finetune_base},
         )
 

@@ -30,6 +30,12 @@ def records_in(folder):
         (["eval.perplexity.source=c4"], "mmlu_heldout, wikitext2"),
         (["method=qalora", "method.group_size=128"], "does not divide"),
         (["method=qalora", "method.bits=5"], "is not one of 2, 3, 4, 8"),
+        (["method.base=nf5"], "nf4, nf4_dq, fp4, fp4_dq, int8, rtn, gptq"),
+        (["method.adapter=ia3"], "none, lora, dora, loftq, prefix, llama_adapter, qalora"),
+        (["method.base=rtn", "method.adapter=lora"], "on rtn use adapter none, qalora"),
+        (["method.base=int8", "method.adapter=loftq"], "LoftQ re-quantizes a bitsandbytes 4-bit base"),
+        (["method=prefix_bf16", "method.prefix.num_virtual_tokens=0"], "num_virtual_tokens=0"),
+        (["method=llama_adapter_bf16", "export.formats=[gguf_q8_0]"], "cannot be merged"),
     ],
 )
 def test_bad_input_fails_fast_with_one_clear_message_and_no_record(tmp_path, overrides, message):

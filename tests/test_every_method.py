@@ -53,7 +53,7 @@ def test_every_method_config_runs_through_training_finalize_and_evaluation(
     assert record["method"]["name"] == name and record["method"]["family"]
     assert record["eval"]["mmlu"]["n_questions"] == len(SUBJECTS)
     assert torch.isfinite(torch.tensor(record["eval"]["perplexity"]["perplexity"]))
-    if compose_config(f"method={name}").method.get("lora") is not None:
+    if compose_config(f"method={name}").method.get("adapter", "lora") != "none":
         assert record["train"]["steps"] == 2 and record["method"]["trainable_params"] > 0
     log = (tmp_path / "run" / "run.log").read_text()
     for phase in record["phases"]:  # every phase says in the run's log when it starts and ends

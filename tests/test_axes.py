@@ -1,0 +1,144 @@
+"""A method as base format x adapter (methods/compose.py): every valid pair runs, presets stay what they were."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from methods.base import FAMILIES, LoadContext
+from methods.compose import build, method_name, valid_pairs
+from tests.conftest import METHOD_CONFIGS, REPO, compose_config, run_cli
+
+# Small enough for the tiny model; each class takes the settings of its own axis.
+TINY = {
+    "lora": {"r": 4},
+    "prefix": {"num_virtual_tokens": 4},
+    "llama_adapter": {"adapter_len": 4},
+    "loftq": {"iterations": 2},
+    "bits": 4,
+    "group_size": 32,
+    "calibration": {"n_samples": 4, "seq_len": 32},
+}
+
+
+def _compute_dtype(base: str) -> str | None:
+    if base in ("bf16", "fp16", "fp32"):
+        return None  # the stored dtype
+    return "bfloat16" if base == "gptq" else "float32"  # GPTQModel's kernels compute in 16 bits
+
+
+@pytest.mark.parametrize("base, adapter", valid_pairs(), ids=lambda value: str(value))
+def test_every_valid_pair_loads_trains_merges_and_describes(base, adapter, tiny_spec, cpu):
+    from methods.merge import merged_weights
+
+    if base == "gptq" or adapter == "loftq":
+        pytest.importorskip("gptqmodel" if base == "gptq" else "bitsandbytes")
+    method = build(base, adapter, compute_dtype=_compute_dtype(base), **TINY)
+    assert method.name == method_name(base, adapter)
+    calibration = [torch.randint(0, 256, (32,)).tolist() for _ in range(4)] if method.calibration else None
+    context = LoadContext(cpu, calibration=calibration, model_spec=tiny_spec)
+    torch.manual_seed(0)
+    model = method.add_adapters(method.load_base(tiny_spec, context))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert bool(trainable) == method.trainable
+    if method.trainable:
+        batch = torch.randint(0, 256, (2, 16))
+        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        losses = []
+        for _ in range(4):
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], losses  # it trains
+    model = method.finalize(model, context)
+    record = method.describe(model)
+    assert record["family"] in FAMILIES and record["name"] == method.name
+    assert record["trainable_params"] == sum(p.numel() for p in trainable)
+    if method.mergeable:  # every deploy format starts from these weights (experiments/export.py)
+        weights = merged_weights(model, torch.float32)
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_presets_are_points_on_the_axes_and_names_follow_the_axes():
+    for name in METHOD_CONFIGS:
+        method = compose_config(f"method={name}").method
+        if "base" in method:  # qlora_gptq is a pipeline of its own (fine-tune, merge, GPTQ)
+            assert method.name == name == method_name(method.base, method.adapter)
+    swept = compose_config("method=qlora_nf4", "method.base=fp4", "method.adapter=dora").method
+    assert swept.name == "qdora_fp4"
+    assert compose_config("method=lora_bf16", "method.adapter=prefix").method.name == "prefix_bf16"
+
+
+def test_committed_preset_records_are_what_the_presets_build_now():
+    """Records written before the axes existed (results/methods_small, results/quickstart) say what the same
+    preset builds today: their tables stay valid."""
+    checked = 0
+    for path in sorted((REPO / "results").glob("*/*.json")):
+        record = json.loads(path.read_text())
+        name = record["method"]["name"]
+        if path.parent.name not in ("methods_small", "quickstart") or name not in METHOD_CONFIGS:
+            continue
+        cfg = OmegaConf.to_container(compose_config(f"method={name}").method, resolve=True)
+        cfg["compute_dtype"] = record["method"]["compute_dtype"]
+        import hydra
+
+        fmt = hydra.utils.instantiate(cfg, _convert_="all").method_format().as_record()
+        assert {key: record["method"].get(key) for key in fmt} == fmt, path.name
+        checked += 1
+    assert checked >= 7
+
+
+def test_loftq_starts_closer_to_the_16bit_weights_than_qlora(tiny_spec, cpu):
+    """The record's errors are what the model holds: dequantized base + s B A against the 16-bit weights."""
+    import bitsandbytes as bnb
+
+    from methods.loftq import original_weights
+
+    method = build("nf4", "loftq", compute_dtype="float32", lora={"r": 8}, loftq={"iterations": 3})
+    model = method.add_adapters(method.load_base(tiny_spec, LoadContext(cpu, model_spec=tiny_spec)))
+    figures = method.describe(model)["loftq"]
+    assert figures["iterations"] == 3 and figures["layers"] == 14
+    assert figures["init_rel_error"] < figures["qlora_init_rel_error"]
+    weights = original_weights(tiny_spec, method.storage_targets())
+    errors = norms = 0.0
+    for name, module in model.get_base_model().named_modules():
+        if name in weights:
+            base = module.get_base_layer().weight
+            dense = bnb.functional.dequantize_4bit(base.data, base.quant_state).float()
+            update = module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight)
+            errors += (weights[name].float() - dense - update).pow(2).sum().item()
+            norms += weights[name].float().pow(2).sum().item()
+    assert (errors / norms) ** 0.5 == pytest.approx(figures["init_rel_error"], rel=1e-4)
+
+
+def test_prompt_adapters_refuse_weight_only_exports():
+    from core.errors import ConfigError
+    from experiments.export import check_exports
+
+    cfg = compose_config("method=prefix_bf16", "export.formats=[gguf_q8_0]")
+    with pytest.raises(ConfigError, match="cannot be merged"):
+        check_exports(cfg.export, build("bf16", "prefix"), {}, synthetic=False)
+
+
+@pytest.mark.slow
+def test_a_sweep_over_both_axes_is_one_multirun(tmp_path):
+    done = run_cli(
+        "-m",
+        "model=llama_synthetic",
+        "method.base=nf4,fp4",
+        "method.adapter=lora,dora",
+        "method.lora.r=4",
+        "train.max_steps=2",
+        f"results_dir={tmp_path / 'records'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(path.read_text()) for path in Path(tmp_path / "records").glob("*.json")]
+    assert sorted(r["method"]["name"] for r in records) == ["qdora_fp4", "qdora_nf4", "qlora_fp4", "qlora_nf4"]
+    assert all(r["status"] == "ok" and r["method"]["trainable_params"] > 0 for r in records)
+    dora = {r["method"]["name"]: r["method"]["trainable_params"] for r in records}
+    assert dora["qdora_nf4"] > dora["qlora_nf4"]  # DoRA trains a magnitude per output row besides LoRA
