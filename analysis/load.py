@@ -79,6 +79,8 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         # what was run
         "method": ("string", ("method.name", "config.method.name")),
         "method_family": ("string", ("method.family",)),
+        "base": ("string", ("config.method.base",)),  # the two axes (methods/compose.py)
+        "adapter": ("string", ("config.method.adapter",)),
         "quant_format": ("string", ("method.quant_format",)),
         "bits": ("Int64", ("method.bits", "config.method.bits")),
         "group_size": ("Int64", ("method.group_size", "config.method.group_size")),
@@ -87,6 +89,8 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "compute_dtype": ("string", ("method.compute_dtype", "config.method.compute_dtype")),
         "lora_r": ("Int64", ("method.lora.r", "config.method.lora.r")),
         "lora_alpha": ("float64", ("method.lora.alpha", "config.method.lora.alpha")),
+        "loftq_init_rel_error": ("float64", ("method.loftq.init_rel_error",)),
+        "loftq_qlora_init_rel_error": ("float64", ("method.loftq.qlora_init_rel_error",)),
         "model": ("string", ("model.id",)),  # filled by _model_identity for records from before model.id
         "model_config": ("string", ("config.model.name", "model.name")),
         "model_synthetic": ("boolean", ("model.synthetic",)),

@@ -119,10 +119,27 @@ def unquantized_bytes(shape: ModelShape, method: MethodSpec) -> int:
     return embeddings + norms + rotary + other_linears
 
 
+def prompt_tensor_sizes(shape: ModelShape, method: MethodSpec) -> list[int]:
+    """The trained tensors of a prompt adapter, as peft makes them. Prefix tuning (no projection): one
+    embedding of n virtual tokens x (layers x 2 x the key/value width) (with ``prefix_projection``, an
+    embedding of n x the key/value width and the two-layer MLP that makes the prefix); LLaMA-Adapter: per adapted layer
+    (the top ``layers``), a prompt of length x hidden and a scalar gate."""
+    kind, length, extra = method.prompt
+    kv_width = shape.num_layers * 2 * shape.kv_dim
+    if kind == "prefix" and extra:  # Li & Liang's reparametrisation: an MLP of width ``extra`` makes the prefix
+        return [length * shape.kv_dim, shape.kv_dim * extra, extra, extra * kv_width, kv_width]
+    if kind == "prefix":
+        return [length * kv_width]
+    return [length * shape.hidden, 1] * min(extra, shape.num_layers)
+
+
 def adapter_params(shape: ModelShape, method: MethodSpec) -> tuple[int, int]:
     """(parameters, tensors) of the LoRA adapters: A is r x D_in (QA-LoRA: r x D_in/L), B is D_out x r."""
     if not method.trainable:
         return 0, 0
+    if method.prompt is not None:
+        sizes = prompt_tensor_sizes(shape, method)
+        return sum(sizes), len(sizes)
     r, params, tensors = method.lora_rank, 0, 0
     for name, (d_in, d_out) in shape.block_linears().items():
         if name not in method.lora_targets:
@@ -186,6 +203,8 @@ def optimizer_parts(shape: ModelShape, method: MethodSpec, optimizer: str) -> di
 
 
 def _adapter_tensor_sizes(shape: ModelShape, method: MethodSpec) -> list[int]:
+    if method.prompt is not None:
+        return prompt_tensor_sizes(shape, method)
     sizes = []
     for name, (d_in, d_out) in shape.block_linears().items():
         if name in method.lora_targets:
@@ -214,7 +233,7 @@ def layer_activation_bytes(shape: ModelShape, method: MethodSpec, tokens: int, c
     attention = t * (2 * shape.q_dim + 2 * shape.kv_dim) * c + 4 * t * shape.heads
     mlp = 3 * t * shape.intermediate * c
     lora = 0
-    if method.trainable:
+    if method.lora_rank is not None:  # a prompt adapter keeps next to nothing more (its prompts are weights)
         mask_bytes = 1 if cuda else method.adapter_bytes_per_param
         per_input = method.adapter_bytes_per_param + (mask_bytes if method.lora_dropout > 0 else 0)
         for name, (d_in, _) in shape.block_linears().items():
@@ -327,7 +346,7 @@ def predict(shape: ModelShape, method: MethodSpec, train: TrainShape | None = No
 
 def predict_named(model: str, method: str, train: TrainShape | None = None, rank: int | None = None) -> dict:
     spec = resolve_method(method)
-    if rank is not None and spec.trainable:
+    if rank is not None and spec.lora_rank is not None:
         spec = spec.with_lora(rank=rank)
     return predict(resolve_shape(model), spec, train)
 

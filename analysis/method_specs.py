@@ -41,6 +41,9 @@ class MethodSpec:
     lora_dropout: float = 0.05
     compute_bytes: int = 2  # bf16/fp16 compute, the dtype of embeddings, norms and head
     adapter_bytes_per_param: int = 4  # peft upcasts 16-bit adapters to fp32 (autocast_adapter_dtype)
+    # A prompt adapter instead of LoRA (lora_rank None): ("prefix", virtual tokens, projection width or 0)
+    # or ("llama_adapter", prompt length, layers); see analysis.memory_model.prompt_tensor_sizes.
+    prompt: tuple[str, int, int] | None = None
 
     def __post_init__(self):
         if self.weight_format not in WEIGHT_FORMATS:
@@ -48,7 +51,7 @@ class MethodSpec:
 
     @property
     def trainable(self) -> bool:
-        return self.lora_rank is not None
+        return self.lora_rank is not None or self.prompt is not None
 
     def with_lora(
         self, rank: int | None = None, targets: tuple[str, ...] | None = None, dropout: float | None = None
@@ -81,6 +84,17 @@ BUILTIN_METHODS = {
 def spec_from_format(fmt) -> MethodSpec:
     """A MethodSpec from a method's own ``methods.base.MethodFormat``: what it stores and trains."""
     lora = fmt.lora
+    prompt = None
+    if "prefix" in fmt.settings:
+        prefix = fmt.settings["prefix"]
+        prompt = (
+            "prefix",
+            prefix["num_virtual_tokens"],
+            prefix["encoder_hidden_size"] if prefix["prefix_projection"] else 0,
+        )
+    elif "llama_adapter" in fmt.settings:
+        settings = fmt.settings["llama_adapter"]
+        prompt = ("llama_adapter", settings["adapter_len"], settings["adapter_layers"])
     return MethodSpec(
         fmt.name,
         fmt.weight_format,
@@ -91,6 +105,7 @@ def spec_from_format(fmt) -> MethodSpec:
         lora_targets=lora.target_modules if lora is not None else LLAMA_BLOCK_LINEARS,
         lora_dropout=lora.dropout if lora is not None else 0.05,
         compute_bytes=DTYPE_BYTES[fmt.compute_dtype],
+        prompt=prompt,
     )
 
 

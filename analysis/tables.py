@@ -2,7 +2,7 @@
 
     python -m analysis.tables --results results/quickstart --out results/quickstart/tables
 
-Seven tables (pandas; the Markdown and LaTeX writers are here, a few lines each, so that
+Eight tables (pandas; the Markdown and LaTeX writers are here, a few lines each, so that
 the output depends on no optional package and is byte-for-byte stable):
 
 1. ``main``: one row per method configuration: storage, peak training memory,
@@ -21,6 +21,9 @@ the output depends on no optional package and is byte-for-byte stable):
    perplexity, KL divergence and top-token agreement against the fine-tuned model before
    export and against the 16-bit base, MMLU.
 7. ``gguf_readers``: each GGUF export as transformers reads it and as llama.cpp runs it.
+8. ``methods``: every method side by side, by its base format and adapter: storage, trainable
+   parameters, throughput, training loss first -> last, perplexity, MMLU and the KL divergence
+   against the 16-bit base (the README's all-methods table).
 
 Published numbers come from ``analysis/reference/published.csv`` and are shown as rows
 marked with their paper and table. "—" is a cell with no run (or a published value we
@@ -53,8 +56,9 @@ OURS = "ours"
 
 # Display order of methods; a method not listed sorts after these, by name.
 METHOD_ORDER = (
-    "lora_fp16", "lora_bf16", "dora_bf16", "qlora_int8", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4", "qdora_nf4",
-    "gptq", "qlora_gptq", "qalora",
+    "base_bf16", "lora_fp16", "lora_bf16", "dora_bf16", "prefix_bf16", "llama_adapter_bf16",
+    "qlora_int8", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4", "qdora_nf4", "loftq_nf4", "prefix_nf4", "llama_adapter_nf4",
+    "rtn", "gptq", "qlora_gptq", "qalora",
 )  # fmt: skip
 DATA_TYPE_LABELS = {
     "bfloat16": "BFloat16",
@@ -73,6 +77,8 @@ CATEGORY_LABELS = {
 # What a row of the main table shows to say which configuration it is. Runs are grouped by
 # their whole settings (analysis.load's ``settings``); these only label the groups.
 LABEL_COLUMNS = ["model", "data", "method", "quant_format"]
+# Families whose runs never train (methods.base.FAMILIES): rows "without fine-tuning".
+POST_TRAINING_FAMILIES = ("base", "bnb", "rtn", "gptq")
 # Settings that tables spread over columns instead of rows: the 0-shot and 5-shot runs of
 # one configuration share a row (and held-out perplexity does not depend on the shots).
 SPREAD_SETTINGS = ("eval.num_fewshot",)
@@ -236,6 +242,35 @@ def main_table(runs: pd.DataFrame) -> pd.DataFrame:
     return _drop_empty_settings(pd.DataFrame(rows))
 
 
+def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every method configuration side by side: what it stores and trains, how fast, where it ends up."""
+    rows = []
+    for key, distinction, group in configuration_groups(runs, LABEL_COLUMNS):
+        first = dict(zip(LABEL_COLUMNS, key))
+        five = group[group["mmlu_num_fewshot"] == 5]
+        trained = group["train_loss_first"].notna().any()
+        loss = f"{cell(group, 'train_loss_first', digits=3)} -> {cell(group, 'train_loss_last', digits=3)}"
+        rows.append(
+            {
+                "Model": first["model"],
+                "Method": first["method"],
+                "Base": group["base"].dropna().iloc[0] if group["base"].notna().any() else MISSING,
+                "Adapter": group["adapter"].dropna().iloc[0] if group["adapter"].notna().any() else MISSING,
+                "Settings": distinction,
+                "Bits/param": cell(group, "weight_bits_per_param", digits=3),
+                "Weight MB": cell(group, "weight_bytes", scale=1e-6),
+                "Trainable M": cell(group, "trainable_params", scale=1e-6, digits=3),
+                "Train tok/s": cell(group, "train_tokens_per_second", digits=0),
+                "Loss first -> last": loss if trained else MISSING,
+                "Perplexity": cell(group, "perplexity", digits=2),
+                "MMLU 5-shot %": cell(five, "mmlu_acc", scale=100),
+                "KL vs 16-bit": cell(group, "kl_vs_base_mean", digits=KL_DIGITS),
+                "Seeds": _marked(str(_n_seeds(group)), group),
+            }
+        )
+    return _drop_empty_settings(pd.DataFrame(rows))
+
+
 def load_reference(path: Path = REFERENCE_CSV) -> pd.DataFrame:
     return pd.read_csv(
         path,
@@ -386,7 +421,7 @@ def datatype_perplexity(runs: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd
     (``train.max_steps=0``) or its method does not train (base, RTN, GPTQ); a LoRA run
     that failed before training does not pass for an untrained one.
     """
-    post_training = runs["method_family"].isin(["base", "rtn", "gptq"])
+    post_training = runs["method_family"].isin(POST_TRAINING_FAMILIES)
     untrained = runs[runs["train_max_steps"].eq(0).fillna(False) | post_training.fillna(False)]
     models = sorted(untrained["model"].dropna().unique())
     rows = []
@@ -454,7 +489,7 @@ def _fidelity_figures(group: pd.DataFrame, bits: str, kl: str, agreement: str, p
 
 
 def _untrained(runs: pd.DataFrame) -> pd.DataFrame:
-    post_training = runs["method_family"].isin(["base", "rtn", "gptq"]).fillna(False)
+    post_training = runs["method_family"].isin(POST_TRAINING_FAMILIES).fillna(False)
     return runs[runs["train_max_steps"].eq(0).fillna(False) | post_training]
 
 
@@ -658,6 +693,10 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
 
 
 CAPTIONS = {
+    "methods": "Every method as a base format x an adapter: bits per parameter of the block linears (quantization "
+    "constants included), weights in MB (10^6 bytes), trained parameters in millions, training throughput, "
+    "training loss at the first and last step, held-out perplexity, 5-shot MMLU accuracy (%), mean KL divergence "
+    "(nats) of next-token distributions against the 16-bit base.",
     "main": "Method comparison: mean ± std over seeds (Seeds: number of seeds with an ok run). "
     "MB = 10^6 bytes, GB = 10^9 bytes; MMLU accuracy in %.",
     "qlora_table4": "Mean 5-shot MMLU accuracy (%) by data type, model and fine-tuning data, "
@@ -694,6 +733,7 @@ def build_tables(runs: pd.DataFrame, reference: pd.DataFrame) -> dict[str, tuple
         "datatype_fidelity": (datatype_fidelity(runs), []),
         "deploy_fidelity": (deploy_fidelity(runs), []),
         "gguf_readers": (gguf_readers(runs), []),
+        "methods": (methods_table(runs), []),
     }
 
 

@@ -85,25 +85,61 @@ class DoraAdapter(LoraAdapter):
 
 class PrefixAdapter(Adapter):
     """Prefix tuning: ``num_virtual_tokens`` trained key/value vectors per layer (per key/value head),
-    or, with ``prefix_projection``, produced by a two-layer MLP (Li & Liang's reparametrisation)."""
+    or, with ``prefix_projection``, produced by a two-layer MLP (Li & Liang's reparametrisation).
+
+    ``init: activations`` (the default) starts the prefix at the keys and values the base model
+    computes for ``num_virtual_tokens`` real tokens, Li & Liang's initialisation with real words'
+    activations (which they found trains better than a random one). peft's own default,
+    ``init: random``, draws them from N(0, 1), far from any key the model makes: on SmolLM2 it
+    moves the model's next-token distributions by a KL divergence of 4 nats before training."""
 
     kind = "prefix"
     family = "prompt"
     mergeable = False
-    DEFAULTS: ClassVar[dict] = {"num_virtual_tokens": 16, "prefix_projection": False, "encoder_hidden_size": 256}
+    INITS = ("activations", "random")
+    DEFAULTS: ClassVar[dict] = {
+        "num_virtual_tokens": 16,
+        "prefix_projection": False,
+        "encoder_hidden_size": 256,
+        "init": "activations",
+    }
 
     def __init__(self, prefix: dict | None = None):
         self.options = checked_settings(prefix, self.DEFAULTS, "prefix")
         if not isinstance(self.options["num_virtual_tokens"], int) or self.options["num_virtual_tokens"] < 1:
             raise ConfigError(f"method.prefix.num_virtual_tokens={self.options['num_virtual_tokens']!r}: must be >= 1")
+        if self.options["init"] not in self.INITS:
+            raise ConfigError(f"method.prefix.init={self.options['init']!r} is not one of {', '.join(self.INITS)}")
+        if self.options["init"] == "activations" and self.options["prefix_projection"]:
+            raise ConfigError(
+                "method.prefix.init=activations sets the prefix itself; with prefix_projection use init=random"
+            )
 
     def add(self, model):
         from peft import PrefixTuningConfig, get_peft_model
 
-        return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", **self.options))
+        peft_options = {key: value for key, value in self.options.items() if key != "init"}
+        model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", **peft_options))
+        if self.options["init"] == "activations":
+            _prefix_from_activations(model, self.options["num_virtual_tokens"])
+        return model
 
     def settings(self):
         return {"prefix": dict(self.options)}
+
+
+@torch.no_grad()
+def _prefix_from_activations(model, length: int) -> None:
+    """Set peft's prefix embedding to the base model's cached keys and values of ``length`` tokens drawn
+    (seeded) from the vocabulary. peft reads a row as (layers x 2, key/value heads, head dim): layer l's
+    key at index 2l, its value at 2l + 1, as a Cache holds them after RoPE."""
+    base = model.get_base_model()
+    embedding = model.prompt_encoder[model.active_adapter].embedding.weight
+    tokens = torch.randint(0, base.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    cache = base(input_ids=tokens.to(embedding.device), use_cache=True).past_key_values
+    pairs = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]  # each (1, heads, n, dim)
+    prefix = torch.cat(pairs).permute(2, 0, 1, 3).reshape(length, -1)  # (n, layers x 2 x heads x dim)
+    embedding.copy_(prefix.to(embedding.dtype))
 
 
 class LlamaAdapter(Adapter):

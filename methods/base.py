@@ -27,8 +27,10 @@ in this order, always through the members below (never probing for others):
 A method keeps no state between these calls: what a later step needs comes from its arguments
 (``LoadContext.model_spec`` names the checkpoint for ``finalize``). The memory model
 (analysis/method_specs.py) derives its prediction from ``method_format()``, so a new method is
-covered there without an edit. Adding a method is one module here and one config file in
-conf/method/ (and its name in the README's method list, which a test checks).
+covered there without an edit. A method is a base format x an adapter (methods/compose.py
+builds it from ``method.base`` and ``method.adapter``): a new adapter is a class in
+methods/adapters.py, a new base a subclass of ``Method`` taking an ``adapter``; either way one
+config file in conf/method/ and the name in the README's method list (README, "Adding a method").
 """
 
 from __future__ import annotations

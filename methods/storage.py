@@ -16,7 +16,9 @@ walk the modules and add up every tensor a format needs to store:
 - our INT-k layers (methods/int_quant.py) report their own parts (``storage_parts``).
 - plain ``nn.Linear`` and every other parameter or buffer: numel x element size.
 
-Adapter parameters (names containing ``lora_``) are counted apart as ``adapter_bytes``.
+Adapter parameters (LoRA's and QA-LoRA's ``lora_`` / ``qalora_`` tensors, prefix tuning's prompt
+encoder, LLaMA-Adapter's prompts and gates, and any parameter that trains) are counted apart as
+``adapter_bytes``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from core.tensors import tensor_bytes
 
-ADAPTER_MARKERS = ("lora_", "qalora_")
+ADAPTER_MARKERS = ("lora_", "qalora_", "prompt_encoder.", "adaption_prompt", "adaption_gate")
 
 
 def _is_adapter(name: str) -> bool:
@@ -120,7 +122,7 @@ def weight_storage(model: torch.nn.Module, target_modules: tuple[str, ...]) -> d
         if id(tensor) in seen or id(tensor) in counted:
             continue
         seen.add(id(tensor))  # tied embeddings are stored once
-        if _is_adapter(name):
+        if _is_adapter(name) or tensor.requires_grad:  # a new adapter's parameters count without a marker
             adapter_bytes += tensor_bytes(tensor)
         else:
             other_bytes += tensor_bytes(tensor)

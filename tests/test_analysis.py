@@ -291,6 +291,7 @@ def test_written_tables_are_byte_for_byte_stable(sweep, tmp_path):
             "datatype_fidelity",
             "deploy_fidelity",
             "gguf_readers",
+            "methods",
         )
         for ext in ("md", "csv", "tex")
     )
@@ -300,6 +301,8 @@ def test_written_tables_are_byte_for_byte_stable(sweep, tmp_path):
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "lora\\_bf16" in tex
     perplexity = (tmp_path / "a" / "datatype_perplexity.md").read_text()
     assert "| ours | int4-g32 | gptq | 13.50 (n=1) |" in perplexity  # only the untrained run
+    methods = pd.read_csv(tmp_path / "a" / "methods.csv")
+    assert set(methods["Method"]) == set(runs["method"])  # every method side by side
 
 
 # ----------------------------------------------------------------------------- fidelity tables

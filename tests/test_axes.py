@@ -142,3 +142,17 @@ def test_a_sweep_over_both_axes_is_one_multirun(tmp_path):
     assert all(r["status"] == "ok" and r["method"]["trainable_params"] > 0 for r in records)
     dora = {r["method"]["name"]: r["method"]["trainable_params"] for r in records}
     assert dora["qdora_nf4"] > dora["qlora_nf4"]  # DoRA trains a magnitude per output row besides LoRA
+
+
+def test_prefix_initialised_from_activations_is_the_base_model_reading_those_tokens_first(tiny_spec, cpu):
+    """init=activations puts the base model's own cache of n real tokens in the prefix: the prefixed model's
+    logits are the base model's on those n tokens followed by the input (peft's layout read right)."""
+    method = build("fp32", "prefix", prefix={"num_virtual_tokens": 5})
+    base = method.load_base(tiny_spec, LoadContext(cpu, model_spec=tiny_spec))
+    model = method.add_adapters(base).eval()
+    tokens = torch.randint(0, base.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        prefixed = model(input_ids=batch).logits
+        reference = model.get_base_model()(input_ids=torch.cat([tokens.expand(2, -1), batch], dim=1)).logits[:, 5:]
+    torch.testing.assert_close(prefixed, reference, rtol=1e-4, atol=1e-4)

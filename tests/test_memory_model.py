@@ -24,10 +24,12 @@ from experiments.train import TrainSettings, make_optimizer
 from methods.base import LoadContext
 from tests.conftest import CONF, compose_config
 
-# QLoRA's formats, plus the INT-k group format of QA-LoRA and RTN when their configs exist
+# QLoRA's formats and the adapters on 16-bit and NF4 bases, plus the INT-k group format of QA-LoRA and RTN
 METHODS = ("lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qlora_fp4", "qlora_int8") + tuple(
     m for m in ("qalora", "rtn") if (CONF / "method" / f"{m}.yaml").exists()
 )
+# The other adapters, on the tiny preset (their storage is LoRA's or a prompt's, whatever the base).
+ADAPTERS = ("dora_bf16", "loftq_nf4", "prefix_bf16", "prefix_nf4", "llama_adapter_bf16", "llama_adapter_nf4")
 MODELS = {
     "tiny": {"name": "llama_synthetic", "kind": "synthetic", "preset": "tiny"},
     "small": {"name": "llama_synthetic", "kind": "synthetic", "preset": "small"},
@@ -71,9 +73,11 @@ def relative_error(predicted: float, measured: float) -> float:
 # Every method on the synthetic presets; on the bundled SmolLM2 (135M parameters, slower
 # to quantize on CPU) the 16-bit base and NF4 with and without double quantization.
 # (FP4 stores exactly what NF4 stores, only its 16-entry code table differs.)
-CASES = [(model, method) for model in ("tiny", "small") for method in METHODS] + [
-    ("smollm2", method) for method in ("lora_bf16", "qlora_nf4", "qlora_nf4_dq")
-]
+CASES = (
+    [(model, method) for model in ("tiny", "small") for method in METHODS]
+    + [("smollm2", method) for method in ("lora_bf16", "qlora_nf4", "qlora_nf4_dq")]
+    + [("tiny", method) for method in ADAPTERS]
+)
 
 
 @pytest.mark.parametrize(("model_key", "method_name"), CASES)

@@ -38,3 +38,52 @@ def test_readme_results_table_is_the_generated_one():
     rows = [line for line in generated.splitlines() if line.startswith("|")]
     readme = (REPO / "README.md").read_text()
     assert "\n".join(rows) in readme
+
+
+def test_the_readme_worked_example_of_a_new_adapter_runs(monkeypatch, tiny_spec, cpu):
+    """ "Adding a method": the IA3 class and preset as printed, wired as steps 2-3 say, train and are recorded."""
+    import textwrap
+
+    import torch
+    import yaml
+    from omegaconf import OmegaConf
+
+    import methods.adapters
+    import methods.compose as compose
+    from methods.base import LoadContext
+
+    text = (REPO / "README.md").read_text()
+    code = re.search(r"```python\n(   class IA3Adapter.*?)```", text, flags=re.S).group(1)
+    namespace = dict(vars(methods.adapters))
+    exec(textwrap.dedent(code), namespace)  # step 1, as printed
+    adapter_class = namespace["IA3Adapter"]
+    make_adapter = compose.make_adapter
+    monkeypatch.setattr(compose, "ADAPTERS", (*compose.ADAPTERS, "ia3"))  # step 2
+    monkeypatch.setitem(compose.VALID_ADAPTERS, "nf4", (*compose.VALID_ADAPTERS["nf4"], "ia3"))
+    monkeypatch.setattr(compose, "ADAPTER_BLOCKS", (*compose.ADAPTER_BLOCKS, "ia3"))
+    monkeypatch.setattr(
+        compose,
+        "make_adapter",
+        lambda kind, settings: adapter_class(settings.get("ia3")) if kind == "ia3" else make_adapter(kind, settings),
+    )
+    preset = re.search(r"```yaml\n(   # IA3.*?)```", text, flags=re.S).group(1)  # step 3, as printed
+    cfg = OmegaConf.create(yaml.safe_load(textwrap.dedent(preset)))
+    cfg.compute_dtype = "float32"
+    compose.register_method_name_resolver()
+    method = compose.build(**{k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"})
+    assert method.name == "ia3_nf4"
+    model = method.add_adapters(method.load_base(tiny_spec, LoadContext(cpu, model_spec=tiny_spec)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    batch = torch.randint(0, 256, (2, 16))
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    record = method.describe(model)
+    assert record["trainable_params"] == sum(p.numel() for p in trainable) > 0
+    assert record["adapter_bytes"] == 4 * record["trainable_params"]  # counted as adapter bytes without an edit
