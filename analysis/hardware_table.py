@@ -38,6 +38,13 @@ SETTINGS = {
     "b1 s512": TrainShape(1, 512, "paged_adamw_32bit", True),
     "b4 s1024": TrainShape(4, 1024, "paged_adamw_32bit", True),
 }
+# Per GPU under FSDP (train.strategy=fsdp) across N GPUs, batch 1 x 512 on each (a global batch of N),
+# for the methods the harness shards (methods.base.Method.prepare_sharding: LoRA on 16-bit and
+# bitsandbytes 4-bit bases; LLM.int8, QA-LoRA and GPTQ are not wired for FSDP).
+FSDP_GPUS = (2, 4, 8)
+SHARDABLE = ("lora_bf16", "qlora_nf4", "qlora_nf4_dq")
+# Answer.AI's FSDP+QLoRA announcement (2024): a 70B model fine-tuned on two 24 GB consumer GPUs.
+ANSWER_AI_70B_GPUS, ANSWER_AI_GPU_GB = 2, 24
 
 # LLaMA-Factory README, "Hardware Requirement" (GB; its columns 7B/13B/30B/70B).
 LLAMA_FACTORY = {
@@ -88,6 +95,9 @@ def table_rows() -> list[dict]:
                             "peak_allocated_gib": p["peak_allocated_bytes"] / GiB,
                         }
                     )
+            for gpus in FSDP_GPUS:
+                per_gpu = predict(shape, spec, replace(SETTINGS["b1 s512"], batch=gpus, shards=gpus))
+                row[f"fsdp_x{gpus}_gb"] = per_gpu["peak_device_bytes"] / GB if method in SHARDABLE else "—"
             row["published"] = published(method, size)
             rows.append(row)
     return rows
@@ -116,6 +126,7 @@ def markdown(rows: list[dict]) -> str:
         "activations_logits_gb",
         "peak_device_gb b1 s512",
         "peak_device_gb b4 s1024",
+        *(f"fsdp_x{gpus}_gb" for gpus in FSDP_GPUS),
         "published",
     ]
     headers = [
@@ -128,6 +139,7 @@ def markdown(rows: list[dict]) -> str:
         "activations + logits + transients GB",
         "**predicted peak GB** (b1 x 512)",
         "predicted peak GB (b4 x 1024)",
+        *(f"per GPU, FSDP x{gpus} GB" for gpus in FSDP_GPUS),
         "published estimate",
     ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -211,6 +223,18 @@ def notes(rows: list[dict]) -> str:
   quantized linear layers (4.5 -> 4.127; the paper: about 0.37) and {gb65:.2f} GB at 65B (the
   paper: about 3 GB); only the linear layers are quantized, so the saving is 0.373 bits
   times their {NAMED_MODELS["llama_65b"].block_linear_params() / 1e9:.1f}B weights.
+- **FSDP across N GPUs** (per GPU, batch 1 x 512 on each, the rest as above): each GPU holds
+  1/N of the weights, adapters, gradients and optimizer state, bitsandbytes' 4-bit constants
+  whole (they stay on the module, outside the parameters FSDP shards), its own activations, and
+  two decoder blocks gathered whole (the one computing and the one FSDP prefetches). The
+  16-bit LoRA baseline of 65B, {peak("65B", "lora_bf16"):.0f} GB on one GPU, needs
+  {" / ".join(f"{by[('65B', 'lora_bf16')][f'fsdp_x{n}_gb']:.0f}" for n in FSDP_GPUS)} GB per GPU on
+  {" / ".join(map(str, FSDP_GPUS))} GPUs. Answer.AI's FSDP+QLoRA announcement (2024) fine-tuned a 70B
+  model on {ANSWER_AI_70B_GPUS} GPUs of {ANSWER_AI_GPU_GB} GB; we predict
+  {by[("70B", "qlora_nf4")]["fsdp_x2_gb"]:.1f} GB per GPU for Llama-2-70B NF4 on 2 GPUs with r=64
+  adapters on every layer (their setup may also offload to CPU memory, which this prediction does
+  not model). The sharded prediction is checked against the per-rank tensor bytes of a 2-process
+  CPU run (tests/test_fsdp.py).
 - **GPTQ INT4 inference**: 4 + 16/128 (fp16 scale) + 4/128 (packed zero) bits per weight
   plus an int32 g_idx per input channel; the issue gives no published figure to compare with.
   Llama-2-70B's grouped-query attention (8 KV heads) makes its KV cache 8x smaller than

@@ -40,18 +40,22 @@ OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bi
 
 @dataclass(frozen=True)
 class TrainShape:
-    batch: int = 1
+    batch: int = 1  # the global batch: under FSDP each process computes batch / shards rows of it
     seq_len: int = 512
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = False
+    shards: int = 1  # FSDP processes (train.strategy=fsdp, train.nproc): the prediction is per process
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.shards < 1 or self.batch % self.shards:
+            raise ValueError(f"batch {self.batch} must split evenly over {self.shards} shard(s)")
 
     @property
     def tokens(self) -> int:
-        return self.batch * self.seq_len
+        """Tokens one process computes on."""
+        return self.batch // self.shards * self.seq_len
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -134,7 +138,8 @@ def prompt_tensor_sizes(shape: ModelShape, method: MethodSpec) -> list[int]:
 
 
 def adapter_params(shape: ModelShape, method: MethodSpec) -> tuple[int, int]:
-    """(parameters, tensors) of the LoRA adapters: A is r x D_in (QA-LoRA: r x D_in/L), B is D_out x r."""
+    """(parameters, tensors) of the LoRA adapters: A is r x D_in (QA-LoRA: r x D_in/L), B is D_out x r,
+    and with DoRA a magnitude of D_out."""
     if not method.trainable:
         return 0, 0
     if method.prompt is not None:
@@ -145,8 +150,8 @@ def adapter_params(shape: ModelShape, method: MethodSpec) -> tuple[int, int]:
         if name not in method.lora_targets:
             continue
         a_in = ceil_div(d_in, method.block_size) if method.weight_format == "int_group" else d_in
-        params += r * a_in + d_out * r
-        tensors += 2
+        params += r * a_in + d_out * r + (d_out if method.dora else 0)
+        tensors += 3 if method.dora else 2
     return shape.num_layers * params, shape.num_layers * tensors
 
 
@@ -209,7 +214,7 @@ def _adapter_tensor_sizes(shape: ModelShape, method: MethodSpec) -> list[int]:
     for name, (d_in, d_out) in shape.block_linears().items():
         if name in method.lora_targets:
             a_in = ceil_div(d_in, method.block_size) if method.weight_format == "int_group" else d_in
-            sizes += [method.lora_rank * a_in, d_out * method.lora_rank]
+            sizes += [method.lora_rank * a_in, d_out * method.lora_rank] + ([d_out] if method.dora else [])
     return sizes * shape.num_layers
 
 
@@ -282,15 +287,40 @@ def _transient_bytes(shape: ModelShape, method: MethodSpec, tokens: int) -> int:
 # ---------------------------------------------------------------- the whole prediction
 
 
+def sharded_parts(shape: ModelShape, weights: dict, optimizer: dict, shards: int) -> dict:
+    """One process's share under FSDP: 1/N of every parameter (frozen weights, adapters), of the
+    gradients and of the optimizer state (FSDP2 pads each parameter's first dimension to a multiple
+    of N: a few rows at most); bitsandbytes' 4-bit constants whole on every process (they live on
+    the module, not in the parameter FSDP shards); and, while a decoder block computes, its
+    parameters gathered whole, with the next block's, which FSDP prefetches."""
+    constants = weights["quantization_constant_bytes"]
+    block = (weights["quantized_linear_bytes"] - constants + weights["adapter_bytes"]) // shape.num_layers
+    return {
+        "weight_bytes": ceil_div(weights["weight_bytes"] - constants, shards) + constants,
+        "quantized_linear_bytes": ceil_div(weights["quantized_linear_bytes"] - constants, shards) + constants,
+        "quantization_constant_bytes": constants,
+        "unquantized_bytes": ceil_div(weights["unquantized_bytes"], shards),
+        "adapter_bytes": ceil_div(weights["adapter_bytes"], shards),
+        "trainable_params": ceil_div(weights["trainable_params"], shards),
+        "optimizer_state_bytes": ceil_div(optimizer["optimizer_state_bytes"], shards),
+        "optimizer_paged_bytes": ceil_div(optimizer["optimizer_paged_bytes"], shards),
+        "gathered_blocks": 2 * block if shards > 1 else 0,
+    }
+
+
 def predict(shape: ModelShape, method: MethodSpec, train: TrainShape | None = None) -> dict:
-    """Every part of training (or, for methods without adapters, inference) memory, in bytes."""
+    """Every part of training (or, for methods without adapters, inference) memory, in bytes; per process
+    when ``train.shards`` > 1 (FSDP)."""
     train = train or TrainShape()
-    weights = weight_parts(shape, method)
-    optimizer = optimizer_parts(shape, method, train.optimizer)
-    gradients = weights["trainable_params"] * method.adapter_bytes_per_param
+    whole = weight_parts(shape, method)
+    mine = sharded_parts(shape, whole, optimizer_parts(shape, method, train.optimizer), train.shards)
+    weights = {**whole, **{key: mine[key] for key in whole if key in mine and key != "trainable_params"}}
+    weights["trainable_params"] = whole["trainable_params"]
+    optimizer = {key: mine[key] for key in ("optimizer_state_bytes", "optimizer_paged_bytes")}
+    gradients = mine["trainable_params"] * method.adapter_bytes_per_param
     acts = activation_parts(shape, method, train)
     transient = _transient_bytes(shape, method, train.tokens)
-    static = weights["weight_bytes"] + weights["adapter_bytes"]
+    static = weights["weight_bytes"] + weights["adapter_bytes"] + mine["gathered_blocks"]
     on_allocator = optimizer["optimizer_state_bytes"] - optimizer["optimizer_paged_bytes"]
     if method.trainable:
         # Peak: at the loss (all activations + logits), or late in backward (gradients
@@ -330,6 +360,7 @@ def predict(shape: ModelShape, method: MethodSpec, train: TrainShape | None = No
             "logits": acts["logits_bytes"],
             "kv_cache": kv_cache,
             "transient": transient,
+            "gathered_blocks": mine["gathered_blocks"],
         },
         "weights": weights,
         "optimizer_paged_bytes": optimizer["optimizer_paged_bytes"],
@@ -356,6 +387,7 @@ def format_prediction(prediction: dict) -> str:
         f"{prediction['model']} / {prediction['method']}: batch {prediction['batch']} x seq "
         f"{prediction['seq_len']}, optimizer {prediction['optimizer']}, gradient checkpointing "
         f"{'on' if prediction['gradient_checkpointing'] else 'off'}"
+        + (f"; per process of {prediction['shards']} under FSDP" if prediction["shards"] > 1 else "")
     ]
     for part, value in prediction["parts"].items():
         rows.append(f"  {part:<24}{value / GiB:>10.3f} GiB")
@@ -385,10 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the method's)")
     parser.add_argument("--optimizer", default="adamw_torch", choices=OPTIMIZERS)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--shards", type=int, default=1, help="FSDP processes (train.nproc): memory per process")
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
     args = parser.parse_args(argv)
     try:
-        train = TrainShape(args.batch, args.seq, args.optimizer, args.gradient_checkpointing)
+        train = TrainShape(args.batch, args.seq, args.optimizer, args.gradient_checkpointing, args.shards)
         prediction = predict_named(args.model, args.method, train, args.rank)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

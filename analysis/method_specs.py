@@ -44,6 +44,7 @@ class MethodSpec:
     # A prompt adapter instead of LoRA (lora_rank None): ("prefix", virtual tokens, projection width or 0)
     # or ("llama_adapter", prompt length, layers); see analysis.memory_model.prompt_tensor_sizes.
     prompt: tuple[str, int, int] | None = None
+    dora: bool = False  # DoRA: a trained magnitude per output row of each adapted layer besides LoRA's A and B
 
     def __post_init__(self):
         if self.weight_format not in WEIGHT_FORMATS:
@@ -106,6 +107,7 @@ def spec_from_format(fmt) -> MethodSpec:
         lora_dropout=lora.dropout if lora is not None else 0.05,
         compute_bytes=DTYPE_BYTES[fmt.compute_dtype],
         prompt=prompt,
+        dora=lora is not None and bool(dict(lora.peft_options).get("use_dora")),
     )
 
 

@@ -57,8 +57,10 @@ def auto_compute_dtype(device: torch.device, storage_dtype: str | None = None) -
     """(dtype name, why) for ``auto``. A base stored in a 16-bit dtype (``storage_dtype``) computes in
     that dtype where the device does so natively and in float32 otherwise: never in the other 16-bit
     dtype, whose rounding would change the stored weights."""
+    if storage_dtype == "float32":  # nothing to gain from rounding a float32 base to 16 bits
+        return "float32", "the base is stored in float32"
     name, reason = native_compute_dtype(device)
-    if storage_dtype in (None, "float32", name):
+    if storage_dtype in (None, name):
         return name, reason
     if name == "float32":
         return name, reason

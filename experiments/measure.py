@@ -162,13 +162,16 @@ class PhaseMeter:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, paged_only: bool = False) -> int:
-    """Bytes of the optimizer's state tensors, each storage once (8-bit optimizers share code maps);
-    with ``paged_only``, of those in CUDA unified memory (bitsandbytes marks them ``is_paged``)."""
+    """Bytes of the optimizer's state tensors, each storage once (8-bit optimizers share code maps), of this
+    process's shards under FSDP; with ``paged_only``, of those in CUDA unified memory (bitsandbytes marks
+    them ``is_paged``)."""
     total, seen = 0, set()
     for state in optimizer.state.values():
         for value in state.values():
             if not torch.is_tensor(value) or (paged_only and not getattr(value, "is_paged", False)):
                 continue
+            if hasattr(value, "to_local"):  # a DTensor (FSDP): this process's shard
+                value = value.to_local()
             if (value.device, value.data_ptr()) not in seen:
                 seen.add((value.device, value.data_ptr()))
                 total += tensor_bytes(value)

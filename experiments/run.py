@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from core.compute_dtype import resolve_auto_compute_dtype
 from core.errors import ConfigError
 from experiments import mmlu_data
 from experiments.data import BatchSource, calibration_segments, load_examples, tokenize_examples
+from experiments.distributed import Ranks, inside_ranks, launch, local_bytes
 from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity, text_windows
 from experiments.export import ExportJob, ExportSettings, check_exports, export_all
 from experiments.fidelity import (
@@ -42,7 +44,7 @@ from experiments.fidelity import (
     stored_reference,
     window_logprobs,
 )
-from experiments.loggers import make_logger
+from experiments.loggers import NullLogger, make_logger
 from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
 from experiments.record import (
@@ -165,6 +167,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
+    if inside_ranks() and device.type == "cuda":  # one GPU per rank of a sharded run
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     # Before the run id: a bf16 run and an fp32 run are different configurations.
     dtype_choice = resolve_auto_compute_dtype(cfg.method, device)
     method = instantiate_method(cfg)
@@ -173,7 +177,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     except TypeError as error:  # a key TrainSettings does not know
         raise ConfigError(f"train: {error}") from None
     settings.check_device(device)
-    if settings.checkpoint_every == 0 and slurm_info() is not None:
+    if settings.strategy == "fsdp":
+        method.prepare_sharding()  # or a ConfigError: the method cannot be sharded
+        if cfg.export.formats:
+            raise ConfigError("export.formats: exports are written from an unsharded model; use train.strategy=single")
+    elif settings.checkpoint_every == 0 and slurm_info() is not None:
         settings.checkpoint_every = slurm_checkpoint_every(settings.max_steps)
     check_eval(cfg)
     if cfg.mmlu_file is not None and not Path(cfg.mmlu_file).is_file():
@@ -205,20 +213,24 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     )
 
 
-def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter) -> dict:
+def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter, first: bool = True) -> dict:
+    """MMLU and perplexity; a sharded run's ranks all evaluate (FSDP gathers weights collectively), and
+    only the ``first`` writes the predictions file."""
     cfg, results = plan.cfg, {}
     if plan.model_spec.synthetic:
         return results  # random weights: accuracy would mean nothing
     with meter.phase(Phase.EVAL_MMLU):
-        results["mmlu"] = score_mmlu(cfg, model, tokenizer, plan.output_dir / "mmlu_predictions.jsonl")
+        predictions = plan.output_dir / "mmlu_predictions.jsonl" if first else None
+        results["mmlu"] = score_mmlu(cfg, model, tokenizer, predictions)
     if cfg.eval.perplexity.enabled:
         with meter.phase(Phase.EVAL_PERPLEXITY):
             results["perplexity"] = run_perplexity(cfg, model, tokenizer, plan.model_spec)
     return results
 
 
-def score_mmlu(cfg, model, tokenizer, predictions_path: Path) -> dict:
-    """MMLU accuracy on the configured questions; each question's prediction goes to ``predictions_path``."""
+def score_mmlu(cfg, model, tokenizer, predictions_path: Path | None) -> dict:
+    """MMLU accuracy on the configured questions; each question's prediction goes to ``predictions_path``
+    (None: not written)."""
     subjects = list(cfg.eval.subjects) if cfg.eval.subjects is not None else None
     kwargs = dict(
         num_fewshot=cfg.eval.num_fewshot,
@@ -235,8 +247,9 @@ def score_mmlu(cfg, model, tokenizer, predictions_path: Path) -> dict:
     else:
         mmlu = evaluate_mmlu(model, tokenizer, **kwargs)
     predictions = mmlu.pop("predictions")
-    with open(predictions_path, "w") as handle:
-        handle.writelines(json.dumps(p) + "\n" for p in predictions)
+    if predictions_path is not None:
+        with open(predictions_path, "w") as handle:
+            handle.writelines(json.dumps(p) + "\n" for p in predictions)
     return mmlu
 
 
@@ -317,6 +330,9 @@ def _run_exports(plan: RunPlan, model, tokenizer, windows, references: dict[str,
 
 def execute(plan: RunPlan) -> dict:
     cfg = plan.cfg
+    # A sharded run (train.strategy=fsdp) executes in every rank; rank 0 writes the record and logs.
+    ranks = Ranks.start(plan.device) if plan.train_settings.strategy == "fsdp" else None
+    first = ranks is None or ranks.is_first
     meter = PhaseMeter(plan.device)
     model_id = model_identity(cfg.model.kind, plan.model_spec)
     record = RunRecord(
@@ -328,8 +344,10 @@ def execute(plan: RunPlan) -> dict:
         method=plan.method.method_format().as_record(),  # what ran, even if the run fails
         phases=meter.phases,
     )
-    logger = make_logger(
-        cfg.logger, plan.run_id, record.config, group=cfg.get("experiment_name"), folder=plan.output_dir
+    logger = (
+        make_logger(cfg.logger, plan.run_id, record.config, group=cfg.get("experiment_name"), folder=plan.output_dir)
+        if first
+        else NullLogger()
     )
     method = plan.method
     try:
@@ -349,18 +367,27 @@ def execute(plan: RunPlan) -> dict:
         torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
         model = method.add_adapters(model)
         trainable_params = trainable_parameters(model)  # before finalize, which may merge them away
+        if ranks is not None:
+            record.method = method.describe(model, trainable_params)  # the whole model's storage, before sharding
+            model = ranks.shard(model)
         if method.trainable and plan.train_settings.max_steps > 0:
             with meter.phase(Phase.TRAIN) as phase:
-                result = run_training(plan, model, tokenizer, logger)
+                result = run_training(plan, model, tokenizer, logger, ranks)
             phase.paged_bytes = result.optimizer_paged_bytes  # the allocator's peak leaves paged state out
             record.train = {**result.as_dict(), "peak_memory_bytes": phase.peak_memory_bytes, "wall_s": None}
             record.memory["optimizer_state_bytes"] = result.optimizer_state_bytes
             record.memory["optimizer_paged_bytes"] = result.optimizer_paged_bytes
         with meter.phase(Phase.QUANTIZE if method.quantize_phase == "finalize" else Phase.FINALIZE):
             model = method.finalize(model, context)
-        record.method = method.describe(model, trainable_params)
+        if ranks is None:
+            record.method = method.describe(model, trainable_params)
+        else:
+            record.memory["ranks"] = rank_memory(ranks, model, meter, record.memory.get("optimizer_state_bytes"))
+            record.memory["optimizer_state_bytes"] = sum(
+                r["optimizer_state_bytes"] or 0 for r in record.memory["ranks"]
+            )
         record.memory.update({key: record.method.get(key) for key in MEMORY_PARTS})
-        record.eval = evaluate(plan, model, tokenizer, meter)
+        record.eval = evaluate(plan, model, tokenizer, meter, first)
         if plan.measures_fidelity:
             with meter.phase(Phase.EVAL_FIDELITY):
                 compared = fidelity_against(model, references, windows, batch_size=cfg.eval.batch_size)
@@ -381,6 +408,11 @@ def execute(plan: RunPlan) -> dict:
         record.train["wall_s"] = meter.phases[Phase.TRAIN].wall_s
     record.phases = meter.as_dict()
     record.finished_at = now_iso()
+    if ranks is not None:
+        record.env["distributed"] = {"strategy": "fsdp", "world_size": ranks.world, "backend": ranks.backend}
+        ranks.stop()
+    if not first:
+        return record.as_json()
     write_record(record, plan.record_path)
     if record.status == Status.OK:
         # Kept until now: a job requeued during finalize or evaluation (GPTQ of a merged 7B,
@@ -405,7 +437,21 @@ def lost_job_record(cfg: DictConfig, run_id: str, state: str, message: str, job_
     ).as_json()
 
 
-def run_training(plan: RunPlan, model, tokenizer, logger):
+def rank_memory(ranks: Ranks, model, meter: PhaseMeter, optimizer_state_bytes: int | None) -> list[dict]:
+    """Each rank's share of the sharded model, of the optimizer state and its training peak, in rank order
+    (called in every rank)."""
+    train = meter.phases.get(Phase.TRAIN)
+    mine = {
+        "rank": ranks.rank,
+        "frozen_bytes": local_bytes(model, trainable=False),
+        "trainable_bytes": local_bytes(model, trainable=True),
+        "optimizer_state_bytes": optimizer_state_bytes,
+        "train_peak_memory_bytes": train.peak_memory_bytes if train is not None else None,
+    }
+    return ranks.gather(mine)
+
+
+def run_training(plan: RunPlan, model, tokenizer, logger, ranks: Ranks | None = None):
     settings = plan.train_settings
     max_len = min(settings.max_seq_len, plan.cfg.model.max_length or settings.max_seq_len)
     tokenized = tokenize_examples(
@@ -414,7 +460,9 @@ def run_training(plan: RunPlan, model, tokenizer, logger):
     batches = BatchSource(
         tokenized, settings.batch_size, tokenizer.pad_token_id, plan.cfg.seed, group_by_length=settings.group_by_length
     )
-    return train(model, batches, settings, plan.device, checkpoint_path=training_checkpoint(plan), log=logger.log)
+    # A sharded run writes no checkpoint yet: every rank would write the whole file (issue 16)
+    checkpoint = training_checkpoint(plan) if ranks is None else None
+    return train(model, batches, settings, plan.device, checkpoint_path=checkpoint, log=logger.log, ranks=ranks)
 
 
 def training_checkpoint(plan: RunPlan) -> Path:
@@ -434,6 +482,27 @@ def _flat_metrics(record: dict) -> dict:
         }.items()
         if v is not None
     }
+
+
+def execute_sharded(plan: RunPlan) -> dict:
+    """Run ``plan`` as ``train.nproc`` processes (experiments/distributed.py) and return the record rank 0
+    wrote; if the processes ended without one, a failed record saying so."""
+    code = launch(plan.train_settings.nproc, list(HydraConfig.get().overrides.task), plan.output_dir)
+    if plan.record_path.exists():  # an older record was set aside before: this one is theirs
+        return read_record(plan.record_path)
+    record = RunRecord(
+        plan.run_id,
+        OmegaConf.to_container(plan.cfg, resolve=True),
+        status=Status.FAILED,
+        error={
+            "type": "RanksExited",
+            "message": f"the sharded run's processes exited with code {code}",
+            "traceback": None,
+        },
+        finished_at=now_iso(),
+    )
+    write_record(record, plan.record_path)
+    return record.as_json()
 
 
 def _is_multirun() -> bool:
@@ -458,6 +527,12 @@ def main(cfg: DictConfig) -> dict:
         # In a sweep one mis-specified job must not stop the others: the summary lists it.
         write_pointer(Path(HydraConfig.get().runtime.output_dir), None, None, error=str(error))
         return {"status": "invalid", "error": str(error)}  # not a record: the sweep summary's word
+    sharded = plan.train_settings.strategy == "fsdp"
+    if sharded and inside_ranks():  # one of the processes ``launch`` started: execute, the launcher reports
+        record = execute(plan)
+        if record["status"] != Status.OK:
+            sys.exit(1)  # torchrun then stops the other ranks, which may wait in a collective
+        return {"record_path": str(plan.record_path), "status": record["status"]}
     if plan.record_path.exists():
         old = read_record(plan.record_path)
         refusal = reuse_refusal(old, environment(plan.device))
@@ -467,7 +542,7 @@ def main(cfg: DictConfig) -> dict:
             return {"record_path": str(plan.record_path), "status": Status.OK.value, "skipped": True}
         kept = set_aside(plan.record_path, old)  # never overwrite a result: keep it beside the new one
         print(f"run {plan.run_id} again ({refusal or 'skip_done=false'}); the old record is kept as {kept}")
-    record = execute(plan)
+    record = execute_sharded(plan) if sharded else execute(plan)
     write_pointer(plan.output_dir, plan.run_id, plan.record_path)
     if not _is_multirun():
         print("\n" + format_table([record]))

@@ -58,6 +58,10 @@ class TrainSettings:
     measure_after_steps: int = 2
     checkpoint_every: int = 0
     log_every: int = 1
+    strategy: str = (
+        "single"  # single: one process; fsdp: nproc processes sharding the model (experiments/distributed.py)
+    )
+    nproc: int = 1
 
     def __post_init__(self):
         for spec in fields(self):
@@ -83,6 +87,27 @@ class TrainSettings:
             raise ConfigError(f"train.optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"train.lr_scheduler={self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        self._check_strategy()
+
+    def _check_strategy(self):
+        from experiments.distributed import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"train.strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.nproc < 1 or (self.strategy == "single" and self.nproc != 1):
+            raise ConfigError(f"train.nproc={self.nproc}: one process for train.strategy=single, 1 or more for fsdp")
+        if self.strategy != "fsdp":
+            return
+        if self.batch_size % self.nproc:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} with train.nproc={self.nproc}: the global batch must split "
+                "evenly over the processes"
+            )
+        if self.checkpoint_every or self.compile:
+            raise ConfigError(
+                "train.strategy=fsdp does not write sharded checkpoints or compile yet: "
+                "use train.checkpoint_every=0 and train.compile=false"
+            )
 
     def check_device(self, device: torch.device):
         if self.optimizer != "adamw_torch" and device.type != "cuda":
@@ -258,8 +283,11 @@ def train(
     device: torch.device,
     checkpoint_path: Path | None = None,
     log=None,
+    ranks=None,
 ) -> TrainResult:
-    """Train the trainable parameters of ``model`` for ``settings.max_steps`` optimizer steps."""
+    """Train the trainable parameters of ``model`` for ``settings.max_steps`` optimizer steps; with
+    ``ranks`` (experiments.distributed.Ranks), this process's rows of each global micro-batch of a
+    model FSDP shards, so that N ranks train as one process with the same batch."""
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -292,12 +320,18 @@ def train(
                 batch = pad_to_width(batch, bucket_width(batch["input_ids"].shape[1], settings.max_seq_len))
                 compiles |= batch["input_ids"].shape[1] not in compiled_widths
                 compiled_widths.add(batch["input_ids"].shape[1])
+            step_tokens += int(batch["attention_mask"].sum())  # of the global batch, under FSDP too
+            weight = 1.0
+            if ranks is not None:
+                batch = ranks.rows(batch)
+                weight = ranks.loss_weight(batch)  # this rank's part of the global mean loss
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
-                loss = forward(**batch).loss / settings.grad_accum
+                loss = forward(**batch).loss * weight / settings.grad_accum
             scaler.scale(loss).backward()
             step_loss += loss.item()
-            step_tokens += int(batch["attention_mask"].sum())
+        if ranks is not None:
+            step_loss = ranks.sum(step_loss) / ranks.world  # the global batch's mean loss, on every rank
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss is {step_loss} at step {step}")
         scaler.unscale_(optimizer)  # clip the true gradients

@@ -45,6 +45,8 @@ class Adapter:
     # Folds into the base's weights (methods/merge.py), so every deploy format can hold it.
     mergeable: ClassVar[bool] = True
     lora: LoraSettings | None = None  # the low-rank settings, for the record and the memory model
+    # Trains under FSDP (train.strategy=fsdp): peft's LoRA layers are, to FSDP, weights like any other.
+    shardable: ClassVar[bool] = False
     # The base loader attaches the checkpoint's 16-bit weights for ``add`` (LoftQ's initialisation).
     needs_original_weights: ClassVar[bool] = False
 
@@ -66,6 +68,7 @@ class LoraAdapter(Adapter):
     """LoRA, or any peft.LoraConfig variant that its settings name (``use_rslora``, ...)."""
 
     kind = "lora"
+    shardable = True
 
     def __init__(self, lora: dict | None = None):
         self.lora = LoraSettings.from_config(lora)

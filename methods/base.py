@@ -175,6 +175,18 @@ class Method:
         """Fail before any work (ConfigError) if the method cannot run on a model of this shape
         (the checkpoint's config.json numbers; empty for a model built without one)."""
 
+    def prepare_sharding(self) -> None:
+        """Called before ``load_base`` when the run trains sharded (``train.strategy=fsdp``,
+        experiments/distributed.py): store the base so that FSDP can shard it, or raise ConfigError
+        saying why this method cannot be (the default)."""
+        from core.errors import ConfigError
+
+        raise ConfigError(
+            f"method {self.name} cannot train sharded (train.strategy=fsdp): FSDP shards LoRA, DoRA and LoftQ "
+            "on a 16-bit or bitsandbytes 4-bit base; QA-LoRA's and RTN's INT-k layers, GPTQModel's kernels, "
+            "LLM.int8 and the prompt adapters are not wired for it"
+        )
+
     def load_base(self, model_spec: ModelSpec, context: LoadContext) -> torch.nn.Module:
         """The frozen base in the method's storage format, on ``context.device``."""
         raise NotImplementedError(f"{type(self).__name__}.load_base")

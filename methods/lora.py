@@ -10,6 +10,8 @@ wire it. Where the device emulates the storage dtype, the base computes in float
 
 from __future__ import annotations
 
+import torch
+
 from methods.adapters import Adapter, LoraAdapter
 from methods.base import LoadContext, Method, MethodFormat
 from methods.loading import load_16bit
@@ -35,6 +37,10 @@ class LoRA(Method):
         self.compute_dtype = parse_16bit_compute_dtype(compute_dtype, dtype)  # "auto" resolved: the dtype that runs
         self.adapter = adapter if adapter is not None else LoraAdapter(lora)
         self.mergeable = self.adapter.mergeable
+
+    def prepare_sharding(self):
+        if not self.adapter.shardable or self.compute_dtype == torch.float16:
+            super().prepare_sharding()  # float16 would need a sharded gradient scaler: not wired
 
     def load_base(self, model_spec, context: LoadContext):
         return load_16bit(model_spec, context.device, self.dtype, self.compute_dtype)

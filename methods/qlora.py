@@ -21,6 +21,8 @@ LoRA baseline, so that comparisons isolate the quantization of the linear layers
 
 from __future__ import annotations
 
+import torch
+
 from core.errors import ConfigError
 from methods.adapters import Adapter, LoraAdapter
 from methods.base import LoadContext, Method, MethodFormat
@@ -54,6 +56,14 @@ class QLoRA(Method):
         self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
         self.adapter = adapter if adapter is not None else LoraAdapter(lora)
         self.trainable, self.mergeable = self.adapter.trainable, self.adapter.mergeable
+        self.quant_storage = torch.uint8  # the dtype bitsandbytes packs 4-bit codes into
+
+    def prepare_sharding(self):
+        """FSDP shards floating-point tensors only: pack the 4-bit codes into the compute dtype (the same
+        bytes; peft's FSDP+QLoRA guide and Answer.AI's implementation do the same)."""
+        if self.quant_type == "int8" or not self.adapter.shardable:
+            super().prepare_sharding()
+        self.quant_storage = self.compute_dtype
 
     def quantization_config(self):
         from transformers import BitsAndBytesConfig
@@ -65,6 +75,7 @@ class QLoRA(Method):
             bnb_4bit_quant_type=self.quant_type,
             bnb_4bit_use_double_quant=self.double_quant,
             bnb_4bit_compute_dtype=self.compute_dtype,
+            bnb_4bit_quant_storage=self.quant_storage,
             # Quantize exactly the layers LoRA targets; everything else stays 16-bit.
             llm_int8_skip_modules=["lm_head"],
         )
@@ -99,5 +110,8 @@ class QLoRA(Method):
             double_quant=self.double_quant,
             compute_dtype=self.compute_dtype_name,
             lora=self.adapter.lora,
-            settings=self.adapter.settings(),
+            settings={
+                **self.adapter.settings(),
+                **({"quant_storage": dtype_name(self.quant_storage)} if self.quant_storage != torch.uint8 else {}),
+            },
         )

@@ -52,8 +52,14 @@ def _gptq_parts(module) -> tuple[int, int, int, set[int]]:
 def _bnb_4bit_parts(module) -> tuple[int, int, list[torch.Tensor]]:
     """(code bytes, constant bytes, code tables) of one bitsandbytes Linear4bit."""
     weight = module.weight
-    state = weight.quant_state
     code_bytes = tensor_bytes(weight)
+    constants, tables = bnb_4bit_constants(weight.quant_state)
+    return code_bytes, constants, tables
+
+
+def bnb_4bit_constants(state) -> tuple[int, list[torch.Tensor]]:
+    """(constant bytes, code tables) of a bitsandbytes 4-bit QuantState: absmax, and with double
+    quantization the second level's absmax and offset."""
     constants = tensor_bytes(state.absmax)
     tables = [state.code]
     if getattr(state, "nested", False) and state.state2 is not None:
@@ -61,7 +67,7 @@ def _bnb_4bit_parts(module) -> tuple[int, int, list[torch.Tensor]]:
         if state.offset is not None:
             constants += tensor_bytes(state.offset)
         tables.append(state.state2.code)
-    return code_bytes, constants, tables
+    return constants, tables
 
 
 def int8_row_scales(module) -> torch.Tensor:

@@ -70,6 +70,21 @@ def tiny_checkpoint_with_bundled_vocab(tmp_path_factory, smollm2_spec):
     return folder
 
 
+def train_losses(model: torch.nn.Module, steps: int, lr: float = 1e-2) -> list[float]:
+    """AdamW on ``model``'s trainable parameters, one random batch ``steps`` times: the losses, first to last."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m experiments.run`` as a user would."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}

@@ -36,6 +36,10 @@ def records_in(folder):
         (["method.base=int8", "method.adapter=loftq"], "LoftQ re-quantizes a bitsandbytes 4-bit base"),
         (["method=prefix_bf16", "method.prefix.num_virtual_tokens=0"], "num_virtual_tokens=0"),
         (["method=llama_adapter_bf16", "export.formats=[gguf_q8_0]"], "cannot be merged"),
+        (["train.strategy=ddp"], "is not one of single, fsdp"),
+        (["train.strategy=fsdp", "train.nproc=3"], "must split evenly"),
+        (["method=qalora", "train.strategy=fsdp", "train.nproc=2"], "cannot train sharded"),
+        (["train.strategy=fsdp", "train.nproc=2", "export.formats=[nf4]"], "use train.strategy=single"),
     ],
 )
 def test_bad_input_fails_fast_with_one_clear_message_and_no_record(tmp_path, overrides, message):

@@ -34,6 +34,7 @@ def test_a_16bit_base_computes_in_its_own_dtype_or_in_fp32_never_the_other_16bit
         ("bfloat16", "float16", "float32"),
         ("float16", "float16", "float16"),
         ("bfloat16", None, "bfloat16"),
+        ("bfloat16", "float32", "float32"),  # a float32 base (method.base=fp32) is not rounded to 16 bits
     ]:
         monkeypatch.setattr(compute_dtype, "native_compute_dtype", lambda device, native=native: (native, "stub"))
         assert compute_dtype.auto_compute_dtype(CPU, stored)[0] == expected, (native, stored)

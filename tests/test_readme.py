@@ -2,7 +2,7 @@
 
 import re
 
-from tests.conftest import CONF, METHOD_CONFIGS, REPO
+from tests.conftest import CONF, METHOD_CONFIGS, REPO, train_losses
 
 
 def readme_commands() -> list[str]:
@@ -44,7 +44,6 @@ def test_the_readme_worked_example_of_a_new_adapter_runs(monkeypatch, tiny_spec,
     """ "Adding a method": the IA3 class and preset as printed, wired as steps 2-3 say, train and are recorded."""
     import textwrap
 
-    import torch
     import yaml
     from omegaconf import OmegaConf
 
@@ -74,16 +73,29 @@ def test_the_readme_worked_example_of_a_new_adapter_runs(monkeypatch, tiny_spec,
     assert method.name == "ia3_nf4"
     model = method.add_adapters(method.load_base(tiny_spec, LoadContext(cpu, model_spec=tiny_spec)))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    batch = torch.randint(0, 256, (2, 16))
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, steps=3)
     assert losses[-1] < losses[0]
     record = method.describe(model)
     assert record["trainable_params"] == sum(p.numel() for p in trainable) > 0
     assert record["adapter_bytes"] == 4 * record["trainable_params"]  # counted as adapter bytes without an edit
+
+
+def test_readme_axes_matrix_is_what_compose_accepts():
+    """The README's base x adapter matrix: a name where methods/compose.py builds the pair, "—" where it refuses."""
+    from methods.compose import ADAPTERS, BASES, VALID_ADAPTERS, method_name
+
+    text = (REPO / "README.md").read_text()
+    header = "| base \\ adapter | " + " | ".join(f"`{adapter}`" for adapter in ADAPTERS) + " |"
+    rows = text.split(header, 1)[1].split("\n\n", 1)[0].strip().splitlines()[1:]
+    covered = []
+    for row in rows:
+        bases_cell, *cells = [cell.strip() for cell in row.strip("|").split("|")]
+        bases = re.findall(r"`(\w+)`", bases_cell)
+        covered += bases
+        for base in bases:
+            for adapter, shown in zip(ADAPTERS, cells):
+                assert (shown != "—") == (adapter in VALID_ADAPTERS[base]), (base, adapter)
+        for adapter, shown in zip(ADAPTERS, cells):
+            if shown != "—":
+                assert shown == method_name(bases[0], adapter)
+    assert sorted(covered) == sorted(BASES)
