@@ -58,9 +58,8 @@ class TrainSettings:
     measure_after_steps: int = 2
     checkpoint_every: int = 0
     log_every: int = 1
-    strategy: str = (
-        "single"  # single: one process; fsdp: nproc processes sharding the model (experiments/distributed.py)
-    )
+    # single: one process; fsdp: nproc processes sharding the model (experiments/distributed.py)
+    strategy: str = "single"
     nproc: int = 1
 
     def __post_init__(self):
