@@ -4,7 +4,7 @@
 - ``lora``: LoRA (Hu et al. 2022, arXiv 2106.09685), peft's low-rank B @ A beside each target linear.
 - ``dora``: DoRA (Liu et al. 2024, arXiv 2402.09353), peft's LoRA with ``use_dora``: each adapted
   weight split into a trained magnitude per output row and a direction that LoRA updates.
-- ``loftq``: LoRA initialised with LoFTQ (Li et al. 2023, arXiv 2310.08659, methods/loftq.py), so
+- ``loftq``: LoRA initialised with LoftQ (Li et al. 2023, arXiv 2310.08659, methods/loftq.py), so
   that the 4-bit base plus the adapter starts closer to the 16-bit weights than QLoRA's zero update.
 - ``prefix``: prefix tuning (Li & Liang 2021, arXiv 2101.00190), peft's ``PrefixTuningConfig``:
   trained key/value vectors prepended to every layer's attention.
