@@ -314,8 +314,8 @@ def predict(shape: ModelShape, method: MethodSpec, train: TrainShape | None = No
     train = train or TrainShape()
     whole = weight_parts(shape, method)
     mine = sharded_parts(shape, whole, optimizer_parts(shape, method, train.optimizer), train.shards)
+    # per process where sharded; trainable_params stays the whole count, as the record's
     weights = {**whole, **{key: mine[key] for key in whole if key in mine and key != "trainable_params"}}
-    weights["trainable_params"] = whole["trainable_params"]
     optimizer = {key: mine[key] for key in ("optimizer_state_bytes", "optimizer_paged_bytes")}
     gradients = mine["trainable_params"] * method.adapter_bytes_per_param
     acts = activation_parts(shape, method, train)

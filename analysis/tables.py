@@ -242,6 +242,12 @@ def main_table(runs: pd.DataFrame) -> pd.DataFrame:
     return _drop_empty_settings(pd.DataFrame(rows))
 
 
+def _config_label(group: pd.DataFrame, column: str) -> str:
+    """A configuration's value of a config column (its runs differ in the seed only), or MISSING."""
+    value = group[column].iloc[0]
+    return MISSING if pd.isna(value) else value
+
+
 def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every method configuration side by side: what it stores and trains, how fast, where it ends up."""
     rows = []
@@ -254,8 +260,8 @@ def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
             {
                 "Model": first["model"],
                 "Method": first["method"],
-                "Base": group["base"].dropna().iloc[0] if group["base"].notna().any() else MISSING,
-                "Adapter": group["adapter"].dropna().iloc[0] if group["adapter"].notna().any() else MISSING,
+                "Base": _config_label(group, "base"),
+                "Adapter": _config_label(group, "adapter"),
                 "Settings": distinction,
                 "Bits/param": cell(group, "weight_bits_per_param", digits=3),
                 "Weight MB": cell(group, "weight_bytes", scale=1e-6),

@@ -112,12 +112,6 @@ def make_adapter(adapter: str, settings: dict) -> Adapter:
 ADAPTER_BLOCKS = ("lora", "loftq", "prefix", "llama_adapter")
 
 
-def _accepted(cls, settings: dict) -> dict:
-    """The settings ``cls.__init__`` takes; a method config lists every axis' settings, each class uses its own."""
-    params = inspect.signature(cls.__init__).parameters
-    return {key: value for key, value in settings.items() if key in params}
-
-
 def _method_class(base: str, adapter: str):
     from methods.gptq import GPTQ
     from methods.lora import LoRA
@@ -152,13 +146,15 @@ def build(base: str, adapter: str, name: str | None = None, **settings) -> Metho
         )
     name = name or method_name(base, adapter)
     cls = _method_class(base, adapter)
-    kwargs = _accepted(cls, settings)
+    accepted = inspect.signature(cls.__init__).parameters
+    # a method config lists every axis' settings; each class takes its own
+    kwargs = {key: value for key, value in settings.items() if key in accepted}
     if base in SIXTEEN_BIT_BASES:
         kwargs["dtype"] = SIXTEEN_BIT_BASES[base]
     if base in BNB_BASES:
         kwargs["quant_type"], kwargs["double_quant"] = BNB_BASES[base]
     if adapter == "qalora":
         kwargs["base_quantizer"] = base
-    elif "adapter" in inspect.signature(cls.__init__).parameters:
+    elif "adapter" in accepted:
         kwargs["adapter"] = make_adapter(adapter, settings)
     return cls(name, **kwargs)

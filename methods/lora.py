@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from core.compute_dtype import SIXTEEN_BIT_BASES
 from methods.adapters import Adapter, LoraAdapter
 from methods.base import LoadContext, Method, MethodFormat
 from methods.loading import load_16bit
 from methods.settings import dtype_name, parse_16bit_compute_dtype, parse_dtype
 
-SIXTEEN_BIT_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# The memory model's weight format of each storage dtype: the 16-bit bases of methods/compose.py, inverted.
+SIXTEEN_BIT_FORMATS = {dtype: base for base, dtype in SIXTEEN_BIT_BASES.items()}
 
 
 class LoRA(Method):

@@ -16,9 +16,9 @@ walk the modules and add up every tensor a format needs to store:
 - our INT-k layers (methods/int_quant.py) report their own parts (``storage_parts``).
 - plain ``nn.Linear`` and every other parameter or buffer: numel x element size.
 
-Adapter parameters (LoRA's and QA-LoRA's ``lora_`` / ``qalora_`` tensors, prefix tuning's prompt
-encoder, LLaMA-Adapter's prompts and gates, and any parameter that trains) are counted apart as
-``adapter_bytes``.
+Adapter parameters (LoRA's and QA-LoRA's ``lora_`` / ``qalora_`` tensors, and any other parameter
+that trains: prefix tuning's prompt encoder, LLaMA-Adapter's prompts and gates) are counted apart
+as ``adapter_bytes``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from core.tensors import tensor_bytes
 
-ADAPTER_MARKERS = ("lora_", "qalora_", "prompt_encoder.", "adaption_prompt", "adaption_gate")
+ADAPTER_MARKERS = ("lora_", "qalora_")
 
 
 def _is_adapter(name: str) -> bool:
