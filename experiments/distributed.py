@@ -96,6 +96,11 @@ class Ranks:
         local = int((local_batch["labels"][:, 1:] != -100).sum())
         return self.world * local / max(self.sum(local), 1.0)
 
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
     def gather(self, value) -> list:
         """``value`` of every rank, in rank order."""
         import torch.distributed as dist

@@ -62,6 +62,7 @@ from experiments.record import (
     without_keys,
     write_record,
 )
+from experiments.sharded_checkpoint import remove_checkpoint
 from experiments.summary import format_table
 from experiments.sweep_summary import write_pointer
 from experiments.train import TrainSettings, train
@@ -181,7 +182,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         method.prepare_sharding()  # or a ConfigError: the method cannot be sharded
         if cfg.export.formats:
             raise ConfigError("export.formats: exports are written from an unsharded model; use train.strategy=single")
-    elif settings.checkpoint_every == 0 and slurm_info() is not None:
+    if settings.checkpoint_every == 0 and slurm_info() is not None:
         settings.checkpoint_every = slurm_checkpoint_every(settings.max_steps)
     check_eval(cfg)
     if cfg.mmlu_file is not None and not Path(cfg.mmlu_file).is_file():
@@ -418,7 +419,7 @@ def execute(plan: RunPlan) -> dict:
         # Kept until now: a job requeued during finalize or evaluation (GPTQ of a merged 7B,
         # full MMLU: hours) resumes from the final training state instead of training again;
         # after a failure it is kept too, so a retry does not retrain.
-        training_checkpoint(plan).unlink(missing_ok=True)
+        remove_training_checkpoint(plan)
     record_json = record.as_json()
     logger.log(_flat_metrics(record_json))
     logger.finish(failed=record.status != Status.OK)
@@ -460,14 +461,23 @@ def run_training(plan: RunPlan, model, tokenizer, logger, ranks: Ranks | None = 
     batches = BatchSource(
         tokenized, settings.batch_size, tokenizer.pad_token_id, plan.cfg.seed, group_by_length=settings.group_by_length
     )
-    # A sharded run writes no checkpoint yet: every rank would write the whole file (issue 16)
-    checkpoint = training_checkpoint(plan) if ranks is None else None
+    checkpoint = training_checkpoint(plan)
     return train(model, batches, settings, plan.device, checkpoint_path=checkpoint, log=logger.log, ranks=ranks)
 
 
 def training_checkpoint(plan: RunPlan) -> Path:
-    """Where the run's training state lives until its ok record is written (see ``execute``)."""
-    return Path(plan.cfg.checkpoint_dir) / plan.run_id / "train_state.pt"
+    """Where the run's training state lives until its ok record is written (see ``execute``): one file, or
+    for a sharded run a folder of every rank's shards (experiments/sharded_checkpoint.py)."""
+    name = "train_state.sharded" if plan.train_settings.strategy == "fsdp" else "train_state.pt"
+    return Path(plan.cfg.checkpoint_dir) / plan.run_id / name
+
+
+def remove_training_checkpoint(plan: RunPlan) -> None:
+    path = training_checkpoint(plan)
+    if plan.train_settings.strategy == "fsdp":
+        remove_checkpoint(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _flat_metrics(record: dict) -> dict:

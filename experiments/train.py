@@ -5,7 +5,8 @@ AdamW (torch, or bitsandbytes' paged/8-bit variants on CUDA, QLoRA's default bei
 transformers, gradient clipping, optional gradient checkpointing, and a checkpoint of
 its own (adapter weights, optimizer, scheduler, RNG, step, losses) written atomically
 every ``checkpoint_every`` steps and after the last step, from which a restarted run
-continues exactly (or, after the last step, does not train again).
+continues exactly (or, after the last step, does not train again); a sharded run's is a
+folder of every rank's shards (experiments/sharded_checkpoint.py).
 
 Throughput counts only non-padding tokens and only steps after ``measure_after_steps``
 warm-up steps; on CUDA it synchronizes before reading the clock. With ``compile``, batches
@@ -28,6 +29,7 @@ from core.errors import ConfigError
 from core.files import atomic_write
 from experiments.data import BatchSource
 from experiments.measure import optimizer_state_bytes, paged_state_bytes
+from experiments.sharded_checkpoint import complete_checkpoint, load_sharded, save_sharded
 from methods.upcast import model_compute_dtype
 
 progress_log = logging.getLogger(__name__)  # into the run's run.log (Hydra's job logging)
@@ -102,11 +104,8 @@ class TrainSettings:
                 f"train.batch_size={self.batch_size} with train.nproc={self.nproc}: the global batch must split "
                 "evenly over the processes"
             )
-        if self.checkpoint_every or self.compile:
-            raise ConfigError(
-                "train.strategy=fsdp does not write sharded checkpoints or compile yet: "
-                "use train.checkpoint_every=0 and train.compile=false"
-            )
+        if self.compile:
+            raise ConfigError("train.strategy=fsdp does not compile yet: use train.compile=false")
 
     def check_device(self, device: torch.device):
         if self.optimizer != "adamw_torch" and device.type != "cuda":
@@ -187,22 +186,49 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult, scaler=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
+def _progress(scheduler, result: TrainResult, scaler) -> dict:
+    """A checkpoint's plain state besides the weights and the optimizer's."""
+    return {
         "step": result.steps,
-        "trainable": _trainable_state(model),
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "result": result.__dict__,
+    }
+
+
+def _restore_progress(progress: dict, scheduler, scaler) -> TrainResult:
+    scheduler.load_state_dict(progress["scheduler"])
+    if scaler is not None and progress.get("grad_scaler"):
+        scaler.load_state_dict(progress["grad_scaler"])
+    result = TrainResult(**progress["result"])
+    result.resumed_from_step = progress["step"]
+    return result
+
+
+def checkpoint_exists(path: Path, ranks=None) -> bool:
+    return complete_checkpoint(path) is not None if ranks is not None else path.exists()
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult, scaler=None, ranks=None):
+    """The training state at ``path``: one file, or with ``ranks`` a folder of every rank's shards
+    (experiments/sharded_checkpoint.py); either is replaced whole or not at all."""
+    if ranks is not None:
+        save_sharded(path, ranks, model, optimizer, _progress(scheduler, result, scaler))
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        **_progress(scheduler, result, scaler),
+        "trainable": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     atomic_write(path, lambda handle: torch.save(state, handle), binary=True)  # whole or absent, never half
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> TrainResult:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, ranks=None) -> TrainResult:
+    if ranks is not None:
+        return _restore_progress(load_sharded(path, ranks, model, optimizer), scheduler, scaler)
     state = torch.load(path, map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -210,15 +236,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> Tra
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     repage_optimizer_state(optimizer)
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    result = TrainResult(**state["result"])
-    result.resumed_from_step = state["step"]
-    return result
+    return _restore_progress(state, scheduler, scaler)
 
 
 def repage_optimizer_state(optimizer) -> int:
@@ -303,8 +324,8 @@ def train(
     fp16 = model_compute_dtype(model) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     result, saved_step = TrainResult(), None
-    if checkpoint_path is not None and checkpoint_path.exists():
-        result = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler)
+    if checkpoint_path is not None and checkpoint_exists(checkpoint_path, ranks):
+        result = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, ranks)
         saved_step = result.steps
 
     progress = tqdm(total=settings.max_steps, initial=result.steps, desc="train", disable=None, leave=False)
@@ -361,13 +382,13 @@ def train(
                 step=result.steps,
             )
         if checkpoint_path is not None and settings.checkpoint_every and result.steps % settings.checkpoint_every == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler)
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler, ranks)
             saved_step = result.steps
     progress.close()
     if checkpoint_path is not None and saved_step != result.steps:
         # The final state, whatever checkpoint_every says: the caller deletes it once the run's
         # record is written, so a job requeued after training does not train again.
-        save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler)
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler, ranks)
     result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     result.optimizer_paged_bytes = paged_state_bytes(optimizer)
     result.loss_scale = scaler.get_scale() if fp16 else None

@@ -40,6 +40,7 @@ def records_in(folder):
         (["train.strategy=fsdp", "train.nproc=3"], "must split evenly"),
         (["method=qalora", "train.strategy=fsdp", "train.nproc=2"], "cannot train sharded"),
         (["train.strategy=fsdp", "train.nproc=2", "export.formats=[nf4]"], "use train.strategy=single"),
+        (["train.strategy=fsdp", "train.nproc=2", "train.compile=true"], "does not compile yet"),
     ],
 )
 def test_bad_input_fails_fast_with_one_clear_message_and_no_record(tmp_path, overrides, message):

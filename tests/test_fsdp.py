@@ -1,10 +1,16 @@
 """Sharded training (train.strategy=fsdp, experiments/distributed.py): real processes, gloo on CPU."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_config, run_cli
+from tests.conftest import REPO, compose_config, run_cli
 
 COMMON = ("model=llama_synthetic", "train.max_steps=4", "train.batch_size=4", "method.lora.r=4", "threads=1")
 # float32 compute, so that the sharded and the single-process run round alike
@@ -64,3 +70,81 @@ def _sharded_prediction(method: str, shards: int) -> dict:
     built = instantiate(cfg.method, _convert_="all")
     shape = resolve_shape(resolve_model(cfg.model).path)
     return predict(shape, spec_from_format(built.method_format()), TrainShape(batch=4, shards=shards))
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (torchrun starts each rank in a session of its own, so killing the
+    launcher's process group would leave the ranks running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()  # "pid (name) state ppid ...", the name may hold spaces
+        except OSError:
+            continue  # ended while we looked
+        parent = int(text.rsplit(") ", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(text.split(" ", 1)[0]))
+    tree, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        tree.append(pid)
+        queue.extend(children.get(pid, []))
+    return tree
+
+
+def _saved_step(folder) -> int | None:
+    import torch
+
+    from experiments.sharded_checkpoint import PROGRESS_FILE, complete_checkpoint
+
+    found = complete_checkpoint(folder)
+    try:
+        return torch.load(found / PROGRESS_FILE, weights_only=False)["step"] if found else None
+    except Exception:  # noqa: BLE001 - replaced while we read it: ask again
+        return None
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_mid_training_resumes_from_its_checkpoint_to_the_same_losses(tmp_path):
+    """Two ranks (QLoRA NF4, LoRA dropout on) killed after a sharded checkpoint; the same command again
+    resumes from it and trains to the very losses of a run that was never interrupted."""
+    steps = 30
+    args = (
+        *COMMON,
+        *METHODS["qlora_nf4"],
+        f"train.max_steps={steps}",
+        "train.strategy=fsdp",
+        "train.nproc=2",
+        "train.checkpoint_every=3",
+    )
+    whole = run_cli(*args, f"results_dir={tmp_path / 'whole'}", f"hydra.run.dir={tmp_path / 'whole_run'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    uninterrupted = _record(tmp_path / "whole")
+
+    cut = (*args, f"results_dir={tmp_path / 'cut'}", f"hydra.run.dir={tmp_path / 'cut_run'}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *cut],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    [run_id] = [p.stem for p in (tmp_path / "whole").glob("*.json")]  # the same config: the same run id
+    folder = tmp_path / "cut" / ".checkpoints" / run_id / "train_state.sharded"
+    deadline = time.monotonic() + 180
+    while (_saved_step(folder) or 0) < 6 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    for pid in _process_tree(process.pid):  # the launcher, torchrun and both ranks: a lost node, no cleanup
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    saved = _saved_step(folder)
+    assert saved is not None and 6 <= saved < steps, f"killed with a checkpoint at step {saved}"
+    assert not list((tmp_path / "cut").glob("*.json"))
+
+    again = run_cli(*cut)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = _record(tmp_path / "cut")
+    assert resumed["status"] == "ok" and resumed["train"]["steps"] == steps
+    assert 0 < resumed["train"]["resumed_from_step"] < steps
+    # the restored adapter shards, optimizer state, schedule and each rank's dropout RNG: the same run
+    assert resumed["train"]["losses"] == uninterrupted["train"]["losses"]
+    assert not folder.exists()  # removed once the record was written
