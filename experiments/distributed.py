@@ -8,7 +8,8 @@ torch.distributed's; this module only wires it into the harness:
 
 - ``launch``: the run's own command, re-run as ``nproc`` processes by torchrun's launcher
   (``python -m torch.distributed.run --standalone``); the first process waits for them and
-  reads the record rank 0 wrote.
+  reads the record rank 0 wrote. Under ``launcher=slurm`` the job has one task per process
+  instead (hydra_plugins/qpeft_slurm), and ``join_slurm_tasks`` makes each task a rank.
 - ``Ranks``: inside a rank, the process group (gloo on CPU, NCCL on CUDA), the rows of each
   global micro-batch this rank trains on, and the token weighting that makes the sharded
   gradient the single-process one: each rank's mean loss is weighted by its share of the
@@ -26,12 +27,44 @@ from pathlib import Path
 
 import torch
 
+from core.errors import ConfigError
+
 STRATEGIES = ("single", "fsdp")
 
 
 def inside_ranks() -> bool:
     """True in a process that torchrun started (it sets RANK and WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def slurm_tasks() -> int:
+    """How many tasks the Slurm job that submitit started this process in has (1 outside such a job)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return 1
+    return int(os.environ.get("SLURM_NTASKS", "1"))
+
+
+def join_slurm_tasks(strategy: str, nproc: int) -> None:
+    """Make this task of a Slurm job of several (``launcher=slurm`` starts one task per process of a
+    sharded run) one rank: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from Slurm's
+    environment, by submitit's own helper (the master port follows from the job id, so a requeued job
+    meets at the same one)."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    tasks = slurm_tasks()
+    if strategy != "fsdp" or nproc != tasks:
+        raise ConfigError(
+            f"this Slurm job has {tasks} tasks but the run is train.strategy={strategy} train.nproc={nproc}: "
+            "a job has one task per process of a sharded run (launcher=slurm sets it), else one"
+        )
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """A rank's own GPU: the LOCAL_RANK-th of the node's, or the one Slurm left visible to its task."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
 
 
 def launch(nproc: int, overrides: list[str], run_dir: Path) -> int:
@@ -79,6 +112,28 @@ class Ranks:
         fully_shard(model)
         return model
 
+    def shard_from_first(self, model: torch.nn.Module, device: torch.device, first: FirstRankWeights | None):
+        """Shard ``model``, built on the meta device (its structure, no memory), allocate this rank's shards
+        on ``device`` and fill them from rank 0's whole model (``first``, None on the other ranks): no rank
+        but the first ever holds the whole model, and that one in host memory (torchtune's and
+        accelerate's way to load a model that fits no single GPU)."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        self.shard(model)
+        model.to_empty(device=device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, first.state if first is not None else {}, options=options)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():  # incl. those outside the state dict (RoPE frequencies)
+                if first is not None:
+                    buffer.copy_(first.buffers[name])
+                dist.broadcast(buffer, src=0)
+        # every rank draws on as rank 0 does after initialising the adapters for real
+        rng = self.broadcast(first.rng if first is not None else None)
+        torch.set_rng_state(rng)
+        return model
+
     def rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's rows of a global micro-batch (rank, rank + N, ...)."""
         return {key: value[self.rank :: self.world] for key, value in batch.items()}
@@ -101,6 +156,14 @@ class Ranks:
 
         dist.barrier()
 
+    def broadcast(self, value):
+        """Rank 0's ``value``, on every rank."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, value) -> list:
         """``value`` of every rank, in rank order."""
         import torch.distributed as dist
@@ -114,6 +177,19 @@ class Ranks:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@dataclass
+class FirstRankWeights:
+    """Rank 0's whole model, built for real in host memory, for ``Ranks.shard_from_first``."""
+
+    state: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    rng: torch.Tensor
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> FirstRankWeights:
+        return cls(model.state_dict(), dict(model.named_buffers()), torch.get_rng_state())
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -16,10 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import hydra
@@ -33,7 +32,16 @@ from core.compute_dtype import resolve_auto_compute_dtype
 from core.errors import ConfigError
 from experiments import mmlu_data
 from experiments.data import BatchSource, calibration_segments, load_examples, tokenize_examples
-from experiments.distributed import Ranks, inside_ranks, launch, local_bytes
+from experiments.distributed import (
+    FirstRankWeights,
+    Ranks,
+    inside_ranks,
+    join_slurm_tasks,
+    launch,
+    local_bytes,
+    rank_device,
+    slurm_tasks,
+)
 from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity, text_windows
 from experiments.export import ExportJob, ExportSettings, check_exports, export_all
 from experiments.fidelity import (
@@ -168,8 +176,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
-    if inside_ranks() and device.type == "cuda":  # one GPU per rank of a sharded run
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if inside_ranks():  # one GPU per rank of a sharded run
+        device = rank_device(device)
     # Before the run id: a bf16 run and an fp32 run are different configurations.
     dtype_choice = resolve_auto_compute_dtype(cfg.method, device)
     method = instantiate_method(cfg)
@@ -363,14 +371,31 @@ def execute(plan: RunPlan) -> dict:
         if method.calibration is not None:
             with meter.phase(Phase.CALIBRATION_DATA):
                 context.calibration = calibration_segments(method.calibration, plan.examples, tokenizer, seed=cfg.seed)
-        with meter.phase(Phase.QUANTIZE if method.quantize_phase == "load" else Phase.LOAD):
-            model = method.load_base(plan.model_spec, context)
-        torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
-        model = method.add_adapters(model)
-        trainable_params = trainable_parameters(model)  # before finalize, which may merge them away
-        if ranks is not None:
-            record.method = method.describe(model, trainable_params)  # the whole model's storage, before sharding
-            model = ranks.shard(model)
+
+        def with_adapters(base):
+            torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
+            return method.add_adapters(base)
+
+        load_phase = meter.phase(Phase.QUANTIZE if method.quantize_phase == "load" else Phase.LOAD)
+        if ranks is not None and method.builds_on_meta:
+            with load_phase:  # rank 0 builds the whole model in host memory, every rank a weightless one
+                whole = None
+                if ranks.is_first:
+                    cpu = replace(context, device=torch.device("cpu"))
+                    whole = FirstRankWeights.of(with_adapters(method.load_base(plan.model_spec, cpu)))
+                model = with_adapters(method.load_base(plan.model_spec, replace(context, device=torch.device("meta"))))
+                trainable_params = trainable_parameters(model)
+                record.method = method.describe(model, trainable_params)  # the whole model's storage
+                model = ranks.shard_from_first(model, plan.device, whole)  # each rank's shards of rank 0's
+                del whole
+        else:
+            with load_phase:
+                model = method.load_base(plan.model_spec, context)
+            model = with_adapters(model)
+            trainable_params = trainable_parameters(model)  # before finalize, which may merge them away
+            if ranks is not None:
+                record.method = method.describe(model, trainable_params)  # the whole model's, before sharding
+                model = ranks.shard(model)
         if method.trainable and plan.train_settings.max_steps > 0:
             with meter.phase(Phase.TRAIN) as phase:
                 result = run_training(plan, model, tokenizer, logger, ranks)
@@ -439,14 +464,17 @@ def lost_job_record(cfg: DictConfig, run_id: str, state: str, message: str, job_
 
 
 def rank_memory(ranks: Ranks, model, meter: PhaseMeter, optimizer_state_bytes: int | None) -> list[dict]:
-    """Each rank's share of the sharded model, of the optimizer state and its training peak, in rank order
-    (called in every rank)."""
+    """Each rank's share of the sharded model, of the optimizer state, and its loading and training peaks, in
+    rank order (called in every rank). A base that builds on meta is whole only in rank 0's host memory
+    while it loads; any other is whole on every rank's device until it is sharded."""
     train = meter.phases.get(Phase.TRAIN)
+    load = meter.phases.get(Phase.LOAD) or meter.phases.get(Phase.QUANTIZE)
     mine = {
         "rank": ranks.rank,
         "frozen_bytes": local_bytes(model, trainable=False),
         "trainable_bytes": local_bytes(model, trainable=True),
         "optimizer_state_bytes": optimizer_state_bytes,
+        "load_peak_memory_bytes": load.peak_memory_bytes if load is not None else None,
         "train_peak_memory_bytes": train.peak_memory_bytes if train is not None else None,
     }
     return ranks.gather(mine)
@@ -515,6 +543,37 @@ def execute_sharded(plan: RunPlan) -> dict:
     return record.as_json()
 
 
+def skip_or_set_aside(plan: RunPlan) -> dict | None:
+    """What the run returns if its record already says ok and can stand (``skip_done``); else None, with
+    any record at its path set aside, never overwritten."""
+    if not plan.record_path.exists():
+        return None
+    old = read_record(plan.record_path)
+    refusal = reuse_refusal(old, environment(plan.device))
+    if plan.cfg.skip_done and refusal is None:
+        print(f"skip {plan.run_id}: {plan.record_path} already says ok (same commit, same device)")
+        write_pointer(plan.output_dir, plan.run_id, plan.record_path)
+        return {"record_path": str(plan.record_path), "status": Status.OK.value, "skipped": True}
+    kept = set_aside(plan.record_path, old)
+    print(f"run {plan.run_id} again ({refusal or 'skip_done=false'}); the old record is kept as {kept}")
+    return None
+
+
+def run_as_slurm_task(plan: RunPlan) -> dict:
+    """One rank of a sharded run whose Slurm job has one task per rank (``launcher=slurm``): rank 0 does
+    what the launching process does under torchrun (skip or set aside an old record, point the sweep at
+    the new one), every rank executes. What rank 0 returns is what the sweep reads."""
+    ranks = Ranks.start(plan.device)
+    skipped = ranks.broadcast(skip_or_set_aside(plan) if ranks.is_first else None)
+    if skipped is not None:
+        ranks.stop()
+        return skipped
+    record = execute(plan)  # the same process group, stopped at its end
+    if ranks.is_first:
+        write_pointer(plan.output_dir, plan.run_id, plan.record_path)
+    return {"record_path": str(plan.record_path), "status": record["status"]}
+
+
 def _is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -529,6 +588,8 @@ def main(cfg: DictConfig) -> dict:
     # that kernel is never reachable offline and nothing is wrong: keep the log readable.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
+        if slurm_tasks() > 1:  # before the plan: it picks this rank's GPU
+            join_slurm_tasks(cfg.train.strategy, cfg.train.nproc)
         plan = plan_run(cfg)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -538,20 +599,16 @@ def main(cfg: DictConfig) -> dict:
         write_pointer(Path(HydraConfig.get().runtime.output_dir), None, None, error=str(error))
         return {"status": "invalid", "error": str(error)}  # not a record: the sweep summary's word
     sharded = plan.train_settings.strategy == "fsdp"
+    if sharded and slurm_tasks() > 1:  # one task of a Slurm job of one task per rank
+        return run_as_slurm_task(plan)
     if sharded and inside_ranks():  # one of the processes ``launch`` started: execute, the launcher reports
         record = execute(plan)
         if record["status"] != Status.OK:
             sys.exit(1)  # torchrun then stops the other ranks, which may wait in a collective
         return {"record_path": str(plan.record_path), "status": record["status"]}
-    if plan.record_path.exists():
-        old = read_record(plan.record_path)
-        refusal = reuse_refusal(old, environment(plan.device))
-        if cfg.skip_done and refusal is None:
-            print(f"skip {plan.run_id}: {plan.record_path} already says ok (same commit, same device)")
-            write_pointer(plan.output_dir, plan.run_id, plan.record_path)
-            return {"record_path": str(plan.record_path), "status": Status.OK.value, "skipped": True}
-        kept = set_aside(plan.record_path, old)  # never overwrite a result: keep it beside the new one
-        print(f"run {plan.run_id} again ({refusal or 'skip_done=false'}); the old record is kept as {kept}")
+    skipped = skip_or_set_aside(plan)
+    if skipped is not None:
+        return skipped
     record = execute_sharded(plan) if sharded else execute(plan)
     write_pointer(plan.output_dir, plan.run_id, plan.record_path)
     if not _is_multirun():

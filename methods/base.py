@@ -187,6 +187,12 @@ class Method:
             "LLM.int8 and the prompt adapters are not wired for it"
         )
 
+    # Whether ``load_base`` and ``add_adapters`` can build the model on the meta device (its structure,
+    # no weights), to be filled in from rank 0's: a sharded run then holds the whole model only in rank
+    # 0's host memory, not on every GPU (experiments/distributed.py). A base quantized as it loads
+    # (bitsandbytes) cannot: each rank loads the whole quantized base, then shards it.
+    builds_on_meta: bool = False
+
     def load_base(self, model_spec: ModelSpec, context: LoadContext) -> torch.nn.Module:
         """The frozen base in the method's storage format, on ``context.device``."""
         raise NotImplementedError(f"{type(self).__name__}.load_base")

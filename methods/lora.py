@@ -40,6 +40,8 @@ class LoRA(Method):
         self.adapter = adapter if adapter is not None else LoraAdapter(lora)
         self.mergeable = self.adapter.mergeable
 
+    builds_on_meta = True  # a 16-bit base and peft's adapters: rank 0 loads, the others receive shards
+
     def prepare_sharding(self):
         if not self.adapter.shardable or self.compute_dtype == torch.float16:
             super().prepare_sharding()  # float16 would need a sharded gradient scaler: not wired

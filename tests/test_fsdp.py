@@ -148,3 +148,40 @@ def test_a_sharded_run_killed_mid_training_resumes_from_its_checkpoint_to_the_sa
     # the restored adapter shards, optimizer state, schedule and each rank's dropout RNG: the same run
     assert resumed["train"]["losses"] == uninterrupted["train"]["losses"]
     assert not folder.exists()  # removed once the record was written
+
+
+@pytest.mark.slow
+def test_a_real_checkpoint_sharded_from_the_first_rank_scores_as_one_process(tmp_path):
+    """The bundled SmolLM2 (tied embeddings, RoPE buffers outside the state dict): rank 0 loads it, the
+    other rank builds it weightless and receives its shards; the sharded run trains and scores as one
+    process does, MMLU predictions and perplexity included."""
+    common = (
+        "model=smollm2_135m",
+        "method=lora_bf16",
+        "method.base=fp32",
+        "method.lora.r=4",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "threads=1",
+        "eval.limit_per_subject=3",
+        "eval.subjects=[anatomy,astronomy]",
+        "eval.perplexity.max_tokens=512",
+    )
+    runs, predictions = {}, {}
+    for name, extra in (("single", ()), ("fsdp", ("train.strategy=fsdp", "train.nproc=2"))):
+        run_dir = tmp_path / (name + "_run")
+        done = run_cli(*common, *extra, f"results_dir={tmp_path / name}", f"hydra.run.dir={run_dir}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = _record(tmp_path / name)
+        lines = (run_dir / "mmlu_predictions.jsonl").read_text().splitlines()
+        predictions[name] = [json.loads(line)["pred"] for line in lines]
+    single, sharded = runs["single"], runs["fsdp"]
+    assert sharded["train"]["losses"] == pytest.approx(single["train"]["losses"], rel=1e-5)
+    assert predictions["fsdp"] == predictions["single"] and len(predictions["single"]) == 6
+    assert sharded["eval"]["perplexity"]["perplexity"] == pytest.approx(
+        single["eval"]["perplexity"]["perplexity"], rel=1e-4
+    )
+    whole = single["method"]["weight_bytes"]  # the unquantized parts included
+    for rank in sharded["memory"]["ranks"]:
+        assert rank["frozen_bytes"] == pytest.approx(whole / 2, rel=0.01)  # tied embeddings counted once
+        assert rank["load_peak_memory_bytes"] > 0

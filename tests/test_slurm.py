@@ -311,3 +311,57 @@ def test_a_job_killed_before_its_record_gets_a_failed_record_and_the_sweep_its_s
     assert lost["status"] == "failed" and lost["error"]["type"] == "SlurmJobCancelled"
     assert lost["slurm"]["job_id"] == job_id and "CANCELLED" in lost["error"]["message"]
     assert f"FAILED {lost['run_id']} [failed]: SlurmJobCancelled" in output and "1 ok, 1 failed" in output
+
+
+def test_a_sharded_run_is_one_job_of_two_tasks_and_resumes_from_its_shards_after_preemption(slurm_env, tmp_path):
+    """launcher=slurm gives train.strategy=fsdp train.nproc=2 one job of two tasks, each a rank; preempted
+    mid-training, the job is requeued and both ranks resume from the sharded checkpoint."""
+    records, checkpoints = tmp_path / "records", tmp_path / "records" / ".checkpoints"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "-m",
+            "launcher=slurm",
+            "hydra.launcher.gpus_per_task=null",  # this cluster has no GPUs; a GPU cluster gives each task one
+            "hydra.launcher.mem_gb=null",
+            "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.timeout_min=30",
+            *TINY,
+            "method=lora_bf16",
+            "train.max_steps=200",
+            "train.strategy=fsdp",
+            "train.nproc=2",
+            f"results_dir={records}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        env=slurm_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # train.checkpoint_every is not set: under Slurm a sharded run checkpoints on its own too
+        wait_for(
+            lambda: list(checkpoints.glob("*/train_state.sharded/progress.pt")) or process.poll() is not None,
+            120,
+            "a sharded training checkpoint",
+        )
+        assert process.poll() is None, "the run finished before it could be preempted"
+        [job_id] = slurm(slurm_env, "squeue", "-h", "-o", "%A").split()
+        assert job_field(slurm_env, job_id, "NumTasks") == "2"  # one job, one task per rank
+        preempt_the_only_job(slurm_env)
+        output, _ = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-3000:]
+    assert "1 ok, 0 failed" in output
+    [record] = records_in(records)  # one record, by rank 0
+    assert record["status"] == "ok" and record["env"]["distributed"]["world_size"] == 2
+    assert record["slurm"]["job_id"] == job_id and record["slurm"]["restart_count"] >= 1
+    assert 0 < record["train"]["resumed_from_step"] < 200 and len(record["train"]["losses"]) == 200
+    assert [r["rank"] for r in record["memory"]["ranks"]] == [0, 1]
+    assert not list(checkpoints.glob("*/train_state.sharded*"))  # removed once the record was written

@@ -9,6 +9,10 @@ it was killed). This subclass, used by ``launcher=slurm``, catches that per job,
 run wrote one itself, and lets the sweep summary list it with the others. A re-run of the
 sweep redoes only runs without an ok record, so it redoes that one.
 
+It also gives a sharded run (``train.strategy=fsdp train.nproc=N``) a job of N tasks, one
+per rank (experiments/distributed.py makes each task a rank from Slurm's environment): jobs
+are submitted as one job array per number of tasks.
+
 Hydra accepts launchers only from the ``hydra_plugins`` package, hence this location;
 everything else is submitit's and hydra-submitit-launcher's own behaviour.
 """
@@ -35,7 +39,14 @@ class RecordingSlurmLauncher(SlurmLauncher):
             # the parent builds its executor and reads ``job.results()`` of what map_array returns
             def map_array(self, fn, *iterables):
                 overrides, job_nums = iterables[0], iterables[2]  # (overrides, dir key, job number, ...)
-                jobs = super().map_array(fn, *iterables)
+                tasks = [launcher.tasks_per_node(list(o), n) for o, n in zip(overrides, job_nums)]
+                jobs = [None] * len(tasks)
+                for count in sorted(set(tasks)):  # one job array per number of tasks
+                    picked = [i for i, t in enumerate(tasks) if t == count]
+                    self.update_parameters(tasks_per_node=count)
+                    submitted = super().map_array(fn, *[[column[i] for i in picked] for column in iterables])
+                    for i, job in zip(picked, submitted):
+                        jobs[i] = job
                 return [_JobOrLoss(job, launcher, list(o), n) for job, o, n in zip(jobs, overrides, job_nums)]
 
         submitit.AutoExecutor = Executor  # the parent looks it up when it runs; restored below
@@ -43,6 +54,17 @@ class RecordingSlurmLauncher(SlurmLauncher):
             return super().launch(job_overrides, initial_job_idx)
         finally:
             submitit.AutoExecutor = stock
+
+    def tasks_per_node(self, overrides: list[str], job_num: int) -> int:
+        """One Slurm task per process of a sharded run (``train.strategy=fsdp``: ``train.nproc`` over the
+        job's ``nodes``), each with the launcher's ``gpus_per_task``; one task for any other run."""
+        try:
+            train = self.job_config(overrides, job_num).train
+        except Exception:  # noqa: BLE001 - a broken config: the job says what is wrong with it
+            return 1
+        if train.get("strategy") != "fsdp":
+            return 1
+        return max(1, int(train.nproc) // int(self.params.get("nodes") or 1))
 
     def job_config(self, overrides: list[str], job_num: int) -> DictConfig:
         """The config the job ran with, as hydra-submitit-launcher composes it in the job."""
