@@ -8,7 +8,7 @@
 # Steps, in order (each one's log in the output folder; a failed step does not stop the next):
 #   1. install the wheels of .whl/ with no index (skipped when absent, and in the dry run);
 #   2. device.txt: nvidia-smi's name and driver, torch and CUDA versions, the git commit;
-#   3. every CUDA-marked test (pytest -m cuda);
+#   3. every CUDA-marked test (pytest -m cuda), the sharded path over NCCL with one rank among them;
 #   4. benchmarks.bench_train on the Llama-2-7B shape (random weights built on the GPU),
 #      batch 1 x 512, gradient checkpointing: LoRA bf16, QLoRA NF4, NF4+DQ, QA-LoRA INT4 and
 #      the bare transformers + peft + bitsandbytes QLoRA loop;

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, compose_config, run_cli
 
@@ -185,3 +186,29 @@ def test_a_real_checkpoint_sharded_from_the_first_rank_scores_as_one_process(tmp
     for rank in sharded["memory"]["ranks"]:
         assert rank["frozen_bytes"] == pytest.approx(whole / 2, rel=0.01)  # tied embeddings counted once
         assert rank["load_peak_memory_bytes"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["lora_bf16", "qlora_nf4"])
+def test_the_sharded_path_trains_on_a_gpu_over_nccl_and_checkpoints(method, tmp_path):
+    """One GPU, one rank: the CUDA side of the sharded path (NCCL, the rank's device, a bf16 base built
+    on meta and filled from rank 0's host copy, bitsandbytes' 4-bit storage, sharded checkpoints)."""
+    runs = {}
+    for name, extra in (("single", ()), ("fsdp", ("train.strategy=fsdp", "train.nproc=1"))):
+        done = run_cli(
+            *COMMON,
+            f"method={method}",
+            "device=cuda",
+            "train.checkpoint_every=2",
+            *extra,
+            f"results_dir={tmp_path / name}",
+            f"hydra.run.dir={tmp_path / (name + '_run')}",
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = _record(tmp_path / name)
+    sharded = runs["fsdp"]
+    assert sharded["status"] == "ok" and sharded["env"]["distributed"]["backend"] == "nccl"
+    assert sharded["train"]["losses"] == pytest.approx(runs["single"]["train"]["losses"], rel=1e-3)
+    [rank] = sharded["memory"]["ranks"]
+    assert rank["load_peak_memory_bytes"] > 0 and rank["train_peak_memory_bytes"] > 0
