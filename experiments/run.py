@@ -412,6 +412,8 @@ def execute(plan: RunPlan) -> dict:
             record.memory["optimizer_state_bytes"] = sum(
                 r["optimizer_state_bytes"] or 0 for r in record.memory["ranks"]
             )
+            if record.train is not None:  # the GPU that runs out first: the largest rank's peak
+                record.train["peak_memory_bytes"] = max(r["train_peak_memory_bytes"] for r in record.memory["ranks"])
         record.memory.update({key: record.method.get(key) for key in MEMORY_PARTS})
         record.eval = evaluate(plan, model, tokenizer, meter, first)
         if plan.measures_fidelity:

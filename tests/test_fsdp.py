@@ -19,6 +19,8 @@ METHODS = {
     "lora_fp32": ("method=lora_bf16", "method.base=fp32"),
     "qlora_nf4": ("method=qlora_nf4", "method.compute_dtype=float32"),
     "dora_fp32": ("method=dora_bf16", "method.base=fp32"),
+    # two micro-batches per step: each rank's share of each is weighted by its tokens
+    "lora_fp32_grad_accum": ("method=lora_bf16", "method.base=fp32", "train.grad_accum=2"),
 }
 
 
@@ -57,6 +59,7 @@ def test_two_sharded_processes_train_as_one_and_hold_half_the_model_each(method,
         assert rank["trainable_bytes"] == pytest.approx(predicted["weights"]["adapter_bytes"], rel=0.02), rank
         assert rank["optimizer_state_bytes"] == pytest.approx(predicted["parts"]["optimizer_state"], rel=0.02), rank
         assert rank["train_peak_memory_bytes"] > 0
+    assert sharded["train"]["peak_memory_bytes"] == max(r["train_peak_memory_bytes"] for r in ranks)
 
 
 def _sharded_prediction(method: str, shards: int) -> dict:
