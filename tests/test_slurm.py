@@ -63,6 +63,18 @@ def sweep(env: dict, *args: str, timeout: int = 240) -> subprocess.CompletedProc
     )
 
 
+def start_sweep(env: dict, *args: str) -> subprocess.Popen:
+    """``sweep`` in the background, for a test to act on its jobs while they run."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", "-m", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def records_in(folder: Path) -> list[dict]:
     return [read_record(p) for p in sorted(folder.glob("*.json"))]
 
@@ -158,25 +170,15 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(slurm_env, 
     records, checkpoints = tmp_path / "records", tmp_path / "records" / ".checkpoints"
     # timeout_min above 10: submitit counts a signal as a time-out when the job has had
     # min(80%, limit - 10 min) of its time; this test is about preemption
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "-m",
-            *SLURM,
-            "hydra.launcher.timeout_min=30",
-            *TINY,
-            "method=lora_bf16",
-            "train.max_steps=200",
-            f"results_dir={records}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=REPO,
-        env=slurm_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    process = start_sweep(
+        slurm_env,
+        *SLURM,
+        "hydra.launcher.timeout_min=30",
+        *TINY,
+        "method=lora_bf16",
+        "train.max_steps=200",
+        f"results_dir={records}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     try:
         # train.checkpoint_every is not set: under Slurm the run checkpoints on its own
@@ -218,29 +220,19 @@ def test_a_job_requeued_after_training_does_not_train_again(slurm_env, tmp_path)
     # The tiny random Llama as a local checkpoint (model=hf), so that the run evaluates MMLU
     # (synthetic models skip evaluation): about half a minute to preempt it in.
     tiny = synthetic_checkpoint("tiny")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "-m",
-            *SLURM,
-            "hydra.launcher.timeout_min=30",
-            "model=hf",
-            f"model.name_or_path={tiny}",
-            "method.lora.r=4",
-            "threads=1",
-            "method=lora_bf16",
-            "train.max_steps=3",
-            "eval.limit_per_subject=40",
-            f"results_dir={records}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=REPO,
-        env=slurm_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    process = start_sweep(
+        slurm_env,
+        *SLURM,
+        "hydra.launcher.timeout_min=30",
+        "model=hf",
+        f"model.name_or_path={tiny}",
+        "method.lora.r=4",
+        "threads=1",
+        "method=lora_bf16",
+        "train.max_steps=3",
+        "eval.limit_per_subject=40",
+        f"results_dir={records}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     try:
         wait_for(
@@ -268,27 +260,17 @@ def test_a_job_requeued_after_training_does_not_train_again(slurm_env, tmp_path)
 def test_a_job_killed_before_its_record_gets_a_failed_record_and_the_sweep_its_summary(slurm_env, tmp_path):
     records = tmp_path / "records"
     # launcher=slurm (the project's launcher); two runs, the long one is cancelled mid-training
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "-m",
-            "launcher=slurm",
-            "hydra.launcher.gpus_per_task=null",
-            "hydra.launcher.mem_gb=null",
-            "hydra.launcher.cpus_per_task=1",
-            *TINY,
-            "method=lora_bf16",
-            "train.max_steps=2,5000",
-            f"results_dir={records}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=REPO,
-        env=slurm_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    process = start_sweep(
+        slurm_env,
+        "launcher=slurm",
+        "hydra.launcher.gpus_per_task=null",
+        "hydra.launcher.mem_gb=null",
+        "hydra.launcher.cpus_per_task=1",
+        *TINY,
+        "method=lora_bf16",
+        "train.max_steps=2,5000",
+        f"results_dir={records}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     try:
         wait_for(lambda: list(records.glob("*.json")) or process.poll() is not None, 180, "the short run's record")
@@ -317,30 +299,20 @@ def test_a_sharded_run_is_one_job_of_two_tasks_and_resumes_from_its_shards_after
     """launcher=slurm gives train.strategy=fsdp train.nproc=2 one job of two tasks, each a rank; preempted
     mid-training, the job is requeued and both ranks resume from the sharded checkpoint."""
     records, checkpoints = tmp_path / "records", tmp_path / "records" / ".checkpoints"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "-m",
-            "launcher=slurm",
-            "hydra.launcher.gpus_per_task=null",  # this cluster has no GPUs; a GPU cluster gives each task one
-            "hydra.launcher.mem_gb=null",
-            "hydra.launcher.cpus_per_task=1",
-            "hydra.launcher.timeout_min=30",
-            *TINY,
-            "method=lora_bf16",
-            "train.max_steps=200",
-            "train.strategy=fsdp",
-            "train.nproc=2",
-            f"results_dir={records}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=REPO,
-        env=slurm_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    process = start_sweep(
+        slurm_env,
+        "launcher=slurm",
+        "hydra.launcher.gpus_per_task=null",  # this cluster has no GPUs; a GPU cluster gives each task one
+        "hydra.launcher.mem_gb=null",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=30",
+        *TINY,
+        "method=lora_bf16",
+        "train.max_steps=200",
+        "train.strategy=fsdp",
+        "train.nproc=2",
+        f"results_dir={records}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     try:
         # train.checkpoint_every is not set: under Slurm a sharded run checkpoints on its own too
