@@ -185,6 +185,8 @@ def test_a_real_checkpoint_sharded_from_the_first_rank_scores_as_one_process(tmp
     assert sharded["eval"]["perplexity"]["perplexity"] == pytest.approx(
         single["eval"]["perplexity"]["perplexity"], rel=1e-4
     )
+    for key in ("weight_bytes", "unquantized_bytes", "adapter_bytes", "trainable_params"):
+        assert sharded["method"][key] == single["method"][key], key  # described from the weightless build
     whole = single["method"]["weight_bytes"]  # the unquantized parts included
     for rank in sharded["memory"]["ranks"]:
         assert rank["frozen_bytes"] == pytest.approx(whole / 2, rel=0.01)  # tied embeddings counted once
