@@ -106,6 +106,12 @@ class TrainSettings:
             )
         if self.compile:
             raise ConfigError("train.strategy=fsdp does not compile yet: use train.compile=false")
+        if self.optimizer != "adamw_torch":
+            raise ConfigError(
+                f"train.optimizer={self.optimizer} with train.strategy=fsdp: bitsandbytes' optimizers update whole "
+                "tensors, not FSDP's sharded (DTensor) parameters; use train.optimizer=adamw_torch (its state is "
+                "sharded over the processes already)"
+            )
 
     def check_device(self, device: torch.device):
         if self.optimizer != "adamw_torch" and device.type != "cuda":

@@ -41,6 +41,10 @@ def records_in(folder):
         (["method=qalora", "train.strategy=fsdp", "train.nproc=2"], "cannot train sharded"),
         (["train.strategy=fsdp", "train.nproc=2", "export.formats=[nf4]"], "use train.strategy=single"),
         (["train.strategy=fsdp", "train.nproc=2", "train.compile=true"], "does not compile yet"),
+        (
+            ["train.strategy=fsdp", "train.nproc=2", "train.optimizer=paged_adamw_32bit"],
+            "use train.optimizer=adamw_torch",
+        ),
     ],
 )
 def test_bad_input_fails_fast_with_one_clear_message_and_no_record(tmp_path, overrides, message):

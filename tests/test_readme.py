@@ -99,3 +99,22 @@ def test_readme_axes_matrix_is_what_compose_accepts():
             if shown != "—":
                 assert shown == method_name(bases[0], adapter)
     assert sorted(covered) == sorted(BASES)
+
+
+def test_the_readme_sharded_65b_command_passes_the_checks_a_run_makes_first():
+    """The README's QLoRA Table 4 BFloat16 row at 65B: its overrides compose, train sharded settings that
+    the harness accepts on a method that shards, on the Slurm launcher that gives each rank's task a GPU."""
+    from hydra.utils import instantiate
+
+    from experiments.train import TrainSettings
+    from tests.conftest import compose_config
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"python -m experiments\.run -m experiment=qlora_table4 launcher=slurm.*?\n\n", text, re.S)
+    assert block, "README.md lost its sharded 65B command"
+    overrides = block.group(0).replace("\\\n", " ").split()[4:]  # after "python -m experiments.run -m"
+    cfg = compose_config(*overrides, hydra_node=True)
+    settings = TrainSettings(**cfg.train)
+    assert (settings.strategy, settings.nproc, settings.batch_size * settings.grad_accum) == ("fsdp", 4, 64)
+    instantiate(cfg.method, _convert_="all").prepare_sharding()  # raises if the method cannot shard
+    assert cfg.model.name_or_path == "huggyllama/llama-65b" and cfg.hydra.launcher.gpus_per_task == 1
