@@ -1,10 +1,14 @@
-"""Sharded training: one run as N processes under PyTorch's FSDP (``train.strategy=fsdp``).
+"""One run as N processes: sharded (``train.strategy=fsdp``) or data-parallel (``ddp``).
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``, Zhao et al. 2023, "PyTorch FSDP", arXiv
 2304.11277) shards each decoder block's parameters (the frozen base, bitsandbytes 4-bit
 codes included, and the adapters), their gradients and the optimizer state across the
-ranks, all-gathering a block's weights for its forward and backward. Everything here is
-torch.distributed's; this module only wires it into the harness:
+ranks, all-gathering a block's weights for its forward and backward. DDP
+(``DistributedDataParallel``, Li et al. 2020, "PyTorch Distributed", arXiv 2006.15704)
+keeps a whole model per rank and averages the trained parameters' gradients: it takes any
+trainable method (QA-LoRA's INT-k layers, GPTQ bases, prompt adapters) when the model fits
+one GPU, for throughput. Everything here is torch.distributed's; this module only wires it
+into the harness:
 
 - ``launch``: the run's own command, re-run as ``nproc`` processes by torchrun's launcher
   (``python -m torch.distributed.run --standalone``); the first process waits for them and
@@ -13,8 +17,8 @@ torch.distributed's; this module only wires it into the harness:
 - ``Ranks``: inside a rank, the process group (gloo on CPU, NCCL on CUDA), the rows of each
   global micro-batch this rank trains on, and the token weighting that makes the sharded
   gradient the single-process one: each rank's mean loss is weighted by its share of the
-  batch's target tokens (FSDP averages gradients over ranks), so N ranks with batch B train
-  exactly as one process with batch B (tested: the same losses).
+  batch's target tokens (FSDP and DDP average gradients over ranks), so N ranks with batch B
+  train exactly as one process with batch B (tested: the same losses).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import torch
 
 from core.errors import ConfigError
 
-STRATEGIES = ("single", "fsdp")
+STRATEGIES = ("single", "fsdp", "ddp")
+MULTI_PROCESS = ("fsdp", "ddp")
 
 
 def inside_ranks() -> bool:
@@ -52,10 +57,10 @@ def join_slurm_tasks(strategy: str, nproc: int) -> None:
     from submitit.helpers import TorchDistributedEnvironment
 
     tasks = slurm_tasks()
-    if strategy != "fsdp" or nproc != tasks:
+    if strategy not in MULTI_PROCESS or nproc != tasks:
         raise ConfigError(
             f"this Slurm job has {tasks} tasks but the run is train.strategy={strategy} train.nproc={nproc}: "
-            "a job has one task per process of a sharded run (launcher=slurm sets it), else one"
+            "a job has one task per process of a run of several (launcher=slurm sets it), else one"
         )
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
@@ -88,20 +93,41 @@ class Ranks:
     rank: int
     world: int
     backend: str
+    strategy: str  # one of MULTI_PROCESS
 
     @classmethod
-    def start(cls, device: torch.device) -> Ranks:
+    def start(cls, device: torch.device, strategy: str) -> Ranks:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), dist.get_backend())
+        return cls(dist.get_rank(), dist.get_world_size(), dist.get_backend(), strategy)
 
     @property
     def is_first(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shards(self) -> bool:
+        return self.strategy == "fsdp"
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank evaluates the trained model: every rank of a sharded one (each forward needs
+        them all), only the first of data-parallel replicas (each holds the same whole model)."""
+        return self.shards or self.is_first
+
+    def replicate(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` under DDP, for the training forward: its backward averages the trained gradients.
+        Every rank built the same model from the same seed, so nothing is broadcast at the start."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        return DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, init_sync=False, broadcast_buffers=False
+        )
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         """FSDP2 on each decoder block, then on the whole model (embeddings, norm, head)."""

@@ -33,6 +33,7 @@ from core.errors import ConfigError
 from experiments import mmlu_data
 from experiments.data import BatchSource, calibration_segments, load_examples, tokenize_examples
 from experiments.distributed import (
+    MULTI_PROCESS,
     FirstRankWeights,
     Ranks,
     inside_ranks,
@@ -176,7 +177,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
-    if inside_ranks():  # one GPU per rank of a sharded run
+    if inside_ranks():  # one GPU per rank of a run of several processes
         device = rank_device(device)
     # Before the run id: a bf16 run and an fp32 run are different configurations.
     dtype_choice = resolve_auto_compute_dtype(cfg.method, device)
@@ -189,7 +190,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     if settings.strategy == "fsdp":
         method.prepare_sharding()  # or a ConfigError: the method cannot be sharded
         if cfg.export.formats:
-            raise ConfigError("export.formats: exports are written from an unsharded model; use train.strategy=single")
+            raise ConfigError(
+                "export.formats: exports are written from an unsharded model; use train.strategy=single or ddp"
+            )
+    if settings.strategy == "ddp" and not method.trainable:
+        raise ConfigError(f"train.strategy=ddp: method {method.name} trains nothing; use train.strategy=single")
     if settings.checkpoint_every == 0 and slurm_info() is not None:
         settings.checkpoint_every = slurm_checkpoint_every(settings.max_steps)
     check_eval(cfg)
@@ -224,7 +229,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
 
 def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter, first: bool = True) -> dict:
     """MMLU and perplexity; a sharded run's ranks all evaluate (FSDP gathers weights collectively), and
-    only the ``first`` writes the predictions file."""
+    only the ``first`` writes the predictions file (a data-parallel run's first rank alone evaluates)."""
     cfg, results = plan.cfg, {}
     if plan.model_spec.synthetic:
         return results  # random weights: accuracy would mean nothing
@@ -339,9 +344,12 @@ def _run_exports(plan: RunPlan, model, tokenizer, windows, references: dict[str,
 
 def execute(plan: RunPlan) -> dict:
     cfg = plan.cfg
-    # A sharded run (train.strategy=fsdp) executes in every rank; rank 0 writes the record and logs.
-    ranks = Ranks.start(plan.device) if plan.train_settings.strategy == "fsdp" else None
+    # A run of several processes (train.strategy=fsdp or ddp) executes in every rank; rank 0 writes the
+    # record and logs.
+    strategy = plan.train_settings.strategy
+    ranks = Ranks.start(plan.device, strategy) if strategy in MULTI_PROCESS else None
     first = ranks is None or ranks.is_first
+    evaluates = ranks is None or ranks.evaluates
     meter = PhaseMeter(plan.device)
     model_id = model_identity(cfg.model.kind, plan.model_spec)
     record = RunRecord(
@@ -363,7 +371,7 @@ def execute(plan: RunPlan) -> dict:
         torch.manual_seed(cfg.seed)
         tokenizer = load_tokenizer(plan.model_spec)
         references: dict[str, Reference] = {}
-        if plan.measures_fidelity:  # before the method's model loads: never two models in memory
+        if plan.measures_fidelity and evaluates:  # before the method's model loads: never two models in memory
             windows = fidelity_windows(cfg, tokenizer, plan.model_spec)
             with meter.phase(Phase.FIDELITY_REFERENCE):
                 references["base"] = base_reference(plan, windows, model_id)
@@ -377,7 +385,7 @@ def execute(plan: RunPlan) -> dict:
             return method.add_adapters(base)
 
         load_phase = meter.phase(Phase.QUANTIZE if method.quantize_phase == "load" else Phase.LOAD)
-        if ranks is not None and method.builds_on_meta:
+        if ranks is not None and ranks.shards and method.builds_on_meta:
             with load_phase:  # rank 0 builds the whole model in host memory, every rank a weightless one
                 whole = None
                 if ranks.is_first:
@@ -393,7 +401,7 @@ def execute(plan: RunPlan) -> dict:
                 model = method.load_base(plan.model_spec, context)
             model = with_adapters(model)
             trainable_params = trainable_parameters(model)  # before finalize, which may merge them away
-            if ranks is not None:
+            if ranks is not None and ranks.shards:
                 record.method = method.describe(model, trainable_params)  # the whole model's, before sharding
                 model = ranks.shard(model)
         if method.trainable and plan.train_settings.max_steps > 0:
@@ -403,20 +411,23 @@ def execute(plan: RunPlan) -> dict:
             record.train = {**result.as_dict(), "peak_memory_bytes": phase.peak_memory_bytes, "wall_s": None}
             record.memory["optimizer_state_bytes"] = result.optimizer_state_bytes
             record.memory["optimizer_paged_bytes"] = result.optimizer_paged_bytes
-        with meter.phase(Phase.QUANTIZE if method.quantize_phase == "finalize" else Phase.FINALIZE):
-            model = method.finalize(model, context)
-        if ranks is None:
-            record.method = method.describe(model, trainable_params)
-        else:
+        if ranks is not None:  # each rank's part of the trained model, before finalize changes it
             record.memory["ranks"] = rank_memory(ranks, model, meter, record.memory.get("optimizer_state_bytes"))
-            record.memory["optimizer_state_bytes"] = sum(
-                r["optimizer_state_bytes"] or 0 for r in record.memory["ranks"]
-            )
+            if ranks.shards:  # the whole optimizer state: every rank's shard (replicas each hold all of it)
+                record.memory["optimizer_state_bytes"] = sum(
+                    r["optimizer_state_bytes"] or 0 for r in record.memory["ranks"]
+                )
             if record.train is not None:  # the GPU that runs out first: the largest rank's peak
                 record.train["peak_memory_bytes"] = max(r["train_peak_memory_bytes"] for r in record.memory["ranks"])
+        if evaluates:  # a data-parallel replica other than the first is done: its model is the first's
+            with meter.phase(Phase.QUANTIZE if method.quantize_phase == "finalize" else Phase.FINALIZE):
+                model = method.finalize(model, context)
+        if ranks is None or not ranks.shards:
+            record.method = method.describe(model, trainable_params)
         record.memory.update({key: record.method.get(key) for key in MEMORY_PARTS})
-        record.eval = evaluate(plan, model, tokenizer, meter, first)
-        if plan.measures_fidelity:
+        if evaluates:
+            record.eval = evaluate(plan, model, tokenizer, meter, first)
+        if plan.measures_fidelity and evaluates:
             with meter.phase(Phase.EVAL_FIDELITY):
                 compared = fidelity_against(model, references, windows, batch_size=cfg.eval.batch_size)
                 # the stored reference's size on disk: what keeping the base's log-probabilities costs
@@ -424,7 +435,7 @@ def execute(plan: RunPlan) -> dict:
                     "vs_base": compared["base"],
                     "reference_bytes": references["base"].meta["bytes"],
                 }
-        if plan.exports.formats:
+        if plan.exports.formats and evaluates:
             with meter.phase(Phase.EXPORT):
                 record.exports = run_exports(plan, model, tokenizer, windows, references["base"])
         record.status = Status.OK
@@ -437,7 +448,7 @@ def execute(plan: RunPlan) -> dict:
     record.phases = meter.as_dict()
     record.finished_at = now_iso()
     if ranks is not None:
-        record.env["distributed"] = {"strategy": "fsdp", "world_size": ranks.world, "backend": ranks.backend}
+        record.env["distributed"] = {"strategy": strategy, "world_size": ranks.world, "backend": ranks.backend}
         ranks.stop()
     if not first:
         return record.as_json()
@@ -497,14 +508,14 @@ def run_training(plan: RunPlan, model, tokenizer, logger, ranks: Ranks | None = 
 
 def training_checkpoint(plan: RunPlan) -> Path:
     """Where the run's training state lives until its ok record is written (see ``execute``): one file, or
-    for a sharded run a folder of every rank's shards (experiments/sharded_checkpoint.py)."""
-    name = "train_state.sharded" if plan.train_settings.strategy == "fsdp" else "train_state.pt"
+    for a run of several processes a folder of every rank's part (experiments/sharded_checkpoint.py)."""
+    name = "train_state.sharded" if plan.train_settings.strategy in MULTI_PROCESS else "train_state.pt"
     return Path(plan.cfg.checkpoint_dir) / plan.run_id / name
 
 
 def remove_training_checkpoint(plan: RunPlan) -> None:
     path = training_checkpoint(plan)
-    if plan.train_settings.strategy == "fsdp":
+    if plan.train_settings.strategy in MULTI_PROCESS:
         remove_checkpoint(path)
     else:
         path.unlink(missing_ok=True)
@@ -524,7 +535,7 @@ def _flat_metrics(record: dict) -> dict:
     }
 
 
-def execute_sharded(plan: RunPlan) -> dict:
+def execute_ranks(plan: RunPlan) -> dict:
     """Run ``plan`` as ``train.nproc`` processes (experiments/distributed.py) and return the record rank 0
     wrote; if the processes ended without one, a failed record saying so."""
     code = launch(plan.train_settings.nproc, list(HydraConfig.get().overrides.task), plan.output_dir)
@@ -536,7 +547,7 @@ def execute_sharded(plan: RunPlan) -> dict:
         status=Status.FAILED,
         error={
             "type": "RanksExited",
-            "message": f"the sharded run's processes exited with code {code}",
+            "message": f"the run's processes exited with code {code}",
             "traceback": None,
         },
         finished_at=now_iso(),
@@ -562,10 +573,10 @@ def skip_or_set_aside(plan: RunPlan) -> dict | None:
 
 
 def run_as_slurm_task(plan: RunPlan) -> dict:
-    """One rank of a sharded run whose Slurm job has one task per rank (``launcher=slurm``): rank 0 does
+    """One rank of a run whose Slurm job has one task per rank (``launcher=slurm``): rank 0 does
     what the launching process does under torchrun (skip or set aside an old record, point the sweep at
     the new one), every rank executes. What rank 0 returns is what the sweep reads."""
-    ranks = Ranks.start(plan.device)
+    ranks = Ranks.start(plan.device, plan.train_settings.strategy)
     skipped = ranks.broadcast(skip_or_set_aside(plan) if ranks.is_first else None)
     if skipped is not None:
         ranks.stop()
@@ -600,10 +611,10 @@ def main(cfg: DictConfig) -> dict:
         # In a sweep one mis-specified job must not stop the others: the summary lists it.
         write_pointer(Path(HydraConfig.get().runtime.output_dir), None, None, error=str(error))
         return {"status": "invalid", "error": str(error)}  # not a record: the sweep summary's word
-    sharded = plan.train_settings.strategy == "fsdp"
-    if sharded and slurm_tasks() > 1:  # one task of a Slurm job of one task per rank
+    several = plan.train_settings.strategy in MULTI_PROCESS
+    if several and slurm_tasks() > 1:  # one task of a Slurm job of one task per rank
         return run_as_slurm_task(plan)
-    if sharded and inside_ranks():  # one of the processes ``launch`` started: execute, the launcher reports
+    if several and inside_ranks():  # one of the processes ``launch`` started: execute, the launcher reports
         record = execute(plan)
         if record["status"] != Status.OK:
             sys.exit(1)  # torchrun then stops the other ranks, which may wait in a collective
@@ -611,7 +622,7 @@ def main(cfg: DictConfig) -> dict:
     skipped = skip_or_set_aside(plan)
     if skipped is not None:
         return skipped
-    record = execute_sharded(plan) if sharded else execute(plan)
+    record = execute_ranks(plan) if several else execute(plan)
     write_pointer(plan.output_dir, plan.run_id, plan.record_path)
     if not _is_multirun():
         print("\n" + format_table([record]))

@@ -3,7 +3,8 @@
 The trained parameters and the optimizer state of an FSDP-sharded model (Zhao et al. 2023,
 "PyTorch FSDP") are saved with PyTorch Distributed Checkpoint (``torch.distributed.checkpoint``,
 DCP): every rank writes the shards it holds, in parallel, and a checkpoint written by N
-ranks loads into any number of ranks (DCP reshards on load). The frozen base is not saved: a
+ranks loads into any number of ranks (DCP reshards on load). Data-parallel replicas (DDP)
+use the same code: DCP writes a tensor that every rank holds whole once. The frozen base is not saved: a
 restarted run loads and quantizes it again, as the first start did, so a checkpoint costs the
 size of the adapters and their optimizer state, not of the model.
 

@@ -60,7 +60,8 @@ class TrainSettings:
     measure_after_steps: int = 2
     checkpoint_every: int = 0
     log_every: int = 1
-    # single: one process; fsdp: nproc processes sharding the model (experiments/distributed.py)
+    # single: one process; fsdp: nproc processes sharding the model; ddp: nproc whole replicas
+    # (experiments/distributed.py)
     strategy: str = "single"
     nproc: int = 1
 
@@ -91,13 +92,15 @@ class TrainSettings:
         self._check_strategy()
 
     def _check_strategy(self):
-        from experiments.distributed import STRATEGIES
+        from experiments.distributed import MULTI_PROCESS, STRATEGIES
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"train.strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.nproc < 1 or (self.strategy == "single" and self.nproc != 1):
-            raise ConfigError(f"train.nproc={self.nproc}: one process for train.strategy=single, 1 or more for fsdp")
-        if self.strategy != "fsdp":
+            raise ConfigError(
+                f"train.nproc={self.nproc}: one process for train.strategy=single, 1 or more for fsdp and ddp"
+            )
+        if self.strategy not in MULTI_PROCESS:
             return
         if self.batch_size % self.nproc:
             raise ConfigError(
@@ -105,8 +108,8 @@ class TrainSettings:
                 "evenly over the processes"
             )
         if self.compile:
-            raise ConfigError("train.strategy=fsdp does not compile yet: use train.compile=false")
-        if self.optimizer != "adamw_torch":
+            raise ConfigError(f"train.strategy={self.strategy} does not compile yet: use train.compile=false")
+        if self.strategy == "fsdp" and self.optimizer != "adamw_torch":
             raise ConfigError(
                 f"train.optimizer={self.optimizer} with train.strategy=fsdp: bitsandbytes' optimizers update whole "
                 "tensors, not FSDP's sharded (DTensor) parameters; use train.optimizer=adamw_torch (its state is "
@@ -216,7 +219,7 @@ def checkpoint_exists(path: Path, ranks=None) -> bool:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult, scaler=None, ranks=None):
-    """The training state at ``path``: one file, or with ``ranks`` a folder of every rank's shards
+    """The training state at ``path``: one file, or with ``ranks`` a folder of every rank's part
     (experiments/sharded_checkpoint.py); either is replaced whole or not at all."""
     if ranks is not None:
         save_sharded(path, ranks, model, optimizer, _progress(scheduler, result, scaler))
@@ -234,7 +237,9 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, ranks=None) -> TrainResult:
     if ranks is not None:
-        return _restore_progress(load_sharded(path, ranks, model, optimizer), scheduler, scaler)
+        progress = load_sharded(path, ranks, model, optimizer)
+        repage_optimizer_state(optimizer)
+        return _restore_progress(progress, scheduler, scaler)
     state = torch.load(path, map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -313,7 +318,7 @@ def train(
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` for ``settings.max_steps`` optimizer steps; with
     ``ranks`` (experiments.distributed.Ranks), this process's rows of each global micro-batch of a
-    model FSDP shards, so that N ranks train as one process with the same batch."""
+    model FSDP shards or DDP replicates, so that N ranks train as one process with the same batch."""
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -321,6 +326,8 @@ def train(
     # Compiled: one static graph per bucketed width (see bucket_width), so the measured steps
     # never recompile; a step that meets a new width is timed as compile time instead.
     forward = torch.compile(model, dynamic=False) if settings.compile else model
+    if ranks is not None and not ranks.shards:
+        forward = ranks.replicate(model)  # data-parallel: the backward averages the ranks' gradients
     compiled_widths: set[int] = set()
     optimizer = make_optimizer(settings, params)
     scheduler = make_scheduler(settings, optimizer)

@@ -1,4 +1,4 @@
-"""Sharded training (train.strategy=fsdp, experiments/distributed.py): real processes, gloo on CPU."""
+"""Runs of several processes (train.strategy=fsdp|ddp, experiments/distributed.py): real processes, gloo on CPU."""
 
 import json
 import os
@@ -13,7 +13,8 @@ import torch
 
 from tests.conftest import REPO, compose_config, run_cli
 
-COMMON = ("model=llama_synthetic", "train.max_steps=4", "train.batch_size=4", "method.lora.r=4", "threads=1")
+BASE = ("model=llama_synthetic", "train.max_steps=4", "train.batch_size=4", "threads=1")
+COMMON = (*BASE, "method.lora.r=4")
 # float32 compute, so that the sharded and the single-process run round alike
 METHODS = {
     "lora_fp32": ("method=lora_bf16", "method.base=fp32"),
@@ -62,6 +63,37 @@ def test_two_sharded_processes_train_as_one_and_hold_half_the_model_each(method,
     assert sharded["train"]["peak_memory_bytes"] == max(r["train_peak_memory_bytes"] for r in ranks)
 
 
+# methods FSDP does not shard: data-parallel replicas train them
+REPLICATED = {
+    "qalora_int4": ("method=qalora", "method.compute_dtype=float32", "method.lora.r=4"),
+    "prefix_fp32": ("method=prefix_bf16", "method.base=fp32"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", REPLICATED)
+def test_two_data_parallel_processes_train_as_one_each_holding_the_whole_model(method, tmp_path):
+    runs = {}
+    for name, extra in (("single", ()), ("ddp", ("train.strategy=ddp", "train.nproc=2"))):
+        done = run_cli(
+            *BASE,
+            *REPLICATED[method],
+            *extra,
+            f"results_dir={tmp_path / name}",
+            f"hydra.run.dir={tmp_path / (name + '_run')}",
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = _record(tmp_path / name)
+    single, replicated = runs["single"], runs["ddp"]
+    assert replicated["status"] == "ok" and replicated["env"]["distributed"]["strategy"] == "ddp"
+    assert replicated["train"]["losses"] == pytest.approx(single["train"]["losses"], rel=1e-4)
+    assert replicated["train"]["tokens"] == single["train"]["tokens"]
+    for rank in replicated["memory"]["ranks"]:  # a whole model and optimizer state on each
+        assert rank["trainable_bytes"] == 4 * single["method"]["trainable_params"]  # fp32 adapters
+        assert rank["optimizer_state_bytes"] == single["memory"]["optimizer_state_bytes"]
+    assert replicated["memory"]["optimizer_state_bytes"] == single["memory"]["optimizer_state_bytes"]
+
+
 def _sharded_prediction(method: str, shards: int) -> dict:
     from hydra.utils import instantiate
 
@@ -108,15 +140,20 @@ def _saved_step(folder) -> int | None:
 
 
 @pytest.mark.slow
-def test_a_sharded_run_killed_mid_training_resumes_from_its_checkpoint_to_the_same_losses(tmp_path):
-    """Two ranks (QLoRA NF4, LoRA dropout on) killed after a sharded checkpoint; the same command again
+@pytest.mark.parametrize(
+    "strategy,method", [("fsdp", (*METHODS["qlora_nf4"], "method.lora.r=4")), ("ddp", REPLICATED["qalora_int4"])]
+)
+def test_a_run_of_two_processes_killed_mid_training_resumes_from_its_checkpoint_to_the_same_losses(
+    strategy, method, tmp_path
+):
+    """Two ranks (LoRA dropout on) killed after a checkpoint of every rank's part; the same command again
     resumes from it and trains to the very losses of a run that was never interrupted."""
     steps = 30
     args = (
-        *COMMON,
-        *METHODS["qlora_nf4"],
+        *BASE,
+        *method,
         f"train.max_steps={steps}",
-        "train.strategy=fsdp",
+        f"train.strategy={strategy}",
         "train.nproc=2",
         "train.checkpoint_every=3",
     )
@@ -217,3 +254,32 @@ def test_the_sharded_path_trains_on_a_gpu_over_nccl_and_checkpoints(method, tmp_
     assert sharded["train"]["losses"] == pytest.approx(runs["single"]["train"]["losses"], rel=1e-3)
     [rank] = sharded["memory"]["ranks"]
     assert rank["load_peak_memory_bytes"] > 0 and rank["train_peak_memory_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_a_data_parallel_run_evaluates_and_exports_on_its_first_rank(tmp_path):
+    """DDP replicas each hold the trained model: rank 0 alone evaluates it and writes its exports."""
+    done = run_cli(
+        "model=smollm2_135m",
+        "method=lora_bf16",
+        "method.base=fp32",
+        "method.lora.r=4",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "threads=1",
+        "eval.limit_per_subject=1",
+        "eval.subjects=[anatomy]",
+        "eval.perplexity.max_tokens=256",
+        "export.formats=[merged_16bit]",
+        "train.strategy=ddp",
+        "train.nproc=2",
+        f"results_dir={tmp_path / 'records'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = _record(tmp_path / "records")
+    assert record["status"] == "ok" and record["env"]["distributed"]["world_size"] == 2
+    assert record["eval"]["mmlu"]["n_questions"] == 1 and record["eval"]["perplexity"]["perplexity"] > 1
+    merged = record["exports"]["merged_16bit"]
+    assert merged["perplexity"] == pytest.approx(record["eval"]["perplexity"]["perplexity"], rel=0.05)
+    assert len((tmp_path / "run" / "mmlu_predictions.jsonl").read_text().splitlines()) == 1

@@ -9,7 +9,7 @@ it was killed). This subclass, used by ``launcher=slurm``, catches that per job,
 run wrote one itself, and lets the sweep summary list it with the others. A re-run of the
 sweep redoes only runs without an ok record, so it redoes that one.
 
-It also gives a sharded run (``train.strategy=fsdp train.nproc=N``) a job of N tasks, one
+It also gives a run of N processes (``train.strategy=fsdp|ddp train.nproc=N``) a job of N tasks, one
 per rank (experiments/distributed.py makes each task a rank from Slurm's environment): jobs
 are submitted as one job array per number of tasks.
 
@@ -56,13 +56,15 @@ class RecordingSlurmLauncher(SlurmLauncher):
             submitit.AutoExecutor = stock
 
     def tasks_per_node(self, overrides: list[str], job_num: int) -> int:
-        """One Slurm task per process of a sharded run (``train.strategy=fsdp``: ``train.nproc`` over the
-        job's ``nodes``), each with the launcher's ``gpus_per_task``; one task for any other run."""
+        """One Slurm task per process of a run of several (``train.strategy=fsdp`` or ``ddp``: ``train.nproc``
+        over the job's ``nodes``), each with the launcher's ``gpus_per_task``; one task for any other run."""
         try:
             train = self.job_config(overrides, job_num).train
         except Exception:  # noqa: BLE001 - a broken config: the job says what is wrong with it
             return 1
-        if train.get("strategy") != "fsdp":
+        from experiments.distributed import MULTI_PROCESS
+
+        if train.get("strategy") not in MULTI_PROCESS:
             return 1
         return max(1, int(train.nproc) // int(self.params.get("nodes") or 1))
 
