@@ -184,7 +184,7 @@ class Method:
         raise ConfigError(
             f"method {self.name} cannot train sharded (train.strategy=fsdp): FSDP shards LoRA, DoRA and LoftQ "
             "on a 16-bit or bitsandbytes 4-bit base; QA-LoRA's and RTN's INT-k layers, GPTQModel's kernels, "
-            "LLM.int8 and the prompt adapters are not wired for it"
+            "LLM.int8 and the prompt adapters are not wired for it; train.strategy=ddp trains it on whole replicas"
         )
 
     # Whether ``load_base`` and ``add_adapters`` can build the model on the meta device (its structure,
