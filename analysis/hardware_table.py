@@ -97,7 +97,8 @@ def table_rows() -> list[dict]:
                     )
             for gpus in FSDP_GPUS:
                 per_gpu = predict(shape, spec, replace(SETTINGS["b1 s512"], batch=gpus, shards=gpus))
-                row[f"fsdp_x{gpus}_gb"] = per_gpu["peak_device_bytes"] / GB if method in SHARDABLE else "—"
+                needed = max(per_gpu["peak_device_bytes"], per_gpu["load_device_bytes"])  # training or loading
+                row[f"fsdp_x{gpus}_gb"] = needed / GB if method in SHARDABLE else "—"
             row["published"] = published(method, size)
             rows.append(row)
     return rows
@@ -226,15 +227,19 @@ def notes(rows: list[dict]) -> str:
 - **FSDP across N GPUs** (per GPU, batch 1 x 512 on each, the rest as above): each GPU holds
   1/N of the weights, adapters, gradients and optimizer state, bitsandbytes' 4-bit constants
   whole (they stay on the module, outside the parameters FSDP shards), its own activations, and
-  two decoder blocks gathered whole (the one computing and the one FSDP prefetches). The
+  two decoder blocks gathered whole (the one computing and the one FSDP prefetches). A column is
+  the larger of that training peak and what a GPU holds while the model loads: a 16-bit base is
+  filled from the first rank's host memory shard by shard, but a bitsandbytes base is quantized
+  whole on every GPU before FSDP shards it, so QLoRA never needs less than its whole 4-bit model
+  per GPU (Llama-2-70B NF4: {by[("70B", "qlora_nf4")]["fsdp_x8_gb"]:.1f} GB on any number of GPUs). The
   16-bit LoRA baseline of 65B, {peak("65B", "lora_bf16"):.0f} GB on one GPU, needs
   {" / ".join(f"{by[('65B', 'lora_bf16')][f'fsdp_x{n}_gb']:.0f}" for n in FSDP_GPUS)} GB per GPU on
   {" / ".join(map(str, FSDP_GPUS))} GPUs. Answer.AI's FSDP+QLoRA announcement (2024) fine-tuned a 70B
-  model on {ANSWER_AI_70B_GPUS} GPUs of {ANSWER_AI_GPU_GB} GB; we predict
-  {by[("70B", "qlora_nf4")]["fsdp_x2_gb"]:.1f} GB per GPU for Llama-2-70B NF4 on 2 GPUs with r=64
-  adapters on every layer (their setup may also offload to CPU memory, which this prediction does
-  not model). The sharded prediction is checked against the per-rank tensor bytes of a 2-process
-  CPU run (tests/test_fsdp.py).
+  model on {ANSWER_AI_70B_GPUS} GPUs of {ANSWER_AI_GPU_GB} GB: they load and quantize layer by layer
+  (and may offload to CPU memory), which this harness does not, so its
+  {by[("70B", "qlora_nf4")]["fsdp_x2_gb"]:.1f} GB per GPU for Llama-2-70B NF4 on 2 GPUs does not fit
+  theirs. The sharded training prediction is checked against the per-rank tensor bytes of a
+  2-process CPU run (tests/test_fsdp.py).
 - **GPTQ INT4 inference**: 4 + 16/128 (fp16 scale) + 4/128 (packed zero) bits per weight
   plus an int32 g_idx per input channel; the issue gives no published figure to compare with.
   Llama-2-70B's grouped-query attention (8 KV heads) makes its KV cache 8x smaller than

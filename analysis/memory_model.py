@@ -372,7 +372,19 @@ def predict(shape: ModelShape, method: MethodSpec, train: TrainShape | None = No
         # paged optimizer state lives in CUDA unified memory: on the GPU while it fits,
         # invisible to torch.cuda.max_memory_allocated
         "peak_device_bytes": peak_allocated + optimizer["optimizer_paged_bytes"],
+        "load_device_bytes": load_device_bytes(shape, method, whole, mine, train.shards),
     }
+
+
+def load_device_bytes(shape: ModelShape, method: MethodSpec, whole: dict, mine: dict, shards: int) -> int:
+    """What one GPU holds while the model loads (experiments/run.py). Sharded, a 16-bit base is built on
+    the meta device and each rank receives its shards from rank 0's host copy one tensor at a time: its
+    shards and the largest tensor whole (an embedding). A bitsandbytes base quantizes as it loads, so
+    every rank holds the whole quantized base and its adapters until FSDP shards them."""
+    if shards == 1 or method.weight_format not in ("bf16", "fp16", "fp32"):
+        return whole["weight_bytes"] + whole["adapter_bytes"]
+    largest = shape.vocab * shape.hidden * method.compute_bytes
+    return mine["weight_bytes"] + mine["adapter_bytes"] + largest
 
 
 def predict_named(model: str, method: str, train: TrainShape | None = None, rank: int | None = None) -> dict:
@@ -400,6 +412,8 @@ def format_prediction(prediction: dict) -> str:
             f"  {'+ paged optimizer state':<24}{prediction['optimizer_paged_bytes'] / GiB:>10.3f} GiB"
             " (unified memory, not in max_memory_allocated)"
         )
+    if prediction["shards"] > 1:
+        rows.append(f"  {'while loading':<24}{prediction['load_device_bytes'] / GiB:>10.3f} GiB")
     return "\n".join(r for r in rows if r)
 
 

@@ -174,3 +174,18 @@ def test_cli_prints_every_part(capsys):
     ):
         assert part in out
     assert main(["--model", "no_such_model", "--method", "qlora_nf4"]) == 2
+
+
+def test_sharded_loading_needs_the_whole_4bit_base_per_gpu_but_only_shards_of_a_16bit_one():
+    """What experiments/run.py does when a sharded run loads: a bitsandbytes base is quantized whole on
+    every GPU before FSDP shards it; a 16-bit base arrives from rank 0's host memory shard by shard."""
+    from analysis.memory_model import TrainShape, predict_named
+
+    for method in ("qlora_nf4", "qlora_nf4_dq"):
+        one = predict_named("llama2_70b", method)
+        eight = predict_named("llama2_70b", method, TrainShape(8, 512, "paged_adamw_32bit", True, shards=8))
+        whole = one["weights"]["weight_bytes"] + one["weights"]["adapter_bytes"]
+        assert eight["load_device_bytes"] == whole > eight["peak_device_bytes"]  # loading is the peak
+    one = predict_named("llama_65b", "lora_bf16")
+    four = predict_named("llama_65b", "lora_bf16", TrainShape(4, 512, "paged_adamw_32bit", True, shards=4))
+    assert four["load_device_bytes"] < four["peak_device_bytes"] < one["weights"]["weight_bytes"] / 3
