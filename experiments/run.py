@@ -547,7 +547,8 @@ def execute_ranks(plan: RunPlan) -> dict:
         status=Status.FAILED,
         error={
             "type": "RanksExited",
-            "message": f"the run's processes exited with code {code}",
+            "message": f"the run's processes exited with code {code} before rank 0 wrote a record; "
+            f"every rank's log is in {plan.output_dir}",
             "traceback": None,
         },
         finished_at=now_iso(),

@@ -2,11 +2,11 @@
 
 The trained parameters and the optimizer state of an FSDP-sharded model (Zhao et al. 2023,
 "PyTorch FSDP") are saved with PyTorch Distributed Checkpoint (``torch.distributed.checkpoint``,
-DCP): every rank writes the shards it holds, in parallel, and a checkpoint written by N
-ranks loads into any number of ranks (DCP reshards on load). Data-parallel replicas (DDP)
-use the same code: DCP writes a tensor that every rank holds whole once. The frozen base is not saved: a
-restarted run loads and quantizes it again, as the first start did, so a checkpoint costs the
-size of the adapters and their optimizer state, not of the model.
+DCP): every rank writes the shards it holds, in parallel. (DCP could load them into another
+number of ranks; here the process count is part of a run's id, so a restart has the same.)
+Data-parallel replicas (DDP) use the same code: DCP writes a tensor every rank holds whole once.
+The frozen base is not saved: a restarted run loads and quantizes it again, as the first start
+did, so a checkpoint costs the size of the adapters and their optimizer state, not of the model.
 
 What DCP leaves to its caller, done here: the step's other state (learning-rate schedule,
 gradient scaler, losses so far) and each rank's RNG state, in ``progress.pt`` beside the
@@ -100,9 +100,8 @@ def load_sharded(path: Path, ranks, model, optimizer) -> dict:
         dcp.load(state, checkpoint_id=folder)  # into the tensors of ``state``: the parameters themselves
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     progress = torch.load(folder / PROGRESS_FILE, map_location="cpu", weights_only=False)
-    rng = progress.pop("rng")
-    if ranks.rank < len(rng):  # a run resumed on more ranks than it saved: the new ranks keep their seed
-        torch.set_rng_state(rng[ranks.rank]["cpu"])
-        if rng[ranks.rank]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng[ranks.rank]["cuda"])
+    mine = progress.pop("rng")[ranks.rank]
+    torch.set_rng_state(mine["cpu"])
+    if mine["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
     return progress
