@@ -30,20 +30,21 @@ def _record(folder):
     return json.loads(path.read_text())
 
 
+def _run(tmp_path, name: str, *args: str) -> dict:
+    """``python -m experiments.run *args`` with its records in ``tmp_path/name`` and its run folder in
+    ``tmp_path/name_run``; the one record it wrote."""
+    done = run_cli(*args, f"results_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / (name + '_run')}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _record(tmp_path / name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_two_sharded_processes_train_as_one_and_hold_half_the_model_each(method, tmp_path):
-    runs = {}
-    for name, extra in (("single", ()), ("fsdp", ("train.strategy=fsdp", "train.nproc=2"))):
-        done = run_cli(
-            *COMMON,
-            *METHODS[method],
-            *extra,
-            f"results_dir={tmp_path / name}",
-            f"hydra.run.dir={tmp_path / (name + '_run')}",
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = _record(tmp_path / name)  # one record per run, sharded or not
+    runs = {  # one record per run, sharded or not
+        name: _run(tmp_path, name, *COMMON, *METHODS[method], *extra)
+        for name, extra in (("single", ()), ("fsdp", ("train.strategy=fsdp", "train.nproc=2")))
+    }
     single, sharded = runs["single"], runs["fsdp"]
     assert sharded["status"] == "ok" and sharded["env"]["distributed"]["world_size"] == 2
     assert sharded["train"]["losses"] == pytest.approx(single["train"]["losses"], rel=1e-4)
@@ -73,17 +74,10 @@ REPLICATED = {
 @pytest.mark.slow
 @pytest.mark.parametrize("method", REPLICATED)
 def test_two_data_parallel_processes_train_as_one_each_holding_the_whole_model(method, tmp_path):
-    runs = {}
-    for name, extra in (("single", ()), ("ddp", ("train.strategy=ddp", "train.nproc=2"))):
-        done = run_cli(
-            *BASE,
-            *REPLICATED[method],
-            *extra,
-            f"results_dir={tmp_path / name}",
-            f"hydra.run.dir={tmp_path / (name + '_run')}",
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = _record(tmp_path / name)
+    runs = {
+        name: _run(tmp_path, name, *BASE, *REPLICATED[method], *extra)
+        for name, extra in (("single", ()), ("ddp", ("train.strategy=ddp", "train.nproc=2")))
+    }
     single, replicated = runs["single"], runs["ddp"]
     assert replicated["status"] == "ok" and replicated["env"]["distributed"]["strategy"] == "ddp"
     assert replicated["train"]["losses"] == pytest.approx(single["train"]["losses"], rel=1e-4)
@@ -157,9 +151,7 @@ def test_a_run_of_two_processes_killed_mid_training_resumes_from_its_checkpoint_
         "train.nproc=2",
         "train.checkpoint_every=3",
     )
-    whole = run_cli(*args, f"results_dir={tmp_path / 'whole'}", f"hydra.run.dir={tmp_path / 'whole_run'}")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    uninterrupted = _record(tmp_path / "whole")
+    uninterrupted = _run(tmp_path, "whole", *args)
 
     cut = (*args, f"results_dir={tmp_path / 'cut'}", f"hydra.run.dir={tmp_path / 'cut_run'}")
     process = subprocess.Popen(
@@ -210,11 +202,8 @@ def test_a_real_checkpoint_sharded_from_the_first_rank_scores_as_one_process(tmp
     )
     runs, predictions = {}, {}
     for name, extra in (("single", ()), ("fsdp", ("train.strategy=fsdp", "train.nproc=2"))):
-        run_dir = tmp_path / (name + "_run")
-        done = run_cli(*common, *extra, f"results_dir={tmp_path / name}", f"hydra.run.dir={run_dir}")
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = _record(tmp_path / name)
-        lines = (run_dir / "mmlu_predictions.jsonl").read_text().splitlines()
+        runs[name] = _run(tmp_path, name, *common, *extra)
+        lines = (tmp_path / (name + "_run") / "mmlu_predictions.jsonl").read_text().splitlines()
         predictions[name] = [json.loads(line)["pred"] for line in lines]
     single, sharded = runs["single"], runs["fsdp"]
     assert sharded["train"]["losses"] == pytest.approx(single["train"]["losses"], rel=1e-5)
@@ -236,19 +225,10 @@ def test_a_real_checkpoint_sharded_from_the_first_rank_scores_as_one_process(tmp
 def test_the_sharded_path_trains_on_a_gpu_over_nccl_and_checkpoints(method, tmp_path):
     """One GPU, one rank: the CUDA side of the sharded path (NCCL, the rank's device, a bf16 base built
     on meta and filled from rank 0's host copy, bitsandbytes' 4-bit storage, sharded checkpoints)."""
-    runs = {}
-    for name, extra in (("single", ()), ("fsdp", ("train.strategy=fsdp", "train.nproc=1"))):
-        done = run_cli(
-            *COMMON,
-            f"method={method}",
-            "device=cuda",
-            "train.checkpoint_every=2",
-            *extra,
-            f"results_dir={tmp_path / name}",
-            f"hydra.run.dir={tmp_path / (name + '_run')}",
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = _record(tmp_path / name)
+    runs = {
+        name: _run(tmp_path, name, *COMMON, f"method={method}", "device=cuda", "train.checkpoint_every=2", *extra)
+        for name, extra in (("single", ()), ("fsdp", ("train.strategy=fsdp", "train.nproc=1")))
+    }
     sharded = runs["fsdp"]
     assert sharded["status"] == "ok" and sharded["env"]["distributed"]["backend"] == "nccl"
     assert sharded["train"]["losses"] == pytest.approx(runs["single"]["train"]["losses"], rel=1e-3)
@@ -259,7 +239,9 @@ def test_the_sharded_path_trains_on_a_gpu_over_nccl_and_checkpoints(method, tmp_
 @pytest.mark.slow
 def test_a_data_parallel_run_evaluates_and_exports_on_its_first_rank(tmp_path):
     """DDP replicas each hold the trained model: rank 0 alone evaluates it and writes its exports."""
-    done = run_cli(
+    record = _run(
+        tmp_path,
+        "ddp",
         "model=smollm2_135m",
         "method=lora_bf16",
         "method.base=fp32",
@@ -273,13 +255,9 @@ def test_a_data_parallel_run_evaluates_and_exports_on_its_first_rank(tmp_path):
         "export.formats=[merged_16bit]",
         "train.strategy=ddp",
         "train.nproc=2",
-        f"results_dir={tmp_path / 'records'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = _record(tmp_path / "records")
     assert record["status"] == "ok" and record["env"]["distributed"]["world_size"] == 2
     assert record["eval"]["mmlu"]["n_questions"] == 1 and record["eval"]["perplexity"]["perplexity"] > 1
     merged = record["exports"]["merged_16bit"]
     assert merged["perplexity"] == pytest.approx(record["eval"]["perplexity"]["perplexity"], rel=0.05)
-    assert len((tmp_path / "run" / "mmlu_predictions.jsonl").read_text().splitlines()) == 1
+    assert len((tmp_path / "ddp_run" / "mmlu_predictions.jsonl").read_text().splitlines()) == 1
