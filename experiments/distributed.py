@@ -173,7 +173,7 @@ class Ranks:
 
     def loss_weight(self, local_batch: dict[str, torch.Tensor]) -> float:
         """N x this rank's share of the global micro-batch's target tokens: the factor that turns this
-        rank's mean loss into its part of the global mean, once FSDP has averaged the gradients."""
+        rank's mean loss into its part of the global mean, once FSDP or DDP has averaged the gradients."""
         local = int((local_batch["labels"][:, 1:] != -100).sum())
         return self.world * local / max(self.sum(local), 1.0)
 

@@ -477,9 +477,10 @@ def lost_job_record(cfg: DictConfig, run_id: str, state: str, message: str, job_
 
 
 def rank_memory(ranks: Ranks, model, meter: PhaseMeter, optimizer_state_bytes: int | None) -> list[dict]:
-    """Each rank's share of the sharded model, of the optimizer state, and its loading and training peaks, in
-    rank order (called in every rank). A base that builds on meta is whole only in rank 0's host memory
-    while it loads; any other is whole on every rank's device until it is sharded."""
+    """Each rank's part of the model (a shard under FSDP, the whole under DDP), of the optimizer state, and
+    its loading and training peaks, in rank order (called in every rank). Sharded, a base that builds on
+    meta is whole only in rank 0's host memory while it loads; any other is whole on every rank's device
+    until it is sharded."""
     train = meter.phases.get(Phase.TRAIN)
     load = meter.phases.get(Phase.LOAD) or meter.phases.get(Phase.QUANTIZE)
     mine = {

@@ -1,4 +1,4 @@
-"""A sharded run's training checkpoint: each rank writes its own shards, and a restarted run resumes.
+"""The training checkpoint of a run of several processes: each rank writes its part, a restart resumes.
 
 The trained parameters and the optimizer state of an FSDP-sharded model (Zhao et al. 2023,
 "PyTorch FSDP") are saved with PyTorch Distributed Checkpoint (``torch.distributed.checkpoint``,

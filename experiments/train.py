@@ -353,7 +353,7 @@ def train(
                 batch = pad_to_width(batch, bucket_width(batch["input_ids"].shape[1], settings.max_seq_len))
                 compiles |= batch["input_ids"].shape[1] not in compiled_widths
                 compiled_widths.add(batch["input_ids"].shape[1])
-            step_tokens += int(batch["attention_mask"].sum())  # of the global batch, under FSDP too
+            step_tokens += int(batch["attention_mask"].sum())  # of the global batch, on every rank
             weight = 1.0
             if ranks is not None:
                 batch = ranks.rows(batch)

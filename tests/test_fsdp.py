@@ -15,6 +15,16 @@ from tests.conftest import REPO, compose_config, run_cli
 
 BASE = ("model=llama_synthetic", "train.max_steps=4", "train.batch_size=4", "threads=1")
 COMMON = (*BASE, "method.lora.r=4")
+# LoRA on the bundled SmolLM2 stored in float32, 2 steps: a real checkpoint, quickly
+SMOLLM2 = (
+    "model=smollm2_135m",
+    "method=lora_bf16",
+    "method.base=fp32",
+    "method.lora.r=4",
+    "train.max_steps=2",
+    "train.batch_size=2",
+    "threads=1",
+)
 # float32 compute, so that the sharded and the single-process run round alike
 METHODS = {
     "lora_fp32": ("method=lora_bf16", "method.base=fp32"),
@@ -189,13 +199,7 @@ def test_a_real_checkpoint_sharded_from_the_first_rank_scores_as_one_process(tmp
     other rank builds it weightless and receives its shards; the sharded run trains and scores as one
     process does, MMLU predictions and perplexity included."""
     common = (
-        "model=smollm2_135m",
-        "method=lora_bf16",
-        "method.base=fp32",
-        "method.lora.r=4",
-        "train.max_steps=2",
-        "train.batch_size=2",
-        "threads=1",
+        *SMOLLM2,
         "eval.limit_per_subject=3",
         "eval.subjects=[anatomy,astronomy]",
         "eval.perplexity.max_tokens=512",
@@ -242,13 +246,7 @@ def test_a_data_parallel_run_evaluates_and_exports_on_its_first_rank(tmp_path):
     record = _run(
         tmp_path,
         "ddp",
-        "model=smollm2_135m",
-        "method=lora_bf16",
-        "method.base=fp32",
-        "method.lora.r=4",
-        "train.max_steps=2",
-        "train.batch_size=2",
-        "threads=1",
+        *SMOLLM2,
         "eval.limit_per_subject=1",
         "eval.subjects=[anatomy]",
         "eval.perplexity.max_tokens=256",
