@@ -14,7 +14,8 @@ into the harness:
   (``python -m torch.distributed.run --standalone``); the first process waits for them and
   reads the record rank 0 wrote. Under ``launcher=slurm`` the job has one task per process
   instead (hydra_plugins/qpeft_slurm), and ``join_slurm_tasks`` makes each task a rank.
-- ``Ranks``: inside a rank, the process group (gloo on CPU, NCCL on CUDA), the rows of each
+- ``Ranks``: inside a rank, the process group (gloo on CPU; on CUDA NCCL for the rank's GPU tensors and
+  gloo beside it for host tensors), the rows of each
   global micro-batch this rank trains on, and the token weighting that makes the sharded
   gradient the single-process one: each rank's mean loss is weighted by its share of the
   batch's target tokens (FSDP and DDP average gradients over ranks), so N ranks with batch B
@@ -34,6 +35,7 @@ import torch
 from core.errors import ConfigError
 
 STRATEGIES = ("single", "fsdp", "ddp")
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"
 MULTI_PROCESS = ("fsdp", "ddp")
 
 
@@ -94,6 +96,7 @@ class Ranks:
     world: int
     backend: str
     strategy: str  # one of MULTI_PROCESS
+    device: torch.device  # the rank's own: every tensor a collective gets lives here (NCCL has no CPU side)
 
     @classmethod
     def start(cls, device: torch.device, strategy: str) -> Ranks:
@@ -102,8 +105,10 @@ class Ranks:
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), dist.get_backend(), strategy)
+            # On GPUs NCCL carries the model's tensors; gloo beside it serves any host tensor that
+            # torch.distributed's helpers (object collectives, checkpoint planning) hand over.
+            dist.init_process_group(CUDA_BACKEND if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), dist.get_backend(), strategy, device)
 
     @property
     def is_first(self) -> bool:
@@ -154,7 +159,7 @@ class Ranks:
             for name, buffer in model.named_buffers():  # incl. those outside the state dict (RoPE frequencies)
                 if first is not None:
                     buffer.copy_(first.buffers[name])
-                dist.broadcast(buffer, src=0)
+                dist.broadcast(self.on_device(buffer), src=0)
         # every rank draws on as rank 0 does after initialising the adapters for real
         rng = self.broadcast(first.rng if first is not None else None)
         torch.set_rng_state(rng)
@@ -164,11 +169,22 @@ class Ranks:
         """This rank's rows of a global micro-batch (rank, rank + N, ...)."""
         return {key: value[self.rank :: self.world] for key, value in batch.items()}
 
+    def on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, checked to live on the rank's device before a collective gets it: NCCL has no CPU
+        backend, and a host tensor there fails at the first step with a message naming neither."""
+        if tensor.device.type != self.device.type:
+            raise RuntimeError(
+                f"a collective got a tensor on {tensor.device}, this rank computes on {self.device}: "
+                "every tensor a collective touches must live on the rank's device"
+            )
+        return tensor
+
     def sum(self, value: float | int) -> float:
+        """``value`` summed over the ranks (float64, on the rank's device)."""
         import torch.distributed as dist
 
-        tensor = torch.tensor(float(value), dtype=torch.float64)
-        dist.all_reduce(tensor)
+        tensor = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        dist.all_reduce(self.on_device(tensor))
         return tensor.item()
 
     def loss_weight(self, local_batch: dict[str, torch.Tensor]) -> float:

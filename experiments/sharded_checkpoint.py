@@ -92,14 +92,16 @@ def load_sharded(path: Path, ranks, model, optimizer) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    folder = complete_checkpoint(path)
-    if folder is None:
+    # rank 0 picks the folder for all: ranks may see a shared file system differently
+    found = ranks.broadcast(str(complete_checkpoint(path) or "") if ranks.is_first else None)
+    if not found:
         raise FileNotFoundError(f"no complete sharded checkpoint at {path}")
+    folder = Path(found)
     state = {"trained": _trained(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     with torch.no_grad():
         dcp.load(state, checkpoint_id=folder)  # into the tensors of ``state``: the parameters themselves
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    progress = torch.load(folder / PROGRESS_FILE, map_location="cpu", weights_only=False)
+    progress = torch.load(folder / PROGRESS_FILE, map_location="cpu", weights_only=True)  # tensors, plain data
     mine = progress.pop("rng")[ranks.rank]
     torch.set_rng_state(mine["cpu"])
     if mine["cuda"] is not None and torch.cuda.is_available():

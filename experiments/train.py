@@ -240,7 +240,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, ranks=
         progress = load_sharded(path, ranks, model, optimizer)
         repage_optimizer_state(optimizer)
         return _restore_progress(progress, scheduler, scaler)
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -337,7 +337,10 @@ def train(
     fp16 = model_compute_dtype(model) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     result, saved_step = TrainResult(), None
-    if checkpoint_path is not None and checkpoint_exists(checkpoint_path, ranks):
+    resume = checkpoint_path is not None and checkpoint_exists(checkpoint_path, ranks)
+    if ranks is not None:  # rank 0 decides for all: ranks may see a shared file system differently
+        resume = ranks.broadcast(resume)
+    if resume:
         result = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, ranks)
         saved_step = result.steps
 

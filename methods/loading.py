@@ -18,6 +18,8 @@ def load_pretrained(model_spec: ModelSpec, device: torch.device, dtype: torch.dt
         from methods.random_base import build_random_base
 
         model = build_random_base(model_spec.random_shape, device, dtype, quantization_config)
+    elif device.type == "meta":
+        model = build_weightless(model_spec.path, dtype)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -33,6 +35,19 @@ def load_pretrained(model_spec: ModelSpec, device: torch.device, dtype: torch.dt
     if quantization_config is not None:
         keep_bnb_4bit_layout(model)
     return model
+
+
+def build_weightless(path, dtype: torch.dtype):
+    """The checkpoint's model on the meta device: its structure and dtypes, no weights read or allocated (the
+    ranks of a sharded run other than the first, which receive their shards from it).
+
+    Built from the config rather than by ``from_pretrained(device_map=meta)``: from transformers 5.25 on,
+    that path kernelizes the model, and the ``kernels`` package refuses the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
 
 
 def keep_bnb_4bit_layout(model: torch.nn.Module) -> None:

@@ -223,6 +223,36 @@ def test_a_real_checkpoint_sharded_from_the_first_rank_scores_as_one_process(tmp
         assert rank["load_peak_memory_bytes"] > 0
 
 
+class _Collective(Exception):
+    """Raised by a stand-in collective once it has seen its tensor."""
+
+
+def test_every_tensor_a_collective_gets_lives_on_the_ranks_device(monkeypatch):
+    """NCCL has no CPU backend: a host tensor in a collective crashes a GPU run at its first step, while
+    gloo on CPU takes it. A rank computing on another device (meta here, as cuda on a GPU) shows it on CPU."""
+    import torch.distributed as dist
+
+    from experiments.distributed import Ranks
+
+    seen = []
+
+    def collective(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise _Collective
+
+    monkeypatch.setattr(dist, "all_reduce", collective)
+    monkeypatch.setattr(dist, "broadcast", collective)
+    ranks = Ranks(rank=0, world=2, backend="fake", strategy="fsdp", device=torch.device("meta"))
+    labels = torch.tensor([[1, 2, -100], [3, 4, 5]])  # the batch itself stays where the data loader put it
+    with pytest.raises(_Collective):
+        ranks.loss_weight({"labels": labels})  # on every micro-batch
+    with pytest.raises(_Collective):
+        ranks.sum(1.5)  # each step's loss
+    assert seen == [torch.device("meta")] * 2
+    with pytest.raises(RuntimeError, match="a collective got a tensor on cpu, this rank computes on meta"):
+        ranks.on_device(torch.zeros(1))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["lora_bf16", "qlora_nf4"])
@@ -234,7 +264,7 @@ def test_the_sharded_path_trains_on_a_gpu_over_nccl_and_checkpoints(method, tmp_
         for name, extra in (("single", ()), ("fsdp", ("train.strategy=fsdp", "train.nproc=1")))
     }
     sharded = runs["fsdp"]
-    assert sharded["status"] == "ok" and sharded["env"]["distributed"]["backend"] == "nccl"
+    assert sharded["status"] == "ok" and "cuda:nccl" in sharded["env"]["distributed"]["backend"]
     assert sharded["train"]["losses"] == pytest.approx(runs["single"]["train"]["losses"], rel=1e-3)
     [rank] = sharded["memory"]["ranks"]
     assert rank["load_peak_memory_bytes"] > 0 and rank["train_peak_memory_bytes"] > 0
