@@ -37,10 +37,31 @@ def test_gpu_check_dry_run_passes_and_writes_its_figures(tmp_path):
     assert all(r["status"] == "ok" for r in report["runs"])
     assert report["harness_over_reference"] > 0
     assert (out / "tiny_b4_s64_r8.md").exists()
+    presets = json.loads((out / "presets" / "presets.json").read_text())  # through the real CLI
+    assert [(r["method"], r["status"]) for r in presets["presets"]] == [("lora_bf16", "ok"), ("prefix_bf16", "ok")]
+    lora, prefix = presets["presets"]
+    assert lora["export"] == "merged_16bit" and lora["export_status"] == "ok" and prefix["export"] is None
+    assert all(r["kl_mean_vs_base"] is not None and r["mmlu_n"] == 2 for r in presets["presets"])
+    strategies = {r["strategy"]: r for r in presets["strategies"]}
+    assert set(strategies) == {"fsdp", "ddp"}  # one rank each, against the single process's losses
+    assert all(r["status"] == "ok" and r["losses_max_rel_diff_vs_single"] < 1e-3 for r in strategies.values())
+    assert not list((out / "presets").glob("multirun_*/*/exports"))  # scored, then not kept
 
 
 def test_gpu_check_rejects_an_unknown_argument():
     done = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--fast"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
-    assert done.returncode == 2 and "valid: --dry-run, --out DIR" in done.stderr
+    assert done.returncode == 2 and "valid: --dry-run, --out DIR, --only STEPS" in done.stderr
+
+
+def test_gpu_check_rejects_an_unknown_step_before_any_work(tmp_path):
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--only", "tests,nccl", "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "unknown step nccl in --only (valid: tests, presets, suite, bench)" in done.stderr
+    assert not (tmp_path / "out").exists()
