@@ -141,10 +141,12 @@ def bundled_smollm2_checkpoint() -> Path:
 
     def convert(scratch: Path) -> Path:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+        from transformers import AutoTokenizer, GgufConfig
+
+        from methods.loading import causal_lm
 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = causal_lm(
             str(gguf.parent),
             gguf_file=gguf.name,
             dtype=torch.float32,

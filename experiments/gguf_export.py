@@ -185,10 +185,10 @@ def write_gguf(state: dict[str, torch.Tensor], config, tokenizer, path: Path, gg
 def load_gguf(path: Path, device: torch.device, dtype: torch.dtype):
     """Read a GGUF file back with transformers' GGUF loader (dequantized to ``dtype``): a reader
     independent of the writer above."""
-    from transformers import AutoModelForCausalLM
+    from methods.loading import causal_lm
 
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model = causal_lm(str(path.parent), gguf_file=path.name, dtype=dtype)
     model.requires_grad_(False)
     return model.to(device).eval()
 

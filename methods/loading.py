@@ -8,6 +8,19 @@ from core.model_spec import ModelSpec
 from methods.settings import LoraSettings
 
 
+def causal_lm(path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` with the Hub's kernels off: every load in the
+    harness goes through here.
+
+    From transformers 5.25 on, ``from_pretrained`` kernelizes by default: it swaps layers (rotary
+    embedding, norms) for kernels fetched from the Hub. On an offline GPU node that fails every load
+    ("not available in the local cache and Hugging Face Hub is in offline mode", seen on an H200), and
+    online the figures would depend on which kernels the Hub served that day."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
+
+
 def load_pretrained(model_spec: ModelSpec, device: torch.device, dtype: torch.dtype, quantization_config=None):
     """Load a checkpoint the same way for every method, frozen, on ``device``.
 
@@ -21,9 +34,7 @@ def load_pretrained(model_spec: ModelSpec, device: torch.device, dtype: torch.dt
     elif device.type == "meta":
         model = build_weightless(model_spec.path, dtype)
     else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(
+        model = causal_lm(
             model_spec.path,
             dtype=dtype,
             quantization_config=quantization_config,

@@ -26,6 +26,7 @@ import torch
 
 from methods.gptq import dense_gptq_weight
 from methods.int_quant import GroupQuantLinear
+from methods.loading import causal_lm
 from methods.qalora import QALoRALinear
 from methods.storage import int8_row_scales, is_gptq_layer
 
@@ -138,9 +139,9 @@ def load_merged_weights(model, state: dict[str, torch.Tensor]) -> None:
 
 def write_merged(state: dict[str, torch.Tensor], spec, dtype: torch.dtype, folder: Path):
     """The merged model as a plain checkpoint with its tokenizer, as GPTQModel loads it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    plain = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype)
+    plain = causal_lm(spec.path, dtype=dtype)
     load_merged_weights(plain, state)
     plain.save_pretrained(folder)
     AutoTokenizer.from_pretrained(spec.tokenizer_path).save_pretrained(folder)

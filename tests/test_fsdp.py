@@ -255,15 +255,16 @@ def test_every_tensor_a_collective_gets_lives_on_the_ranks_device(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("method", ["lora_bf16", "qlora_nf4"])
-def test_the_sharded_path_trains_on_a_gpu_over_nccl_and_checkpoints(method, tmp_path):
-    """One GPU, one rank: the CUDA side of the sharded path (NCCL, the rank's device, a bf16 base built
-    on meta and filled from rank 0's host copy, bitsandbytes' 4-bit storage, sharded checkpoints)."""
+@pytest.mark.parametrize("method, strategy", [("lora_bf16", "fsdp"), ("qlora_nf4", "fsdp"), ("qalora", "ddp")])
+def test_the_multi_process_path_trains_on_a_gpu_over_nccl_and_checkpoints(method, strategy, tmp_path):
+    """One GPU, one rank: the CUDA side of the sharded and replicated paths (NCCL, the rank's device, a bf16
+    base built on meta and filled from rank 0's host copy, bitsandbytes' 4-bit storage, DDP over QA-LoRA's
+    INT4 layers, checkpoints of every rank)."""
     runs = {
         name: _run(tmp_path, name, *COMMON, f"method={method}", "device=cuda", "train.checkpoint_every=2", *extra)
-        for name, extra in (("single", ()), ("fsdp", ("train.strategy=fsdp", "train.nproc=1")))
+        for name, extra in (("single", ()), (strategy, (f"train.strategy={strategy}", "train.nproc=1")))
     }
-    sharded = runs["fsdp"]
+    sharded = runs[strategy]
     assert sharded["status"] == "ok" and "cuda:nccl" in sharded["env"]["distributed"]["backend"]
     assert sharded["train"]["losses"] == pytest.approx(runs["single"]["train"]["losses"], rel=1e-3)
     [rank] = sharded["memory"]["ranks"]
