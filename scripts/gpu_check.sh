@@ -88,13 +88,15 @@ from experiments.assets import MMLU_JSONL, SMOLLM2_GGUF
 
 folder = cache_dir() / "assets"
 folder.mkdir(parents=True, exist_ok=True)
-for asset in (SMOLLM2_GGUF, MMLU_JSONL):
+missing = []
+for asset in (SMOLLM2_GGUF, MMLU_JSONL):  # each on its own: a call may carry one and not the other
     target = folder / asset.filename
     if target.exists():
         continue
     parts = sorted(Path(".gpu_assets").glob(f"*/{asset.filename}.*"), key=lambda p: p.name)
     if not parts:
-        raise SystemExit(f"{asset.filename}: no part in .gpu_assets/")
+        missing.append(asset.filename)
+        continue
     scratch = target.with_name(target.name + ".partial")
     if parts[0].name.endswith(".gz"):
         with gzip.open(parts[0]) as source, open(scratch, "wb") as out:
@@ -110,9 +112,12 @@ for asset in (SMOLLM2_GGUF, MMLU_JSONL):
     digest = hashlib.sha256(scratch.read_bytes()).hexdigest()
     if digest != asset.sha256:
         scratch.unlink()
-        raise SystemExit(f"{asset.filename}: sha256 {digest}, expected {asset.sha256}")
+        missing.append(f"{asset.filename} (sha256 {digest}, expected {asset.sha256})")
+        continue
     scratch.rename(target)
     print(f"{target}: {target.stat().st_size} bytes")
+if missing:
+    raise SystemExit(f"not in .gpu_assets/: {', '.join(missing)}")
 PY
 fi
 
