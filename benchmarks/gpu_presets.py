@@ -115,8 +115,8 @@ def preset_row(name: str, record: dict | None, reason: str | None) -> dict:
     }
 
 
-def max_relative_difference(a: list[float], b: list[float]) -> float | None:
-    if not a or len(a) != len(b):
+def max_relative_difference(a: list[float] | None, b: list[float] | None) -> float | None:
+    if not a or not b or len(a) != len(b):
         return None
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     strategies = []
     if not args.no_strategies:
         for name, strategy in STRATEGY_RUNS:
-            single = records.get(name)
-            if name not in runnable or single is None:
+            if name not in runnable:
                 continue
+            single = records.get(name) or {}  # compared with where it trained; run either way
             folder = out / f"records_{strategy}"
             run_args = [*common, f"method={name}", f"results_dir={folder}", f"train.strategy={strategy}"]
             run_args += ["train.nproc=1", "train.checkpoint_every=4", f"hydra.run.dir={out / ('run_' + strategy)}"]
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     "exit": code,
                     "status": record["status"] if record else "no record",
                     "backend": _get(record, "env", "distributed", "backend") if record else None,
-                    "losses_max_rel_diff_vs_single": max_relative_difference(losses, single["train"]["losses"]),
+                    "losses_max_rel_diff_vs_single": max_relative_difference(losses, _get(single, "train", "losses")),
                     "perplexity": _get(record, "eval", "perplexity", "perplexity") if record else None,
                     "single_perplexity": _get(single, "eval", "perplexity", "perplexity"),
                     "wall_s": round(seconds, 1),

@@ -169,8 +169,9 @@ if wants suite; then
     elif [ "$(remaining)" -lt 60 ]; then
         log "skipping the suite: ${SECONDS}s used of a ${BUDGET_S}s budget"
     else
-        # SIGINT when the budget runs out: pytest stops and still prints its summary of what ran.
-        step "suite" pytest_suite.log timeout -s INT "$(($(remaining) - 20))" "$PY" -m pytest -q -p no:cacheprovider \
+        # SIGINT when the budget runs out: pytest stops (under xdist its summary may be lost, so -v names
+        # each test's outcome as it ends).
+        step "suite" pytest_suite.log timeout -s INT "$(($(remaining) - 20))" "$PY" -m pytest -v -p no:cacheprovider \
             -m "not cuda" -n 8 $(printf -- '--ignore=tests/%s.py ' "${SUITE_IGNORE[@]}")
     fi
 fi
