@@ -175,21 +175,47 @@ class LlamaAdapter(Adapter):
         return {"llama_adapter": dict(self.options)}
 
 
-def _cast_input_to_weight_dtype(module, args):
-    return (args[0].to(module.weight.dtype), *args[1:])
+class _CastTo(torch.nn.Module):
+    """A parametrization: the trained float32 tensor, read in the dtype the model computes in."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype)
+
+
+def _cast_input_to(dtype: torch.dtype):
+    def hook(module, args):
+        return (args[0].to(dtype), *args[1:])
+
+    return hook
 
 
 def _train_prompts_in_fp32(model) -> None:
-    """Keep LLaMA-Adapter's prompts in float32, as peft keeps LoRA's adapters: peft makes them in the
-    base's 16-bit dtype, where AdamW's small steps round away (bf16) or overflow (fp16, loss nan).
-    The projections that read a prompt get it cast to their dtype (a no-op for the hidden states),
-    so their outputs, and the zero-initialised gate, stay in the compute dtype."""
-    from peft.tuners.adaption_prompt.layer import AdaptedAttention
+    """Train LLaMA-Adapter's prompts and gates in float32, as peft keeps LoRA's adapters: peft makes them in
+    the base's 16-bit dtype, where AdamW's small steps round away (bf16), overflow (fp16, loss nan) or
+    cannot be unscaled (``GradScaler`` refuses fp16 gradients).
 
+    On a base of floating-point layers each is read in the dtype the model computes in (bf16, fp16, or
+    float32 over bf16-stored weights on CPUs without native bf16): the projections that read a prompt get
+    it cast to that dtype, and the gate is a float32 parameter read through a cast (a parametrization),
+    so the adapter's keys, values and scores meet the model's queries in one dtype. bitsandbytes layers
+    cast their inputs themselves, and there peft already keeps the gate in float32."""
+    from peft.tuners.adaption_prompt.layer import AdaptedAttention
+    from torch.nn.utils import parametrize
+
+    from methods.upcast import model_compute_dtype
+
+    compute_dtype = model_compute_dtype(model.get_base_model())
     for module in model.modules():
         if not isinstance(module, AdaptedAttention):
             continue
         module.adaption_prompt.data = module.adaption_prompt.data.float()
+        if not module.model.k_proj.weight.is_floating_point():
+            continue
+        module.adaption_gate.data = module.adaption_gate.data.float()
+        parametrize.register_parametrization(module, "adaption_gate", _CastTo(compute_dtype), unsafe=True)
         for projection in (module.model.k_proj, module.model.v_proj):
-            if projection.weight.is_floating_point():  # bitsandbytes layers cast their inputs themselves
-                projection.register_forward_pre_hook(_cast_input_to_weight_dtype)
+            projection.register_forward_pre_hook(_cast_input_to(compute_dtype))

@@ -55,6 +55,41 @@ def test_every_valid_pair_loads_trains_merges_and_describes(base, adapter, tiny_
         assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
+# The two ways a CPU computes a bfloat16 base: natively (AVX-512 BF16, AMX), or in float32 over the
+# bf16-stored weights (compute_dtype: auto on AVX2-only CPUs): both run here, whatever this CPU is.
+BF16_COMPUTE_PATHS = ("bfloat16", "float32")
+
+
+@pytest.mark.parametrize("compute_dtype", BF16_COMPUTE_PATHS)
+@pytest.mark.parametrize("adapter", [adapter for base, adapter in valid_pairs() if base == "bf16"])
+def test_every_adapter_on_a_bf16_base_trains_in_both_compute_paths(adapter, compute_dtype, tiny_spec, cpu):
+    method = build("bf16", adapter, compute_dtype=compute_dtype, **TINY)
+    torch.manual_seed(0)
+    model = method.add_adapters(method.load_base(tiny_spec, LoadContext(cpu, model_spec=tiny_spec)))
+    if method.trainable:
+        losses = train_losses(model, steps=4)
+        assert losses[-1] < losses[0], losses
+        # trained in float32 whatever the base stores, as peft keeps LoRA's adapters
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    if compute_dtype == "float32":  # the residual stream and logits in float32, as on an AVX2-only CPU
+        assert model(input_ids=torch.randint(0, 256, (1, 8))).logits.dtype == torch.float32
+
+
+def test_llama_adapter_on_an_fp16_base_trains_under_loss_scaling(tiny_spec, cpu):
+    """GradScaler unscales float32 gradients only: peft made LLaMA-Adapter's gate float16 on an fp16 base."""
+    method = build("fp16", "llama_adapter", **TINY)
+    torch.manual_seed(0)
+    model = method.add_adapters(method.load_base(tiny_spec, LoadContext(cpu, model_spec=tiny_spec)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    batch = torch.randint(0, 256, (2, 16))
+    scaler.scale(model(input_ids=batch, labels=batch).loss).backward()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainable)
+
+
 def test_presets_are_points_on_the_axes_and_names_follow_the_axes():
     for name in METHOD_CONFIGS:
         method = compose_config(f"method={name}").method

@@ -20,15 +20,29 @@ TINY_OVERRIDES = {
 SUBJECTS = ("anatomy", "astronomy")
 
 
+def _compute_paths(name: str) -> list[tuple[str, str | None]]:
+    """A preset with ``compute_dtype: auto`` takes one of two paths by CPU: bfloat16 where the CPU computes it
+    natively, float32 (over bf16-stored weights, or as 4-bit layers' compute dtype) on AVX2-only CPUs.
+    Both run here, whatever this CPU is; a preset that fixes its dtype runs as it is."""
+    if compose_config(f"method={name}").method.get("compute_dtype") != "auto":
+        return [(name, None)]
+    return [(name, "bfloat16"), (name, "float32")]
+
+
+PRESET_PATHS = [path for name in METHOD_CONFIGS for path in _compute_paths(name)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", METHOD_CONFIGS)
+@pytest.mark.parametrize("name, compute_dtype", PRESET_PATHS, ids=lambda value: str(value))
 def test_every_method_config_runs_through_training_finalize_and_evaluation(
-    name, tiny_checkpoint_with_bundled_vocab, tmp_path
+    name, compute_dtype, tiny_checkpoint_with_bundled_vocab, tmp_path
 ):
     if "gptq" in name:
         pytest.importorskip("gptqmodel", reason="GPTQ methods need the [gptq] extra")
     method_cfg = compose_config(f"method={name}").method
     tiny = [override for key, extra in TINY_OVERRIDES.items() if key in method_cfg for override in extra]
+    if compute_dtype is not None:
+        tiny.append(f"method.compute_dtype={compute_dtype}")
     done = run_cli(
         f"method={name}",
         *tiny,
@@ -51,6 +65,8 @@ def test_every_method_config_runs_through_training_finalize_and_evaluation(
     record = json.loads(path.read_text())
     assert record["status"] == "ok", record["error"]
     assert record["method"]["name"] == name and record["method"]["family"]
+    if compute_dtype is not None:
+        assert record["method"]["compute_dtype"] == compute_dtype
     assert record["eval"]["mmlu"]["n_questions"] == len(SUBJECTS)
     assert torch.isfinite(torch.tensor(record["eval"]["perplexity"]["perplexity"]))
     if compose_config(f"method={name}").method.get("adapter", "lora") != "none":
