@@ -143,20 +143,28 @@ NOT_COMPARED_KEYS = ("seed", "experiment_name", "device", "model.name_or_path")
 SAMPLED_CHUNKS = 32
 CHUNK_BYTES = 1 << 16
 
+# Every library whose version can change a recorded figure (kernels, tokenization, quantization, the
+# exports' writers and readers), and those that run the sweep.
 PACKAGES = (
     "torch",
     "transformers",
+    "tokenizers",
+    "safetensors",
+    "kernels",
     "peft",
     "bitsandbytes",
     "accelerate",
-    "hydra-core",
-    "lm-eval",
     "gptqmodel",
+    "optimum",
+    "torchao",
+    "gguf",
+    "lm-eval",
     "datasets",
-    "wandb",
-    "submitit",
     "numpy",
     "pandas",
+    "hydra-core",
+    "submitit",
+    "wandb",
 )
 
 

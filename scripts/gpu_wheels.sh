@@ -22,20 +22,26 @@ if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 PIP_ARGS=(-q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
     --platform manylinux2014_x86_64)
-# CI's versions of what can change a figure (transformers, peft, accelerate, bitsandbytes), and what
-# those versions need newer than the GPU image holds (transformers 5.25 needs huggingface_hub 2.4,
-# which imports httpx2; tokenizers, safetensors, regex, kernels).
-WHEELS=(
-    bitsandbytes==0.50.2 transformers==5.25.0 peft==0.21.2 accelerate==1.16.0
-    huggingface_hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 kernels==0.19.1 regex==2026.11.19
-    httpx2==2.16.2 httpcore2==2.16.2 truststore click==8.5.1 tomlkit==0.15.3
-    gguf==0.19.0 hydra-core==1.3.8 omegaconf==2.3.1 hydra-submitit-launcher==1.2.0 submitit==1.5.4
+# CI's versions (requirements/test.lock) of what can change a figure (transformers, peft, accelerate,
+# bitsandbytes), of what those versions need newer than the GPU image holds (transformers 5.25 needs
+# huggingface_hub 2.4, which imports httpx2; tokenizers, safetensors, regex, kernels), and of what the
+# image lacks (gguf, Hydra, submitit).
+LOCK=requirements/test.lock
+CARRIED=(
+    bitsandbytes transformers peft accelerate huggingface_hub tokenizers safetensors kernels regex
+    httpx2 httpcore2 truststore click tomlkit gguf hydra-core omegaconf hydra-submitit-launcher submitit
 )
+WHEELS=()
+for name in "${CARRIED[@]}"; do
+    pin=$(grep -i -E "^${name//[-_]/[-_]}==" "$LOCK") || { echo "error: $name is not in $LOCK" >&2; exit 1; }
+    WHEELS+=("$pin")
+done
+ANTLR=$(grep -i "^antlr4-python3-runtime==" "$LOCK")
 
 rm -rf .whl && mkdir -p .whl
 "$PY" -m pip download "${PIP_ARGS[@]}" -d .whl "${WHEELS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 # hydra-core needs antlr4-python3-runtime 4.9.*, published as source only: build its pure-Python wheel.
-"$PY" -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -m pip wheel -q --no-deps -w .whl "$ANTLR" 2>&1 | grep -v "^WARNING: Location" || true
 # bitsandbytes' wheel holds kernels for CUDA 11.8 to 13.2, ROCm and XPU (43 MB): keep the CPU library
 # and CUDA 13.0's (the GPU image's torch is a CUDA 13.0 build), drop the rest from the archive and its RECORD.
 "$PY" - <<'PY'

@@ -1,6 +1,10 @@
 """The README's commands are the ones CI runs and the ones the configs support."""
 
+import importlib.metadata
+import os
 import re
+
+import pytest
 
 from tests.conftest import CONF, METHOD_CONFIGS, REPO, train_losses
 
@@ -118,3 +122,34 @@ def test_the_readme_sharded_65b_command_passes_the_checks_a_run_makes_first():
     assert (settings.strategy, settings.nproc, settings.batch_size * settings.grad_accum) == ("fsdp", 4, 64)
     instantiate(cfg.method, _convert_="all").prepare_sharding()  # raises if the method cannot shard
     assert cfg.model.name_or_path == "huggyllama/llama-65b" and cfg.hydra.launcher.gpus_per_task == 1
+
+
+def lock_pins(name: str) -> dict[str, str]:
+    """requirements/<name>: package (normalised) -> exact version."""
+    pins = {}
+    for line in (REPO / "requirements" / name).read_text().splitlines():
+        if line and not line.startswith("#"):
+            package, version = line.split("==")  # exact versions only: a range is no lock
+            pins[re.sub(r"[-_.]+", "-", package).lower()] = version
+    return pins
+
+
+def test_both_readme_commands_install_the_locked_stack():
+    test_command, main_job = readme_commands()
+    assert "pip install -c requirements/test.lock -e '.[test,gptq]'" in test_command
+    assert "pip install -c requirements/cpu.lock -e ." in main_job
+    test_lock, cpu_lock = lock_pins("test.lock"), lock_pins("cpu.lock")
+    assert cpu_lock["torch"] == re.search(r"torch==([\w.+]+)", main_job).group(1)  # the CPU wheel named first
+    for package in ("transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "gguf"):
+        assert cpu_lock[package] == test_lock[package], package  # the main job's figures on the tested stack
+
+
+@pytest.mark.skipif(os.environ.get("QPEFT_UNLOCKED") == "1", reason="scripts/update_lock.sh: the newest stack")
+def test_the_suite_runs_on_the_locked_stack():
+    """What the README's test command installs is what the lock says (a stale lock fails here, not in CI)."""
+    from experiments.record import PACKAGES
+
+    pins = lock_pins("test.lock")
+    installed = {name: importlib.metadata.version(name) for name in PACKAGES if re.sub(r"[-_.]+", "-", name) in pins}
+    expected = {name: pins[re.sub(r"[-_.]+", "-", name)] for name in installed}
+    assert installed == expected
