@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import sys
 from dataclasses import dataclass, replace
@@ -229,16 +230,41 @@ def plan_run(cfg: DictConfig) -> RunPlan:
 
 def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter, first: bool = True) -> dict:
     """MMLU and perplexity; a sharded run's ranks all evaluate (FSDP gathers weights collectively), and
-    only the ``first`` writes the predictions file (a data-parallel run's first rank alone evaluates)."""
+    only the ``first`` writes the predictions file (a data-parallel run's first rank alone evaluates).
+    A run that measures fidelity takes its perplexity from that pass over the same windows instead
+    (``fidelity_and_perplexity``): one pass, one perplexity per record."""
     cfg, results = plan.cfg, {}
     if plan.model_spec.synthetic:
         return results  # random weights: accuracy would mean nothing
     with meter.phase(Phase.EVAL_MMLU):
         predictions = plan.output_dir / "mmlu_predictions.jsonl" if first else None
         results["mmlu"] = score_mmlu(cfg, model, tokenizer, predictions)
-    if cfg.eval.perplexity.enabled:
+    if cfg.eval.perplexity.enabled and not plan.measures_fidelity:
         with meter.phase(Phase.EVAL_PERPLEXITY):
             results["perplexity"] = run_perplexity(cfg, model, tokenizer, plan.model_spec)
+    return results
+
+
+def fidelity_and_perplexity(plan: RunPlan, model, references: dict[str, Reference], windows) -> dict:
+    """KL divergence against the 16-bit base and, where asked for, the perplexity, from one pass of the model
+    over the perplexity windows: ``eval.fidelity`` and ``eval.perplexity`` of the record."""
+    cfg = plan.cfg
+    compared = fidelity_against(model, references, windows, batch_size=cfg.eval.batch_size)["base"]
+    results = {
+        "fidelity": {
+            "vs_base": without_keys(compared, ("perplexity",)),  # the record's one perplexity is eval.perplexity
+            # the stored reference's size on disk: what keeping the base's log-probabilities costs
+            "reference_bytes": references["base"].meta["bytes"],
+        }
+    }
+    if cfg.eval.perplexity.enabled:
+        results["perplexity"] = {
+            "perplexity": compared["perplexity"],
+            "nll": math.log(compared["perplexity"]),
+            "n_tokens": compared["n_positions"],
+            "seq_len": cfg.eval.perplexity.seq_len,
+            "source": cfg.eval.perplexity.source,
+        }
     return results
 
 
@@ -286,6 +312,7 @@ def run_perplexity(cfg, model, tokenizer, spec: ModelSpec) -> dict:
         perplexity_texts(cfg),
         seq_len=ppl_cfg.seq_len,
         max_tokens=ppl_cfg.max_tokens,
+        batch_size=cfg.eval.batch_size,
         vocab_size=spec.vocab_size,
     )
     return {**result, "source": ppl_cfg.source}
@@ -429,12 +456,7 @@ def execute(plan: RunPlan) -> dict:
             record.eval = evaluate(plan, model, tokenizer, meter, first)
         if plan.measures_fidelity and evaluates:
             with meter.phase(Phase.EVAL_FIDELITY):
-                compared = fidelity_against(model, references, windows, batch_size=cfg.eval.batch_size)
-                # the stored reference's size on disk: what keeping the base's log-probabilities costs
-                record.eval["fidelity"] = {
-                    "vs_base": compared["base"],
-                    "reference_bytes": references["base"].meta["bytes"],
-                }
+                record.eval.update(fidelity_and_perplexity(plan, model, references, windows))
         if plan.exports.formats and evaluates:
             with meter.phase(Phase.EXPORT):
                 record.exports = run_exports(plan, model, tokenizer, windows, references["base"])
@@ -574,11 +596,20 @@ def skip_or_set_aside(plan: RunPlan) -> dict | None:
     return None
 
 
+def write_planned_pointer(plan: RunPlan) -> None:
+    """The run's id and record path in its folder before any work, with the compute dtype ``auto`` became:
+    what the Slurm launcher names a lost job's record by (the login node cannot resolve ``auto``)."""
+    resolved = plan.compute_dtype_choice["resolved"] if plan.compute_dtype_choice else None
+    write_pointer(plan.output_dir, plan.run_id, plan.record_path, compute_dtype=resolved)
+
+
 def run_as_slurm_task(plan: RunPlan) -> dict:
     """One rank of a run whose Slurm job has one task per rank (``launcher=slurm``): rank 0 does
     what the launching process does under torchrun (skip or set aside an old record, point the sweep at
     the new one), every rank executes. What rank 0 returns is what the sweep reads."""
     ranks = Ranks.start(plan.device, plan.train_settings.strategy)
+    if ranks.is_first:
+        write_planned_pointer(plan)
     skipped = ranks.broadcast(skip_or_set_aside(plan) if ranks.is_first else None)
     if skipped is not None:
         ranks.stop()
@@ -621,6 +652,7 @@ def main(cfg: DictConfig) -> dict:
         if record["status"] != Status.OK:
             sys.exit(1)  # torchrun then stops the other ranks, which may wait in a collective
         return {"record_path": str(plan.record_path), "status": record["status"]}
+    write_planned_pointer(plan)
     skipped = skip_or_set_aside(plan)
     if skipped is not None:
         return skipped

@@ -273,6 +273,10 @@ def test_every_export_format_runs_end_to_end_and_lands_in_the_record(tiny_checkp
     assert record["status"] == "ok" and record["schema_version"] == 3
     fidelity = record["eval"]["fidelity"]
     assert fidelity["vs_base"]["n_positions"] > 0
+    # one pass over the windows gives the KL and the perplexity: a record holds one perplexity
+    assert "perplexity" not in fidelity["vs_base"] and record["eval"]["perplexity"]["perplexity"] > 1
+    assert record["eval"]["perplexity"]["n_tokens"] == fidelity["vs_base"]["n_positions"]
+    assert "eval_perplexity" not in record["phases"]
     vocab = 49152  # the bundled tokenizer's: 2 bytes per vocabulary entry and position, plus the per-position figures
     assert fidelity["reference_bytes"] >= 2 * vocab * fidelity["vs_base"]["n_positions"]
     exports = record["exports"]

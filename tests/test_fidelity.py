@@ -82,3 +82,36 @@ def test_other_windows_than_the_references_are_refused(models, windows, tmp_path
     save_reference(reference, windows, tmp_path / "ref")
     with pytest.raises(ValueError, match="compare over the windows the reference was made from"):
         fidelity(reference, Reference(tmp_path / "ref"), windows[:-1])
+
+
+def test_the_evaluation_batch_size_changes_no_figure_in_float32(
+    models, windows, tmp_path, tiny_checkpoint_with_bundled_vocab
+):
+    """eval.batch_size is left out of the run id (experiments.record.NOT_RESULT_KEYS): in float32 the
+    batch, and so the padding beside a window or question, moves no recorded figure beyond 1e-5."""
+    from experiments.evaluate import evaluate_mmlu
+    from experiments.models import load_tokenizer
+    from methods.loading import causal_lm
+
+    reference, candidate = models
+    save_reference(reference, windows, tmp_path / "ref")
+    one, many = (fidelity(candidate, Reference(tmp_path / "ref"), windows, batch_size=b) for b in (1, 16))
+    assert len({len(w) for w in windows}) > 1  # windows of several lengths: a batch of them is padded
+    for key in ("kl_mean", "kl_median", "kl_p99", "kl_max", "top_token_agreement", "perplexity"):
+        assert one[key] == pytest.approx(many[key], rel=1e-5, abs=1e-9), key
+    model = causal_lm(tiny_checkpoint_with_bundled_vocab, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(type("Spec", (), {"tokenizer_path": str(tiny_checkpoint_with_bundled_vocab)})())
+    scored = [
+        evaluate_mmlu(
+            model,
+            tokenizer,
+            num_fewshot=1,
+            subjects=["anatomy", "astronomy"],
+            limit_per_subject=3,
+            batch_size=batch,
+            progress=False,
+        )  # fmt: skip
+        for batch in (1, 16)
+    ]
+    for a, b in zip(scored[0]["predictions"], scored[1]["predictions"]):
+        assert a["pred"] == b["pred"] and a["logprobs"] == pytest.approx(b["logprobs"], rel=1e-5, abs=1e-4)
