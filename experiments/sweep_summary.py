@@ -19,11 +19,29 @@ from experiments.summary import format_table
 POINTER_NAME = "run_pointer.json"
 
 
-def write_pointer(output_dir: Path, run_id: str | None, record_path: Path | None, error: str | None = None):
-    """Leave the run's record path (or, for a job whose config was rejected, the error) in its folder."""
+def write_pointer(
+    output_dir: Path,
+    run_id: str | None,
+    record_path: Path | None,
+    error: str | None = None,
+    compute_dtype: str | None = None,
+):
+    """Leave the run's record path (or, for a job whose config was rejected, the error) in its folder. A run
+    leaves it as soon as it is planned too, with the compute dtype ``auto`` resolved to: a Slurm job that
+    dies later gets its lost-job record under the run's own id (hydra_plugins/qpeft_slurm)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     pointer = {"run_id": run_id, "record_path": str(record_path.resolve()) if record_path else None, "error": error}
-    (output_dir / POINTER_NAME).write_text(json.dumps(pointer))
+    if compute_dtype is not None:
+        pointer["compute_dtype"] = compute_dtype
+    scratch = output_dir / (POINTER_NAME + ".partial")
+    scratch.write_text(json.dumps(pointer))
+    scratch.replace(output_dir / POINTER_NAME)  # whole or absent: the launcher may read it after a kill
+
+
+def read_pointer(output_dir: Path) -> dict | None:
+    """The pointer a run left in ``output_dir``, or None."""
+    path = output_dir / POINTER_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_reference(folder: str | None) -> dict[str, dict]:

@@ -293,6 +293,9 @@ def test_a_job_killed_before_its_record_gets_a_failed_record_and_the_sweep_its_s
     assert lost["status"] == "failed" and lost["error"]["type"] == "SlurmJobCancelled"
     assert lost["slurm"]["job_id"] == job_id and "CANCELLED" in lost["error"]["message"]
     assert f"FAILED {lost['run_id']} [failed]: SlurmJobCancelled" in output and "1 ok, 1 failed" in output
+    # under the id the run computed on its node, compute_dtype auto resolved there: a re-run supersedes it
+    assert lost["config"]["method"]["compute_dtype"] in ("bfloat16", "float32")
+    [planned] = [p for p in (tmp_path / "sweep").glob("*/run_pointer.json") if lost["run_id"] in p.read_text()]
 
 
 def test_a_sharded_run_is_one_job_of_two_tasks_and_resumes_from_its_shards_after_preemption(slurm_env, tmp_path):

@@ -92,8 +92,8 @@ class _JobOrLoss:
         from submitit.core.utils import UncompletedJobError
 
         from experiments.record import read_record, write_record
-        from experiments.run import lost_job_record, run_id_of
-        from experiments.sweep_summary import write_pointer
+        from experiments.run import lost_job_record
+        from experiments.sweep_summary import read_pointer, write_pointer
 
         state = (self.job.state or "UNKNOWN").split()[0]  # "CANCELLED by 0" -> CANCELLED
         lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
@@ -108,11 +108,18 @@ class _JobOrLoss:
         task_config = copy.deepcopy(config)
         with open_dict(task_config):
             del task_config["hydra"]
-        try:
-            run_id = run_id_of(task_config)
-        except Exception as resolve_error:  # noqa: BLE001 - the job's config itself is broken: say so
-            write_pointer(output_dir, None, None, error=f"{message}; its config: {resolve_error}")
-            return self._returned(config, task_config, output_dir, {"status": "invalid", "error": message})
+        # The run's own id, which it left on being planned (with compute_dtype auto resolved on its node:
+        # the login node may have another CPU or no GPU). A job that died before its plan has no run id:
+        # no record is written under a guessed one, and the next sweep runs it.
+        planned = read_pointer(output_dir) or {}
+        if not planned.get("run_id"):
+            why = planned.get("error") or "it died before its run was planned, so no record: a sweep re-run runs it"
+            error = f"{message}; {why}"
+            write_pointer(output_dir, None, None, error=error)
+            return self._returned(config, task_config, output_dir, {"status": "invalid", "error": error})
+        run_id = planned["run_id"]
+        if planned.get("compute_dtype") and "compute_dtype" in task_config.method:
+            task_config.method.compute_dtype = planned["compute_dtype"]
         record_path = Path(task_config.results_dir) / f"{run_id}.json"
         written = read_record(record_path) if record_path.exists() else {}
         if not _written_by(written.get("slurm") or {}, str(self.job.job_id)):
