@@ -132,6 +132,10 @@ NOT_RESULT_KEYS = (
     "train.checkpoint_every",
     "train.log_every",
 )
+# Keys added after records were made, at the value that runs exactly as before the key existed: left out
+# of the run id and of a table cell's settings at that value, so that the records made before them keep
+# their id (a new capability at its neutral setting changes no result). Any other value is kept.
+NEUTRAL_DEFAULTS = {"train.strategy": "single", "train.nproc": 1}
 # Left out of what makes two runs one table cell, besides NOT_RESULT_KEYS: the seed (a cell
 # is the mean over seeds), the experiment's name (a label), the device asked for (the device
 # used is in ``env``; a table marks a cell whose runs used different devices) and the model's
@@ -229,11 +233,19 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def result_config(config: dict) -> dict:
+    """What of a resolved ``config`` determines a run's result: without NOT_RESULT_KEYS, and without the
+    NEUTRAL_DEFAULTS keys where they hold their neutral value (the run id hashes this)."""
+    flat = flatten(config)
+    neutral = [key for key, value in NEUTRAL_DEFAULTS.items() if key in flat and flat[key] == value]
+    return without_keys(config, (*NOT_RESULT_KEYS, *neutral))
+
+
 def comparison_settings(config: dict, model_id: str | None) -> dict:
     """Everything in a resolved config that can change a result except the seed, flat
     (dotted keys), with the model named by what was loaded: two runs are seeds of one
     table cell only if these are equal."""
-    settings = flatten(without_keys(config, (*NOT_RESULT_KEYS, *NOT_COMPARED_KEYS)))
+    settings = flatten(without_keys(result_config(config), NOT_COMPARED_KEYS))
     settings["model.id"] = model_id
     return settings
 

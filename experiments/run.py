@@ -58,7 +58,6 @@ from experiments.loggers import NullLogger, make_logger
 from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
 from experiments.record import (
-    NOT_RESULT_KEYS,
     Phase,
     RunRecord,
     Status,
@@ -66,6 +65,7 @@ from experiments.record import (
     model_identity,
     now_iso,
     read_record,
+    result_config,
     reuse_refusal,
     set_aside,
     slurm_info,
@@ -109,8 +109,9 @@ class RunPlan:
 
 def run_id_of(cfg: DictConfig) -> str:
     """A stable id from the resolved config: same config, same id, on any machine. Keys that cannot
-    change a result (experiments.record.NOT_RESULT_KEYS: where, how often, how fast) are left out."""
-    config = without_keys(OmegaConf.to_container(cfg, resolve=True), NOT_RESULT_KEYS)
+    change a result (experiments.record.result_config: where, how often, how fast, and new keys at their
+    neutral value) are left out."""
+    config = result_config(OmegaConf.to_container(cfg, resolve=True))
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.method.name}-{cfg.model.name}-s{cfg.seed}-{digest}"
 

@@ -550,13 +550,13 @@ def test_settings_that_do_not_change_results_do_not_split_a_cell():
 def test_the_table_key_leaves_out_exactly_what_the_run_id_leaves_out_and_the_seed():
     from omegaconf import OmegaConf
 
-    from experiments.record import NOT_RESULT_KEYS, comparison_settings, without_keys
+    from experiments.record import comparison_settings, result_config
     from experiments.run import run_id_of
     from tests.conftest import compose_config
 
     for overrides in ((), ("train.lr=1e-4", "eval.batch_size=2", "train.log_every=7", "train.checkpoint_every=3")):
         cfg = compose_config("method=qlora_nf4", *overrides)
-        kept = without_keys(OmegaConf.to_container(cfg, resolve=True), NOT_RESULT_KEYS)
+        kept = result_config(OmegaConf.to_container(cfg, resolve=True))
         digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
         assert run_id_of(cfg).endswith(digest)  # one definition of "does not change results"
     base = comparison_settings(OmegaConf.to_container(compose_config(), resolve=True), "m")
