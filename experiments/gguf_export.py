@@ -3,12 +3,16 @@
 Written with the ``gguf`` package (llama.cpp's own Python writer): tensor names from its
 ``TensorNameMap``, the query/key rows permuted as llama.cpp's ``convert_hf_to_gguf.py``
 permutes them for the Llama architecture (its rotary embedding pairs dimensions
-differently), the hyper-parameters and the tokenizer (GPT-2 style BPE: tokens, types,
-merges, special ids) as metadata. The blocks' 2-D weights are stored in the chosen type;
-norms stay F32. The output head (and the token embedding when the head is tied to it) is
-kept at 8 bits (Q8_0) for the types below 8 bits: llama.cpp's ``llama-quantize`` gives that
-tensor Q6_K for its legacy 4- and 5-bit types, a K-quant Python cannot write, and Q8_0 is
-the nearest it can; an untied token embedding is stored in the chosen type, as there.
+differently), the hyper-parameters, rope scaling (linear as metadata, Llama 3.1's as the
+``rope_freqs`` factors) and the tokenizer as metadata: a byte-level BPE one as ``gpt2`` with the
+pre-tokenizer llama.cpp must split text with (named as the converter names it, by a hash of one
+check text's ids), a SentencePiece-style one (Llama 2) as ``llama`` pieces with scores and types.
+A tokenizer or rope type llama.cpp would run otherwise is refused before any work.
+The blocks' 2-D weights are stored in the chosen type; norms stay F32. The output head (and
+the token embedding when the head is tied to it) is kept at 8 bits (Q8_0) for the types
+below 8 bits: llama.cpp's ``llama-quantize`` gives that tensor Q6_K for its legacy 4- and
+5-bit types, a K-quant Python cannot write, and Q8_0 is the nearest it can; an untied token
+embedding is stored in the chosen type, as there.
 
 The ``gguf`` package quantizes in Python to the legacy block types only (Q8_0, Q5_1,
 Q5_0, Q4_1, Q4_0: blocks of 32 weights, one fp16 scale and, for the ``_1`` types, one
@@ -95,7 +99,126 @@ def _quantized(array: np.ndarray, gguf_type: str):
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
+# llama.cpp names a byte-level BPE tokenizer's pre-tokenizer (how text is split before merges: digits one
+# by one, or in threes, ...) by the sha256 of the token ids one check text encodes to, as its converter
+# (convert_hf_to_gguf.py, get_vocab_base_pre) does; the ones of the models this suite exports. Without
+# ``tokenizer.ggml.pre`` llama.cpp falls back to its default split and tokenizes text otherwise.
+PRE_TOKENIZER_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3.x
+}
+ROPE_TYPES = ("default", "linear", "llama3")  # those llama.cpp's converter writes for the llama architecture
+
+
+def _tokenizer_json(tokenizer) -> dict:
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        raise ConfigError("GGUF export needs a fast (tokenizer.json) tokenizer; this one has none")
+    return json.loads(backend.to_str())
+
+
+def tokenizer_kind(tokenizer) -> tuple[str, str]:
+    """(llama.cpp's tokenizer model, its pre-tokenizer) for ``tokenizer``: ``("gpt2", <pre>)`` for a byte-level
+    BPE one whose pre-tokenizer llama.cpp knows, ``("llama", "default")`` for a SentencePiece-style one
+    (BPE with byte fallback, as Llama 2's); a ConfigError for any other, before any work."""
+    from hashlib import sha256
+
+    model = _tokenizer_json(tokenizer).get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "llama", "default"
+    if model.get("type") != "BPE":
+        raise ConfigError(
+            f"GGUF export: a {model.get('type')} tokenizer is not supported; valid: byte-level BPE "
+            f"({', '.join(sorted(set(PRE_TOKENIZERS.values())))}) or SentencePiece-style BPE (Llama 2)"
+        )
+    digest = sha256(str(tokenizer.encode(PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
+    if digest not in PRE_TOKENIZERS:
+        raise ConfigError(
+            f"GGUF export: llama.cpp would not split text as this tokenizer does (pre-tokenizer hash "
+            f"{digest[:12]} unknown); valid: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}"
+        )
+    return "gpt2", PRE_TOKENIZERS[digest]
+
+
+def rope_parameters(config) -> dict:
+    """The config's rope scaling as transformers 5 names it (``rope_parameters``; 4.x: ``rope_scaling``)."""
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def check_rope(config) -> str:
+    """The config's rope type, if llama.cpp's converter writes it for the llama architecture; else a ConfigError."""
+    rope = rope_parameters(config)
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"GGUF export: rope type {rope_type!r} is not written here; valid: {', '.join(ROPE_TYPES)}")
+    return rope_type
+
+
+def check_gguf_source(model_path: str, tokenizer_path: str) -> None:
+    """Refuse, before any work, a model whose tokenizer or rope scaling a GGUF file would not carry."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer_kind(AutoTokenizer.from_pretrained(tokenizer_path))
+    check_rope(AutoConfig.from_pretrained(model_path))
+
+
+def llama3_rope_factors(config) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` for Llama 3.1's rope scaling: per rotary pair, how much the scaling divides
+    its frequency (1 for the fast ones, the factor for the slow ones, smoothly between)."""
+    import math
+
+    rope = rope_parameters(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = rope.get("rope_theta") or config.rope_theta
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs:
+        wavelength = 2 * math.pi / freq
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _add_rope_scaling(writer, config) -> None:
+    import gguf
+
+    rope_type = check_rope(config)
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope_parameters(config)["factor"]))
+    elif rope_type == "llama3":  # llama.cpp reads the factors from a tensor, as its converter writes them
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
+
+
 def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    model, pre = tokenizer_kind(tokenizer)
+    if model == "llama":
+        _add_sentencepiece_vocab(writer, tokenizer, vocab_size)
+    else:
+        _add_byte_level_vocab(writer, tokenizer, vocab_size)
+    writer.add_tokenizer_pre(pre)
+    for kind in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(int(token_id))
+
+
+def _add_byte_level_vocab(writer, tokenizer, vocab_size: int) -> None:
     import gguf
 
     tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
@@ -105,18 +228,32 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     writer.add_token_types(
         [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab_size)]
     )
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is not None:
-        import json
+    merges = _tokenizer_json(tokenizer)["model"].get("merges", [])
+    if merges:
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
 
-        model = json.loads(backend.to_str()).get("model", {})
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        if merges:
-            writer.add_token_merges(merges)
-    for kind in ("bos", "eos", "pad", "unk"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(int(token_id))
+
+def _add_sentencepiece_vocab(writer, tokenizer, vocab_size: int) -> None:
+    """A SentencePiece-style vocabulary (pieces, scores, types, byte tokens) as llama.cpp's converter writes
+    it, through gguf's own reader of such a tokenizer.json (``LlamaHfVocab``)."""
+    import tempfile
+
+    import gguf
+    from gguf.vocab import LlamaHfVocab
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        vocab = LlamaHfVocab(Path(folder))
+        tokens, scores, types = zip(*vocab.all_tokens())
+    tokens, scores, types = list(tokens), list(scores), list(types)
+    for i in range(len(tokens), vocab_size):  # the embedding's rows beyond the vocabulary, as the converter pads
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens[:vocab_size])
+    writer.add_token_scores(scores[:vocab_size])
+    writer.add_token_types(types[:vocab_size])
 
 
 @torch.no_grad()
@@ -146,6 +283,7 @@ def write_gguf(state: dict[str, torch.Tensor], config, tokenizer, path: Path, gg
     rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or config.rope_theta
     writer.add_rope_freq_base(float(rope_theta))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    _add_rope_scaling(writer, config)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[gguf_type]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

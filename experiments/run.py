@@ -54,6 +54,7 @@ from experiments.fidelity import (
     stored_reference,
     window_logprobs,
 )
+from experiments.gguf_export import check_gguf_source
 from experiments.loggers import NullLogger, make_logger
 from experiments.measure import PhaseMeter, limit_heap_retention
 from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
@@ -62,6 +63,7 @@ from experiments.record import (
     RunRecord,
     Status,
     environment,
+    folder_digest,
     model_identity,
     now_iso,
     read_record,
@@ -74,7 +76,7 @@ from experiments.record import (
 )
 from experiments.sharded_checkpoint import remove_checkpoint
 from experiments.summary import format_table
-from experiments.sweep_summary import write_pointer
+from experiments.sweep_summary import clear_rank_failures, first_rank_failure, write_pointer, write_rank_failure
 from experiments.train import TrainSettings, train
 from methods.base import LoadContext, Method
 from methods.compose import register_method_name_resolver
@@ -107,13 +109,38 @@ class RunPlan:
         return not self.model_spec.synthetic and bool(self.cfg.eval.fidelity.enabled or self.exports.formats)
 
 
-def run_id_of(cfg: DictConfig) -> str:
+def run_id_of(cfg: DictConfig, content: dict | None = None, device: str | None = None) -> str:
     """A stable id from the resolved config: same config, same id, on any machine. Keys that cannot
     change a result (experiments.record.result_config: where, how often, how fast, and new keys at their
-    neutral value) are left out."""
+    neutral value) are left out. ``content`` (``content_ids``) names by content what the config names by
+    place: a checkpoint folder overwritten, or another MMLU file at the same path, is another run.
+    ``device`` (``device_for_id``) stands for the config's where both name one device."""
     config = result_config(OmegaConf.to_container(cfg, resolve=True))
+    if device is not None:
+        config["device"] = device
+    if content:
+        config["content"] = content
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.method.name}-{cfg.model.name}-s{cfg.seed}-{digest}"
+
+
+def device_for_id(requested: str, device: torch.device) -> str:
+    """``auto`` where the device a run asked for is the one ``auto`` picks on this machine: ``device=cuda`` on
+    a GPU node and ``device=auto`` are one run, not two."""
+    return "auto" if device.type == resolve_device("auto").type else requested
+
+
+def content_ids(cfg: DictConfig, model_spec: ModelSpec) -> dict:
+    """What a run reads from a path its config names, by content: a local (or Hub snapshot) checkpoint
+    folder (``folder_digest``, the snapshot's path naming its revision) and an ``mmlu_file``. The bundled
+    model and MMLU file are pinned by checksum in experiments/assets.py, so they add nothing."""
+    content = {}
+    if cfg.model.kind == "hf":
+        folder = Path(model_spec.path)
+        content["model"] = folder_digest(folder) if folder.is_dir() else str(model_spec.source)
+    if cfg.mmlu_file is not None:
+        content["mmlu_file"] = hashlib.sha256(Path(cfg.mmlu_file).read_bytes()).hexdigest()[:16]
+    return content
 
 
 def slurm_checkpoint_every(max_steps: int) -> int:
@@ -206,13 +233,15 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     shape = model_shape(model_spec.path)
     method.validate(shape)  # e.g. a group size that does not divide a layer's inputs
     exports = check_exports(cfg.export, method, shape, model_spec.synthetic)
+    if any(name.startswith("gguf_") for name in exports.formats):  # what llama.cpp would run otherwise
+        check_gguf_source(model_spec.path, model_spec.tokenizer_path)
     examples = None
     if method.trainable or method.calibration is not None or exports.needs_calibration:
         try:
             examples = load_examples(cfg.data, cfg.mmlu_file)
         except FileNotFoundError as error:
             raise ConfigError(f"training data file missing: {error}") from None
-    run_id = run_id_of(cfg)
+    run_id = run_id_of(cfg, content_ids(cfg, model_spec), device_for_id(cfg.device, device))
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     return RunPlan(
         cfg,
@@ -466,6 +495,11 @@ def execute(plan: RunPlan) -> dict:
         record.fail(Status.OOM, error)
     except Exception as error:  # noqa: BLE001 - a failed run is a result: record it, then report
         record.fail(Status.FAILED, error)
+    if ranks is not None and record.status != Status.OK:
+        if first:  # a peer that failed first is the cause, this rank's error (a broken collective) its echo
+            record.error = named_first_failure(plan, record.error)
+        else:  # said before this rank leaves the group, which its peers then notice
+            write_rank_failure(plan.output_dir, ranks.rank, record.error)
     if record.train is not None:
         record.train["wall_s"] = meter.phases[Phase.TRAIN].wall_s
     record.phases = meter.as_dict()
@@ -565,16 +599,17 @@ def execute_ranks(plan: RunPlan) -> dict:
     code = launch(plan.train_settings.nproc, list(HydraConfig.get().overrides.task), plan.output_dir)
     if plan.record_path.exists():  # an older record was set aside before: this one is theirs
         return read_record(plan.record_path)
+    error = {
+        "type": "RanksExited",
+        "message": f"the run's processes exited with code {code} before rank 0 wrote a record; "
+        f"every rank's log is in {plan.output_dir}",
+        "traceback": None,
+    }
     record = RunRecord(
         plan.run_id,
         OmegaConf.to_container(plan.cfg, resolve=True),
         status=Status.FAILED,
-        error={
-            "type": "RanksExited",
-            "message": f"the run's processes exited with code {code} before rank 0 wrote a record; "
-            f"every rank's log is in {plan.output_dir}",
-            "traceback": None,
-        },
+        error=named_first_failure(plan, error),  # the rank that failed first, when one said why
         finished_at=now_iso(),
     )
     write_record(record, plan.record_path)
@@ -597,11 +632,22 @@ def skip_or_set_aside(plan: RunPlan) -> dict | None:
     return None
 
 
+def named_first_failure(plan: RunPlan, mine: dict) -> dict:
+    """The error a multi-process run's record names: another rank's, when that one failed first."""
+    earlier = first_rank_failure(plan.output_dir)
+    if earlier is None:
+        return mine
+    theirs, then = earlier["error"], f"{mine['type']}: {mine['message']}"
+    message = f"rank {earlier['rank']} failed first: {theirs['type']}: {theirs['message']} (then: {then})"
+    return {**theirs, "message": message}
+
+
 def write_planned_pointer(plan: RunPlan) -> None:
     """The run's id and record path in its folder before any work, with the compute dtype ``auto`` became:
     what the Slurm launcher names a lost job's record by (the login node cannot resolve ``auto``)."""
     resolved = plan.compute_dtype_choice["resolved"] if plan.compute_dtype_choice else None
     write_pointer(plan.output_dir, plan.run_id, plan.record_path, compute_dtype=resolved)
+    clear_rank_failures(plan.output_dir)  # an earlier attempt's (a requeued job's): not this one's cause
 
 
 def run_as_slurm_task(plan: RunPlan) -> dict:
@@ -616,9 +662,19 @@ def run_as_slurm_task(plan: RunPlan) -> dict:
         ranks.stop()
         return skipped
     record = execute(plan)  # the same process group, stopped at its end
+    if record["status"] != Status.OK:
+        # Exit non-zero: Slurm then ends the job's other tasks at once (the launcher's srun has
+        # --kill-on-bad-exit), instead of leaving them in a collective until its timeout. A rank other
+        # than the first has left its error for the record (execute).
+        error = record["error"] or {}
+        raise RankFailed(f"rank {ranks.rank} of {plan.run_id}: {error.get('type')}: {error.get('message')}")
     if ranks.is_first:
         write_pointer(plan.output_dir, plan.run_id, plan.record_path)
     return {"record_path": str(plan.record_path), "status": record["status"]}
+
+
+class RankFailed(RuntimeError):
+    """A rank of a Slurm job of several tasks whose run failed: raised to end the task non-zero."""
 
 
 def _is_multirun() -> bool:

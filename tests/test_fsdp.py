@@ -290,3 +290,35 @@ def test_a_data_parallel_run_evaluates_and_exports_on_its_first_rank(tmp_path):
     merged = record["exports"]["merged_16bit"]
     assert merged["perplexity"] == pytest.approx(record["eval"]["perplexity"]["perplexity"], rel=0.05)
     assert len((tmp_path / "ddp_run" / "mmlu_predictions.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_alone_is_the_failure_the_record_names(tmp_path):
+    """A checkpoint only rank 1 cannot read (its RNG state missing): rank 1 fails, rank 0 waits in its next
+    collective and is stopped; the record names rank 1's error, not the stopped rank's echo of it."""
+    args = (*COMMON, "method=lora_bf16", "method.base=fp32", "train.max_steps=40", "train.strategy=fsdp",
+            "train.nproc=2", "train.checkpoint_every=2", f"results_dir={tmp_path / 'r'}")  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args, f"hydra.run.dir={tmp_path / 'first'}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    checkpoints = tmp_path / "r" / ".checkpoints"
+    deadline = time.monotonic() + 180
+    while not list(checkpoints.glob("*/train_state.sharded/progress.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in _process_tree(process.pid):
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    [progress] = checkpoints.glob("*/train_state.sharded/progress.pt")
+    state = torch.load(progress, weights_only=True)
+    state["rng"] = state["rng"][:1]
+    torch.save(state, progress)
+    started = time.monotonic()
+    again = run_cli(*args, f"hydra.run.dir={tmp_path / 'again'}")
+    assert again.returncode == 1 and time.monotonic() - started < 300
+    record = _record(tmp_path / "r")
+    assert record["status"] == "failed"
+    assert record["error"]["type"] == "IndexError" and "rank 1 failed first" in record["error"]["message"]

@@ -21,3 +21,27 @@ def test_same_predictions_as_lm_eval(smollm2, num_fewshot, limit):
         assert p["logprobs"] == pytest.approx(theirs[p["index"]]["logprobs"], abs=2e-3)
         assert p["pred"] == theirs[p["index"]]["pred"], p["question"]
     assert ours["acc"] == reference["acc"]
+
+
+@pytest.mark.parametrize("num_fewshot", [0, 5])
+def test_a_prefix_tuned_model_scores_as_lm_eval_scores_it(smollm2_spec, num_fewshot):
+    """The evaluator reuses a subject's cached prompt prefix; peft's prefix tuning prepends its virtual tokens
+    as a cache of its own. Scored through both, the questions must keep their context (on transformers below
+    5.24 peft's forward replaced the evaluator's cache, silently)."""
+    import torch
+
+    from experiments.models import load_tokenizer
+    from methods.adapters import PrefixAdapter
+    from methods.loading import load_pretrained
+
+    torch.manual_seed(0)
+    model = PrefixAdapter({"num_virtual_tokens": 8}).add(
+        load_pretrained(smollm2_spec, torch.device("cpu"), torch.float32)
+    )
+    tokenizer = load_tokenizer(smollm2_spec)
+    kwargs = dict(num_fewshot=num_fewshot, subjects=SUBJECTS[:2], limit_per_subject=3, batch_size=8, progress=False)
+    ours = {p["index"]: p for p in evaluate_mmlu(model, tokenizer, **kwargs)["predictions"]}
+    theirs = {p["index"]: p for p in evaluate_mmlu_lm_eval(model, tokenizer, **kwargs)["predictions"]}
+    assert sorted(ours) == sorted(theirs)
+    for index, p in ours.items():
+        assert p["logprobs"] == pytest.approx(theirs[index]["logprobs"], abs=2e-3), p["question"]

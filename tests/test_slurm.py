@@ -340,3 +340,48 @@ def test_a_sharded_run_is_one_job_of_two_tasks_and_resumes_from_its_shards_after
     assert 0 < record["train"]["resumed_from_step"] < 200 and len(record["train"]["losses"]) == 200
     assert [r["rank"] for r in record["memory"]["ranks"]] == [0, 1]
     assert not list(checkpoints.glob("*/train_state.sharded*"))  # removed once the record was written
+
+
+def test_a_rank_that_fails_ends_the_whole_job_and_the_record_names_it(slurm_env, tmp_path):
+    """A checkpoint that only rank 1 cannot read (its RNG state missing): rank 0 resumes and reaches its next
+    collective, where it would wait for its peer until gloo's or NCCL's timeout. Rank 1's task exits
+    non-zero, srun --kill-on-bad-exit ends rank 0 at once, and the record names rank 1's error."""
+    import torch
+
+    records, checkpoints = tmp_path / "records", tmp_path / "records" / ".checkpoints"
+    args = (
+        "launcher=slurm",
+        "hydra.launcher.gpus_per_task=null",
+        "hydra.launcher.mem_gb=null",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=30",
+        *TINY,
+        "method=lora_bf16",
+        "train.max_steps=200",
+        "train.strategy=fsdp",
+        "train.nproc=2",
+        f"results_dir={records}",
+    )
+    first = start_sweep(slurm_env, *args, f"hydra.sweep.dir={tmp_path / 'first'}")
+    try:
+        [progress] = wait_for(
+            lambda: list(checkpoints.glob("*/train_state.sharded/progress.pt")) or first.poll() is not None,
+            120,
+            "a sharded training checkpoint",
+        )
+        [job_id] = slurm(slurm_env, "squeue", "-h", "-o", "%A").split()
+        slurm(slurm_env, "scancel", job_id)
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    state = torch.load(progress, weights_only=True)
+    state["rng"] = state["rng"][:1]  # rank 1 finds no RNG state of its own
+    torch.save(state, progress)
+    started = time.monotonic()
+    again = sweep(slurm_env, *args, f"hydra.sweep.dir={tmp_path / 'again'}", timeout=300)
+    assert time.monotonic() - started < 240, "the job waited for a rank that had failed"
+    assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
+    [record] = [r for r in records_in(records) if r["slurm"]["job_id"] != job_id]  # the first job's is set aside
+    assert record["status"] == "failed"
+    assert "rank 1 failed first: IndexError" in record["error"]["message"], record["error"]

@@ -3,6 +3,8 @@ device; otherwise the run is done again and the old record is kept under superse
 
 import json
 
+import pytest
+
 from experiments.record import read_record, reuse_refusal
 from tests.conftest import run_cli
 
@@ -62,3 +64,52 @@ def test_a_sweep_prints_the_committed_reference_run_of_the_same_configuration_un
     rows = [line.split()[0] for line in lines if line.startswith(("lora_bf16", "  reference"))]
     assert rows == ["lora_bf16", "reference", "lora_bf16"]  # seed 1 has no committed run: no reference row
     assert f"the committed records in {tmp_path / 'committed'}" in sweep.stdout
+
+
+@pytest.mark.slow
+def test_a_checkpoint_overwritten_in_place_or_another_mmlu_file_at_its_path_is_another_run(
+    tiny_checkpoint_with_bundled_vocab, tmp_path
+):
+    """The run id names by content what the config names by place: a checkpoint folder overwritten with
+    other weights, or another MMLU file at the same path, is never served the old record."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from experiments.assets import MMLU_JSONL, fetch
+
+    folder, mmlu = tmp_path / "checkpoint", tmp_path / "mmlu.jsonl"
+    shutil.copytree(tiny_checkpoint_with_bundled_vocab, folder)
+    shutil.copy(fetch(MMLU_JSONL), mmlu)
+    args = ("model=hf", f"model.name_or_path={folder}", f"mmlu_file={mmlu}", "method=base_bf16", "threads=1",
+            "eval.num_fewshot=0", "eval.limit_per_subject=1", "eval.subjects=[anatomy]", "eval.perplexity.seq_len=64",
+            "eval.perplexity.max_tokens=128", f"results_dir={tmp_path / 'results'}")  # fmt: skip
+
+    def run_id(name: str) -> str:
+        done = run_cli(*args, f"hydra.run.dir={tmp_path / name}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads((tmp_path / name / "run_pointer.json").read_text())["run_id"]
+
+    first = run_id("first")
+    assert run_id("same") == first  # nothing changed: the same run
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(folder)  # other weights, same folder
+    overwritten = run_id("overwritten")
+    lines = mmlu.read_text().splitlines()
+    mmlu.write_text("\n".join(lines[:-1]) + "\n")  # another file at the same path
+    assert len({first, overwritten, run_id("other_mmlu")}) == 3
+
+
+def test_device_auto_and_the_device_auto_picks_here_are_one_run(tmp_path):
+    """device=auto and device=cpu on a CPU machine (device=cuda on a GPU node) run the same: one id, one record."""
+    ids = []
+    for device in ("auto", "cpu"):
+        done = run_cli(
+            *TINY, f"device={device}", f"results_dir={tmp_path / device}", f"hydra.run.dir={tmp_path / device}"
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        ids.append(json.loads((tmp_path / device / "run_pointer.json").read_text())["run_id"])
+    assert ids[0] == ids[1]

@@ -43,7 +43,9 @@ class RecordingSlurmLauncher(SlurmLauncher):
                 jobs = [None] * len(tasks)
                 for count in sorted(set(tasks)):  # one job array per number of tasks
                     picked = [i for i, t in enumerate(tasks) if t == count]
-                    self.update_parameters(tasks_per_node=count)
+                    # a task that exits non-zero ends the job's others at once: a failed rank's peers would
+                    # otherwise wait in their next collective until its timeout (NCCL's: 10 minutes)
+                    self.update_parameters(tasks_per_node=count, srun_args=["--kill-on-bad-exit=1"])
                     submitted = super().map_array(fn, *[[column[i] for i in picked] for column in iterables])
                     for i, job in zip(picked, submitted):
                         jobs[i] = job
@@ -93,18 +95,21 @@ class _JobOrLoss:
 
         from experiments.record import read_record, write_record
         from experiments.run import lost_job_record
-        from experiments.sweep_summary import read_pointer, write_pointer
+        from experiments.sweep_summary import first_rank_failure, read_pointer, write_pointer
 
         state = (self.job.state or "UNKNOWN").split()[0]  # "CANCELLED by 0" -> CANCELLED
         lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         # an uncompleted job's error says why in its first line; a job that raised, in its last
         reason = lines[0] if isinstance(error, UncompletedJobError) else lines[-1]
+        config = self.launcher.job_config(self.overrides, self.job_num)
+        output_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+        failure = first_rank_failure(output_dir)  # a rank of several that failed first, ending the job
+        if failure is not None:
+            reason = f"rank {failure['rank']} failed first: {failure['error']['type']}: {failure['error']['message']}"
         message = (
             f"Slurm job {self.job.job_id} ended {state} before the run finished its record "
             f"(log: {self.job.paths.stdout}): {reason.strip()}"
         )
-        config = self.launcher.job_config(self.overrides, self.job_num)
-        output_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
         task_config = copy.deepcopy(config)
         with open_dict(task_config):
             del task_config["hydra"]
