@@ -19,7 +19,6 @@ STALE_UNTIL_REGENERATED = {
     "gguf_llama_cpp": "needs llama-cpp-python (pip install -e '.[llama_cpp]')",
     "mmlu_full_5shot": "the full 5-shot MMLU of the bundled model: about 40 minutes on 2 cores",
     "qalora_table1_small": "python -m experiments.run -m experiment=qalora_table1_small",
-    "quickstart": "the README's main job",
 }
 
 
@@ -50,3 +49,20 @@ def test_a_committed_record_has_the_id_a_fresh_run_of_its_configuration_computes
         assert stale, f"results/{folder} matches today's ids: take it off STALE_UNTIL_REGENERATED"
     else:
         assert not stale, f"results/{folder}: {stale} predate today's config; regenerate them"
+
+
+def test_the_main_job_finds_its_reference_rows_on_this_cpu():
+    """The README's main job prints the committed records beside its own, matched by run id: whichever path
+    compute_dtype auto takes on this CPU (native bfloat16 or float32), each of its runs has its reference."""
+    import torch
+
+    from core.compute_dtype import resolve_auto_compute_dtype
+    from experiments.sweep_summary import load_reference
+
+    experiment = compose_config("experiment=quickstart", hydra_node=True)
+    methods = str(experiment.hydra.sweeper.params.method).split(",")
+    reference = load_reference(str(REPO / "results" / "quickstart"))
+    for method in methods:
+        cfg = compose_config("experiment=quickstart", f"method={method}")
+        resolve_auto_compute_dtype(cfg.method, torch.device("cpu"))
+        assert run_id_of(cfg) in reference, f"{method}: no committed reference for this CPU's compute path"

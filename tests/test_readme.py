@@ -153,3 +153,10 @@ def test_the_suite_runs_on_the_locked_stack():
     installed = {name: importlib.metadata.version(name) for name in PACKAGES if re.sub(r"[-_.]+", "-", name) in pins}
     expected = {name: pins[re.sub(r"[-_.]+", "-", name)] for name in installed}
     assert installed == expected
+
+
+def test_every_marked_readme_figure_is_what_the_records_say():
+    """README figures are written by analysis/readme_figures.py from results/, never typed."""
+    from analysis.readme_figures import main
+
+    assert main(["--check"]) == 0
