@@ -24,6 +24,19 @@ from tests.conftest import REPO
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 TINY = ("model=llama_synthetic", "method.lora.r=4", "threads=1")
 SLURM = ("hydra/launcher=submitit_slurm",)
+# A sharded run of two ranks as one job of two tasks, long enough to be acted on mid-training
+SHARDED_ON_SLURM = (
+    "launcher=slurm",
+    "hydra.launcher.gpus_per_task=null",  # this cluster has no GPUs; a GPU cluster gives each task one
+    "hydra.launcher.mem_gb=null",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.timeout_min=30",
+    *TINY,
+    "method=lora_bf16",
+    "train.max_steps=200",
+    "train.strategy=fsdp",
+    "train.nproc=2",
+)
 
 
 @pytest.fixture(scope="session")
@@ -303,19 +316,7 @@ def test_a_sharded_run_is_one_job_of_two_tasks_and_resumes_from_its_shards_after
     mid-training, the job is requeued and both ranks resume from the sharded checkpoint."""
     records, checkpoints = tmp_path / "records", tmp_path / "records" / ".checkpoints"
     process = start_sweep(
-        slurm_env,
-        "launcher=slurm",
-        "hydra.launcher.gpus_per_task=null",  # this cluster has no GPUs; a GPU cluster gives each task one
-        "hydra.launcher.mem_gb=null",
-        "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.timeout_min=30",
-        *TINY,
-        "method=lora_bf16",
-        "train.max_steps=200",
-        "train.strategy=fsdp",
-        "train.nproc=2",
-        f"results_dir={records}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        slurm_env, *SHARDED_ON_SLURM, f"results_dir={records}", f"hydra.sweep.dir={tmp_path / 'sweep'}"
     )
     try:
         # train.checkpoint_every is not set: under Slurm a sharded run checkpoints on its own too
@@ -349,19 +350,7 @@ def test_a_rank_that_fails_ends_the_whole_job_and_the_record_names_it(slurm_env,
     import torch
 
     records, checkpoints = tmp_path / "records", tmp_path / "records" / ".checkpoints"
-    args = (
-        "launcher=slurm",
-        "hydra.launcher.gpus_per_task=null",
-        "hydra.launcher.mem_gb=null",
-        "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.timeout_min=30",
-        *TINY,
-        "method=lora_bf16",
-        "train.max_steps=200",
-        "train.strategy=fsdp",
-        "train.nproc=2",
-        f"results_dir={records}",
-    )
+    args = (*SHARDED_ON_SLURM, f"results_dir={records}")
     first = start_sweep(slurm_env, *args, f"hydra.sweep.dir={tmp_path / 'first'}")
     try:
         [progress] = wait_for(
