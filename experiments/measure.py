@@ -141,9 +141,16 @@ class PhaseMeter:
         stats.memory_at_start_bytes = torch.cuda.memory_allocated(self.device) if on_cuda else current_rss_bytes()
         sampler = contextlib.nullcontext() if _reset_peak_rss() else _RssSampler()
         start = time.perf_counter()
+        ended = "done"
         try:
             with sampler:
                 yield stats
+        except BaseException as error:
+            # Cut short (an error, or SystemExit from submitit's handler when Slurm preempts the job): not
+            # "done", which in the run's log reads as a finished phase, e.g. a training that the requeued
+            # job then seems to train again (benchmarks/chaos_sweep.py reads these lines).
+            ended = f"interrupted by {type(error).__name__}"
+            raise
         finally:
             if on_cuda:
                 torch.cuda.synchronize(self.device)
@@ -154,7 +161,7 @@ class PhaseMeter:
             sampled = sampler.peak if isinstance(sampler, _RssSampler) else None
             stats.peak_rss_bytes = sampled if sampled is not None else (hwm or 0) * 1024
             peak = stats.peak_memory_bytes
-            log.info("phase %s: done in %.1f s, peak memory %s", name, stats.wall_s,
+            log.info("phase %s: %s in %.1f s, peak memory %s", name, ended, stats.wall_s,
                      f"{peak / 2**30:.2f} GiB" if peak is not None else "unknown")  # fmt: skip
 
     def as_dict(self) -> dict:

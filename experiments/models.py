@@ -95,6 +95,43 @@ def synthetic_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16) -> Pa
     return build_once(folder, build)
 
 
+# A tiny random Llama with the bundled SmolLM2's vocabulary (its tokenizer beside it).
+TINY_BUNDLED_VOCAB_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": False,
+}
+
+
+def tiny_checkpoint_with_bundled_vocab() -> Path:
+    """A tiny random Llama (bf16) with the bundled model's tokenizer and vocabulary, as a checkpoint folder in
+    the cache, built once: MMLU, perplexity and the exports run on it in seconds (its accuracy means nothing;
+    the code paths are what runs). For the tests and benchmarks/chaos_sweep.py, which runs it as ``model=hf``:
+    one folder, so its model id, and with it the cached 16-bit reference, are the same in every run."""
+    bundled = bundled_smollm2_checkpoint()
+    seed = 0
+    key = content_key(TINY_BUNDLED_VOCAB_SHAPE, "bfloat16", seed, bundled.name)
+    folder = cache_dir() / "models" / f"llama-tiny-bundled-vocab-{key}"
+    if folder.exists():
+        return folder
+
+    def build(scratch: Path) -> Path:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(bundled)
+        config = LlamaConfig(vocab_size=len(tokenizer), **TINY_BUNDLED_VOCAB_SHAPE)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        return scratch
+
+    return build_once(folder, build)
+
+
 def random_llama_spec(preset: str) -> ModelSpec:
     """A synthetic Llama that ``methods.base.load_pretrained`` builds directly on the device.
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: Hydra config composition, the tiny synthetic Llama, the bundled model."""
+"""Shared fixtures: Hydra config composition, the tiny synthetic Llama, the bundled model, a local Slurm cluster."""
 
 from __future__ import annotations
 
@@ -47,27 +47,42 @@ def smollm2(smollm2_spec):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint_with_bundled_vocab(tmp_path_factory, smollm2_spec):
-    """A tiny random Llama (bf16) with the bundled tokenizer's vocabulary, saved as a checkpoint: MMLU and
-    perplexity run on it (its accuracy means nothing; the code paths are what runs)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_checkpoint_with_bundled_vocab():
+    """A tiny random Llama (bf16) with the bundled tokenizer's vocabulary, saved as a checkpoint (in the cache,
+    built once): MMLU and perplexity run on it (its accuracy means nothing; the code paths are what runs)."""
+    from experiments.models import tiny_checkpoint_with_bundled_vocab
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_spec.tokenizer_path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
+    return tiny_checkpoint_with_bundled_vocab()
+
+
+SLURM_SCRIPT = REPO / "scripts" / "slurm_local.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory):
+    """One local Slurm cluster for the session's sweeps (tests/test_slurm.py, tests/test_chaos.py):
+    the environment of a shell after ``eval "$(scripts/slurm_local.sh env)"`` on a fresh cluster."""
+    folder = tmp_path_factory.mktemp("slurm")
+    script_env = {**os.environ, "QPEFT_SLURM_DIR": str(folder)}
+    started = subprocess.run(
+        ["bash", str(SLURM_SCRIPT), "start"], env=script_env, capture_output=True, text=True, timeout=300
     )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-bundled-vocab")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    if started.returncode == 3:
+        pytest.skip(f"Slurm packages cannot be installed here: {started.stderr.strip()[-500:]}")
+    assert started.returncode == 0, started.stderr[-3000:]
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(folder / "slurm.conf"),
+        "PATH": f"{folder / 'bin'}:{os.environ['PATH']}",
+        "HYDRA_FULL_ERROR": "0",
+    }
+    try:
+        yield env
+    finally:
+        stopped = subprocess.run(
+            ["bash", str(SLURM_SCRIPT), "stop"], env=script_env, capture_output=True, text=True, timeout=120
+        )
+        assert stopped.returncode == 0, stopped.stderr
 
 
 def train_losses(model: torch.nn.Module, steps: int, lr: float = 1e-2) -> list[float]:

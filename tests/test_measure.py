@@ -1,5 +1,7 @@
-"""Per-phase memory on CPU: a phase reports what it found in use and its own peak above that."""
+"""Per-phase memory on CPU: a phase reports what it found in use and its own peak above that; its log says
+whether it ended or was cut short."""
 
+import pytest
 import torch
 
 from experiments.measure import PhaseMeter, limit_heap_retention
@@ -19,3 +21,18 @@ def test_a_phase_reports_its_own_growth_not_the_process_lifetime_peak():
     # the second phase starts after the 256 MiB were freed, and its peak does not carry them
     assert small.peak_memory_bytes - small.memory_at_start_bytes < 64 * 2**20
     assert meter.as_dict()["small"]["memory_at_start_bytes"] == small.memory_at_start_bytes
+
+
+def test_a_phase_cut_short_says_so_in_the_log_instead_of_done(caplog):
+    """A preempted job leaves its phase through SystemExit (submitit's handler): the log must not call a training
+    cut at its first step "done" (benchmarks/chaos_sweep.py reads these lines)."""
+    meter = PhaseMeter(torch.device("cpu"))
+    with caplog.at_level("INFO", logger="experiments.measure"), pytest.raises(SystemExit):
+        with meter.phase("train"):
+            raise SystemExit(-1)
+    with caplog.at_level("INFO", logger="experiments.measure"):
+        with meter.phase("eval_mmlu"):
+            pass
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0] == "phase train: started" and messages[1].startswith("phase train: interrupted by SystemExit in")
+    assert messages[3].startswith("phase eval_mmlu: done in")

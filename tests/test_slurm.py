@@ -1,7 +1,7 @@
 """Sweeps on a real Slurm cluster, as a user runs them on theirs.
 
-A session fixture starts a single-node Slurm on this machine with scripts/slurm_local.sh
-(own ports, own munge socket, stopped by PID at the end) and the tests run
+A session fixture (``slurm_env``, tests/conftest.py) starts a single-node Slurm on this machine
+with scripts/slurm_local.sh (own ports, own munge socket, stopped by PID at the end) and the tests run
 ``python -m experiments.run -m ... hydra/launcher=submitit_slurm`` against it: records
 of ok runs with their Slurm ids, a failed run that does not stop the others, a job
 preempted mid-training that is requeued and continues from its checkpoint, and a re-run
@@ -10,18 +10,14 @@ that does no work. Skipped only when the Slurm packages cannot be installed.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from experiments.record import read_record
 from tests.conftest import REPO
 
-SCRIPT = REPO / "scripts" / "slurm_local.sh"
 TINY = ("model=llama_synthetic", "method.lora.r=4", "threads=1")
 SLURM = ("hydra/launcher=submitit_slurm",)
 # A sharded run of two ranks as one job of two tasks, long enough to be acted on mid-training
@@ -37,32 +33,6 @@ SHARDED_ON_SLURM = (
     "train.strategy=fsdp",
     "train.nproc=2",
 )
-
-
-@pytest.fixture(scope="session")
-def slurm_env(tmp_path_factory):
-    """Environment of a shell after ``eval "$(scripts/slurm_local.sh env)"`` on a fresh cluster."""
-    folder = tmp_path_factory.mktemp("slurm")
-    script_env = {**os.environ, "QPEFT_SLURM_DIR": str(folder)}
-    started = subprocess.run(
-        ["bash", str(SCRIPT), "start"], env=script_env, capture_output=True, text=True, timeout=300
-    )
-    if started.returncode == 3:
-        pytest.skip(f"Slurm packages cannot be installed here: {started.stderr.strip()[-500:]}")
-    assert started.returncode == 0, started.stderr[-3000:]
-    env = {
-        **os.environ,
-        "SLURM_CONF": str(folder / "slurm.conf"),
-        "PATH": f"{folder / 'bin'}:{os.environ['PATH']}",
-        "HYDRA_FULL_ERROR": "0",
-    }
-    try:
-        yield env
-    finally:
-        stopped = subprocess.run(
-            ["bash", str(SCRIPT), "stop"], env=script_env, capture_output=True, text=True, timeout=120
-        )
-        assert stopped.returncode == 0, stopped.stderr
 
 
 def sweep(env: dict, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -5,9 +5,10 @@ ended without one: cancelled, killed by the node's OOM killer, a node failure, o
 limit with no requeue left. One such job then ends the whole sweep with a traceback and
 no summary, although the other jobs ran (and the run itself could not write its record:
 it was killed). This subclass, used by ``launcher=slurm``, catches that per job, writes a
-``failed`` record for the run (its run id, config, Slurm state and log path) unless the
-run wrote one itself, and lets the sweep summary list it with the others. A re-run of the
-sweep redoes only runs without an ok record, so it redoes that one.
+``failed`` record for the run (its run id, config, Slurm state and log path) unless a
+record is there (the run's own, or one the job died before setting aside), and lets the
+sweep summary list it with the others. A re-run of the sweep redoes only runs without an
+ok record, so it redoes that one.
 
 It also gives a run of N processes (``train.strategy=fsdp|ddp train.nproc=N``) a job of N tasks, one
 per rank (experiments/distributed.py makes each task a rank from Slurm's environment): jobs
@@ -93,7 +94,7 @@ class _JobOrLoss:
     def record_loss(self, error: Exception) -> JobReturn:
         from submitit.core.utils import UncompletedJobError
 
-        from experiments.record import read_record, write_record
+        from experiments.record import write_record
         from experiments.run import lost_job_record
         from experiments.sweep_summary import first_rank_failure, read_pointer, write_pointer
 
@@ -126,8 +127,13 @@ class _JobOrLoss:
         if planned.get("compute_dtype") and "compute_dtype" in task_config.method:
             task_config.method.compute_dtype = planned["compute_dtype"]
         record_path = Path(task_config.results_dir) / f"{run_id}.json"
-        written = read_record(record_path) if record_path.exists() else {}
-        if not _written_by(written.get("slurm") or {}, str(self.job.job_id)):
+        # Only where there is no record. A run sets aside any record it will not keep before it starts
+        # (experiments.run.skip_or_set_aside), so a record there is the job's own (it died after writing it) or
+        # one the job never got to: it died while it checked it (a re-run's job skipping an ok record) or before,
+        # with an earlier sweep's pointer in its folder. Writing over that one lost an ok record, and the next
+        # sweep trained the run again from step 0 (benchmarks/chaos_sweep.py: a re-run's job preempted as it
+        # started). It stands; the summary lists it, and the next sweep decides about it as always.
+        if not record_path.exists():
             write_record(lost_job_record(task_config, run_id, state, message, self.job.job_id), record_path)
         write_pointer(output_dir, run_id, record_path)
         return self._returned(
@@ -147,8 +153,3 @@ class _JobOrLoss:
         # before the summary, which lists this run from its record.
         result.return_value = value
         return result
-
-
-def _written_by(slurm: dict, job_id: str) -> bool:
-    """Whether a record's Slurm ids name this job (submitit calls an array task "<array id>_<task>")."""
-    return job_id in (slurm.get("job_id"), f"{slurm.get('array_job_id')}_{slurm.get('array_task_id')}")
