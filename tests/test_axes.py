@@ -105,9 +105,11 @@ def test_committed_preset_records_are_what_the_presets_build_now():
     preset builds today: their tables stay valid."""
     checked = 0
     for path in sorted((REPO / "results").glob("*/*.json")):
+        if path.parent.name not in ("methods_small", "quickstart"):
+            continue
         record = json.loads(path.read_text())
         name = record["method"]["name"]
-        if path.parent.name not in ("methods_small", "quickstart") or name not in METHOD_CONFIGS:
+        if name not in METHOD_CONFIGS:
             continue
         cfg = OmegaConf.to_container(compose_config(f"method={name}").method, resolve=True)
         cfg["compute_dtype"] = record["method"]["compute_dtype"]
