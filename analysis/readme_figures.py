@@ -159,7 +159,21 @@ def _suite_environment() -> str:
     return f"commit {run['git_commit'][:7]}, {run['cpu']} ({run['cpu_cores']} cores, {bf16} native bf16), {run['date']}"
 
 
+def _chaos_summary() -> str:
+    run = json.loads((RESULTS / "chaos_sweep" / "chaos_sweep.json").read_text())
+    hits = run["hits_per_stage"]
+    kills = sum(stage["kill"] for stage in hits.values())
+    preemptions = sum(stage["preempt"] for stage in hits.values())
+    return (
+        f"{'every check passed' if run['passed'] else 'FAILED: ' + ', '.join(run['failed_checks'])}: "
+        f"{run['settings']['runs']} runs, {kills} kills and {preemptions} preemptions in {len(hits)} stages, "
+        f"{run['rounds_needed']} rounds, {run['wall_s'] / 60:.1f} min, commit {run['git_commit'][:7]}, "
+        f"{run['machine']['cpu']} ({run['machine']['cpu_count']} cores), {run['date'][:10]}"
+    )
+
+
 FIGURES: dict[str, Callable[[], str]] = {
+    "chaos.summary": _chaos_summary,
     "suite.passed": lambda: str(suite()["passed"]),
     "suite.skipped": lambda: str(suite()["skipped"]),
     "suite.failed": lambda: str(suite()["failures"] + suite()["errors"]),
