@@ -153,6 +153,11 @@ def rope_parameters(config) -> dict:
     return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
 
 
+def rope_theta(config) -> float:
+    """The rotary base frequency (in ``rope_parameters`` from transformers 5 on, on the config before)."""
+    return float(rope_parameters(config).get("rope_theta") or config.rope_theta)
+
+
 def check_rope(config) -> str:
     """The config's rope type, if llama.cpp's converter writes it for the llama architecture; else a ConfigError."""
     rope = rope_parameters(config)
@@ -177,8 +182,7 @@ def llama3_rope_factors(config) -> np.ndarray:
 
     rope = rope_parameters(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    theta = rope.get("rope_theta") or config.rope_theta
-    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    freqs = 1.0 / (rope_theta(config) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     context = rope.get("original_max_position_embeddings", 8192)
     factors = []
@@ -280,8 +284,7 @@ def write_gguf(state: dict[str, torch.Tensor], config, tokenizer, path: Path, gg
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or config.rope_theta
-    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     _add_rope_scaling(writer, config)
     writer.add_vocab_size(config.vocab_size)

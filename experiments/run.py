@@ -76,7 +76,13 @@ from experiments.record import (
 )
 from experiments.sharded_checkpoint import remove_checkpoint
 from experiments.summary import format_table
-from experiments.sweep_summary import clear_rank_failures, first_rank_failure, write_pointer, write_rank_failure
+from experiments.sweep_summary import (
+    clear_rank_failures,
+    describe_rank_failure,
+    first_rank_failure,
+    write_pointer,
+    write_rank_failure,
+)
 from experiments.train import TrainSettings, train
 from methods.base import LoadContext, Method
 from methods.compose import register_method_name_resolver
@@ -637,9 +643,8 @@ def named_first_failure(plan: RunPlan, mine: dict) -> dict:
     earlier = first_rank_failure(plan.output_dir)
     if earlier is None:
         return mine
-    theirs, then = earlier["error"], f"{mine['type']}: {mine['message']}"
-    message = f"rank {earlier['rank']} failed first: {theirs['type']}: {theirs['message']} (then: {then})"
-    return {**theirs, "message": message}
+    message = f"{describe_rank_failure(earlier)} (then: {mine['type']}: {mine['message']})"
+    return {**earlier["error"], "message": message}
 
 
 def write_planned_pointer(plan: RunPlan) -> None:

@@ -57,6 +57,11 @@ def first_rank_failure(output_dir: Path) -> dict | None:
     return min(failures, key=lambda failure: failure["at"], default=None)
 
 
+def describe_rank_failure(failure: dict) -> str:
+    """How a record names the rank that failed first (``first_rank_failure``)."""
+    return f"rank {failure['rank']} failed first: {failure['error']['type']}: {failure['error']['message']}"
+
+
 def clear_rank_failures(output_dir: Path) -> None:
     for path in output_dir.glob(RANK_FAILURE.format(rank="*")):
         path.unlink(missing_ok=True)

@@ -131,6 +131,24 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
+def _kill_when(ready, *args: str, timeout: float = 180) -> None:
+    """``python -m experiments.run *args`` in the background until ``ready()`` (or it ends, or ``timeout``),
+    then SIGKILL the launcher, torchrun and every rank at once: a lost node, no cleanup."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while not ready() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    for pid in _process_tree(process.pid):
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
 def _saved_step(folder) -> int | None:
     import torch
 
@@ -164,21 +182,9 @@ def test_a_run_of_two_processes_killed_mid_training_resumes_from_its_checkpoint_
     uninterrupted = _run(tmp_path, "whole", *args)
 
     cut = (*args, f"results_dir={tmp_path / 'cut'}", f"hydra.run.dir={tmp_path / 'cut_run'}")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", *cut],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     [run_id] = [p.stem for p in (tmp_path / "whole").glob("*.json")]  # the same config: the same run id
     folder = tmp_path / "cut" / ".checkpoints" / run_id / "train_state.sharded"
-    deadline = time.monotonic() + 180
-    while (_saved_step(folder) or 0) < 6 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    for pid in _process_tree(process.pid):  # the launcher, torchrun and both ranks: a lost node, no cleanup
-        os.kill(pid, signal.SIGKILL)
-    process.wait()
+    _kill_when(lambda: (_saved_step(folder) or 0) >= 6, *cut)
     saved = _saved_step(folder)
     assert saved is not None and 6 <= saved < steps, f"killed with a checkpoint at step {saved}"
     assert not list((tmp_path / "cut").glob("*.json"))
@@ -298,20 +304,12 @@ def test_a_rank_that_fails_alone_is_the_failure_the_record_names(tmp_path):
     collective and is stopped; the record names rank 1's error, not the stopped rank's echo of it."""
     args = (*COMMON, "method=lora_bf16", "method.base=fp32", "train.max_steps=40", "train.strategy=fsdp",
             "train.nproc=2", "train.checkpoint_every=2", f"results_dir={tmp_path / 'r'}")  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", *args, f"hydra.run.dir={tmp_path / 'first'}"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     checkpoints = tmp_path / "r" / ".checkpoints"
-    deadline = time.monotonic() + 180
-    while not list(checkpoints.glob("*/train_state.sharded/progress.pt")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in _process_tree(process.pid):
-        os.kill(pid, signal.SIGKILL)
-    process.wait()
+    _kill_when(
+        lambda: list(checkpoints.glob("*/train_state.sharded/progress.pt")),
+        *args,
+        f"hydra.run.dir={tmp_path / 'first'}",
+    )
     [progress] = checkpoints.glob("*/train_state.sharded/progress.pt")
     state = torch.load(progress, weights_only=True)
     state["rng"] = state["rng"][:1]

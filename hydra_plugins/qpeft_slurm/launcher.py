@@ -96,7 +96,7 @@ class _JobOrLoss:
 
         from experiments.record import write_record
         from experiments.run import lost_job_record
-        from experiments.sweep_summary import first_rank_failure, read_pointer, write_pointer
+        from experiments.sweep_summary import describe_rank_failure, first_rank_failure, read_pointer, write_pointer
 
         state = (self.job.state or "UNKNOWN").split()[0]  # "CANCELLED by 0" -> CANCELLED
         lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
@@ -106,7 +106,7 @@ class _JobOrLoss:
         output_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
         failure = first_rank_failure(output_dir)  # a rank of several that failed first, ending the job
         if failure is not None:
-            reason = f"rank {failure['rank']} failed first: {failure['error']['type']}: {failure['error']['message']}"
+            reason = describe_rank_failure(failure)
         message = (
             f"Slurm job {self.job.job_id} ended {state} before the run finished its record "
             f"(log: {self.job.paths.stdout}): {reason.strip()}"
