@@ -281,6 +281,47 @@ def test_a_job_killed_before_its_record_gets_a_failed_record_and_the_sweep_its_s
     [planned] = [p for p in (tmp_path / "sweep").glob("*/run_pointer.json") if lost["run_id"] in p.read_text()]
 
 
+def test_a_job_lost_before_its_run_is_planned_is_not_named_after_an_earlier_sweeps_run(slurm_env, tmp_path):
+    """A sweep folder used again holds an earlier sweep's run pointer; a job cancelled before its run was planned
+    gets no record under that other run's id (which would also have told the next sweep it had failed)."""
+    import json
+
+    from experiments.sweep_summary import POINTER_NAME
+
+    records, sweep_dir = tmp_path / "records", tmp_path / "sweep"
+    earlier = {"run_id": "an-earlier-sweeps-run", "record_path": str(records / "an-earlier-sweeps-run.json")}
+    job_folder = sweep_dir / "0_lora_bf16_s0"  # the job's folder (conf/config.yaml, hydra.sweep.subdir)
+    job_folder.mkdir(parents=True)
+    (job_folder / POINTER_NAME).write_text(json.dumps({**earlier, "error": None}))
+    process = start_sweep(
+        slurm_env,
+        "launcher=slurm",
+        "hydra.launcher.gpus_per_task=null",
+        "hydra.launcher.mem_gb=null",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.setup=[\"sleep 120\"]",  # the job waits before python starts: cancelled before planning
+        *TINY,
+        "method=lora_bf16",
+        "train.max_steps=2",
+        f"results_dir={records}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    try:
+        [job_id] = wait_for(
+            lambda: slurm(slurm_env, "squeue", "-h", "-t", "RUNNING", "-o", "%i").split() or process.poll(),
+            120,
+            "the job running its setup",
+        )
+        slurm(slurm_env, "scancel", job_id)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, output[-3000:]
+    assert records_in(records) == [], "a record was written for a run this job never planned"
+    assert "died before its run was planned" in output and "an-earlier-sweeps-run" not in output
+
+
 def test_a_sharded_run_is_one_job_of_two_tasks_and_resumes_from_its_shards_after_preemption(slurm_env, tmp_path):
     """launcher=slurm gives train.strategy=fsdp train.nproc=2 one job of two tasks, each a rank; preempted
     mid-training, the job is requeued and both ranks resume from the sharded checkpoint."""

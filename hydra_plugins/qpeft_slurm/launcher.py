@@ -40,6 +40,8 @@ class RecordingSlurmLauncher(SlurmLauncher):
             # the parent builds its executor and reads ``job.results()`` of what map_array returns
             def map_array(self, fn, *iterables):
                 overrides, job_nums = iterables[0], iterables[2]  # (overrides, dir key, job number, ...)
+                for o, n in zip(overrides, job_nums):
+                    launcher.forget_earlier_sweeps(list(o), n)
                 tasks = [launcher.tasks_per_node(list(o), n) for o, n in zip(overrides, job_nums)]
                 jobs = [None] * len(tasks)
                 for count in sorted(set(tasks)):  # one job array per number of tasks
@@ -70,6 +72,17 @@ class RecordingSlurmLauncher(SlurmLauncher):
         if train.get("strategy") not in MULTI_PROCESS:
             return 1
         return max(1, int(train.nproc) // int(self.params.get("nodes") or 1))
+
+    def forget_earlier_sweeps(self, overrides: list[str], job_num: int) -> None:
+        """Remove the run pointer an earlier sweep left in this job's folder (a sweep folder used again): a job
+        that then died before planning its run would have its lost-job record named after that other run."""
+        from experiments.sweep_summary import POINTER_NAME
+
+        try:
+            config = self.job_config(overrides, job_num)
+        except Exception:  # noqa: BLE001 - a broken config: the job says what is wrong with it
+            return
+        (Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir) / POINTER_NAME).unlink(missing_ok=True)
 
     def job_config(self, overrides: list[str], job_num: int) -> DictConfig:
         """The config the job ran with, as hydra-submitit-launcher composes it in the job."""
