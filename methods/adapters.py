@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from core.errors import ConfigError
-from methods.registry import register_adapter, undeclared
+from methods.registry import LISTED_LAST, register_adapter, undeclared
 from methods.settings import LoraSettings
 
 
@@ -72,6 +72,7 @@ class Adapter:
     # Fragments of its tensors' names, trained and frozen (``lora_``; VeRA's shared ``vera_A``): storage
     # counts them as adapter bytes, not base weight. Trained tensors count as adapter bytes without one.
     markers: ClassVar[tuple[str, ...]] = ()
+    listed: ClassVar[int] = LISTED_LAST  # its place in the lists of adapters (messages, the README's matrix)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -133,6 +134,7 @@ class NoAdapter(Adapter):
     """Nothing trains: a post-training row, on any base."""
 
     kind = "none"
+    listed = 0
     blocks = ()
     family = None  # the base's own (base, bnb, rtn, gptq)
     trainable = False
@@ -155,6 +157,7 @@ class LoraAdapter(Adapter):
     """LoRA, or any peft.LoraConfig variant that its settings name (``use_rslora``, ...)."""
 
     kind = "lora"
+    listed = 1
     family = None  # the base's trained family: QLoRA Table 4's BFloat16 (lora) and data-type (qlora) rows
     shardable = True
     markers = ("lora_",)
@@ -222,6 +225,7 @@ class LoraAdapter(Adapter):
 
 class DoraAdapter(LoraAdapter):
     kind = "dora"
+    listed = 2
     blocks = ("lora",)
 
     def __init__(self, lora: dict | None = None):
@@ -239,6 +243,7 @@ class PrefixAdapter(Adapter):
     moves the model's next-token distributions by a KL divergence of 4 nats before training."""
 
     kind = "prefix"
+    listed = 4
     family = "prompt"
     mergeable = False
     INITS = ("activations", "random")
@@ -308,6 +313,7 @@ class LlamaAdapter(Adapter):
     mixed into attention through a gate that starts at zero (so training starts from the base model)."""
 
     kind = "llama_adapter"
+    listed = 5
     family = "prompt"
     mergeable = False
     DEFAULTS: ClassVar[dict] = {"adapter_len": 10, "adapter_layers": 30}

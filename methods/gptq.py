@@ -356,6 +356,8 @@ class GPTQLayers(WeightFormat):
 class GPTQBase(BaseFormat):
     """``method.base`` gptq: GPTQModel's INT-k checkpoint; QA-LoRA (its own Method) trains on it."""
 
+    listed = 4
+
     names: ClassVar[dict] = {"gptq": {}}
     method = GPTQ
     takes_peft_adapters = False

@@ -117,6 +117,7 @@ class LoftQAdapter(LoraAdapter):
     """LoRA whose initial (B, A) and 4-bit base come from LoftQ (``loftq: {iterations: T}``)."""
 
     kind = "loftq"
+    listed = 3
     blocks = ("lora", "loftq")
     needs_original_weights = True
     bases = ("nf4", "nf4_dq", "fp4", "fp4_dq")

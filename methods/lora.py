@@ -19,7 +19,7 @@ from methods.loading import load_16bit
 from methods.registry import base_format
 from methods.settings import dtype_name, parse_16bit_compute_dtype, parse_dtype
 
-# The memory model's weight format of each storage dtype: the 16-bit bases of methods/compose.py, inverted.
+# The weight format (methods/plain.py: DenseWeights) of each storage dtype: the 16-bit bases, inverted.
 SIXTEEN_BIT_FORMATS = {dtype: base for base, dtype in SIXTEEN_BIT_BASES.items()}
 
 

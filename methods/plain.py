@@ -66,6 +66,8 @@ class DenseWeights(WeightFormat):
 class SixteenBitBase(BaseFormat):
     """``method.base`` bf16, fp16, fp32: the checkpoint's weights in that dtype; every peft adapter attaches."""
 
+    listed = 0
+
     names: ClassVar[dict] = {base: {"dtype": dtype} for base, dtype in SIXTEEN_BIT_BASES.items()}
     method = LoRA
     quantized = False

@@ -269,6 +269,7 @@ class QALoRAAdapter(LoraAdapter):
     the base's layers, so the ``QALoRA`` Method builds both; the class declares the axis and the figures."""
 
     kind = "qalora"
+    listed = 6
     family = "qalora"
     peft = False
     shardable = False

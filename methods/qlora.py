@@ -223,6 +223,8 @@ class BitsAndBytes(BaseFormat):
 class FourBitBase(BitsAndBytes):
     """``method.base`` nf4, fp4 and, with double quantization, nf4_dq and fp4_dq."""
 
+    listed = 1
+
     names: ClassVar[dict] = {
         "nf4": {"quant_type": "nf4", "double_quant": False},
         "nf4_dq": {"quant_type": "nf4", "double_quant": True},
@@ -233,6 +235,8 @@ class FourBitBase(BitsAndBytes):
 
 class Int8Base(BitsAndBytes):
     """``method.base`` int8: LLM.int8."""
+
+    listed = 2
 
     names: ClassVar[dict] = {"int8": {"quant_type": "int8", "double_quant": False}}
     refuses: ClassVar[dict] = {

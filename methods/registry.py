@@ -29,6 +29,8 @@ _WEIGHT_FORMATS: dict[str, type[WeightFormat]] = {}
 _BASES: dict[str, type[BaseFormat]] = {}
 _ADAPTERS: dict[str, type] = {}  # kind -> methods.adapters.Adapter subclass
 _discovered = False
+# A class's default place in listings (error messages, the README's matrix): after the built-ins.
+LISTED_LAST = 1000
 _SEQUENCE: dict[type, int] = {}  # each class's place in its module, so that listings do not depend on import order
 
 
@@ -50,8 +52,14 @@ def _register(table: dict, names, cls: type, what: str) -> None:
 
 
 def _listed(table: dict) -> dict:
-    """``table`` in a fixed order: by module name, then by place in the module (the order of declaration)."""
-    return dict(sorted(table.items(), key=lambda item: (item[1].__module__, _SEQUENCE[item[1]])))
+    """``table`` in a fixed order, whatever the order of import: by the classes' ``listed`` place, then by
+    module name and place in the module (the order of declaration)."""
+    return dict(
+        sorted(
+            table.items(),
+            key=lambda item: (getattr(item[1], "listed", LISTED_LAST), item[1].__module__, _SEQUENCE[item[1]]),
+        )
+    )
 
 
 def register_adapter(cls: type) -> None:
@@ -190,6 +198,7 @@ class BaseFormat:
     # adapter that takes the base's (LoRA and its variants: ``Adapter.family`` None), e.g. bnb and qlora.
     family: ClassVar[str] = ""
     trained_family: ClassVar[str] = ""
+    listed: ClassVar[int] = LISTED_LAST  # its place in the lists of bases (messages, the README's matrix)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -62,6 +62,8 @@ class RTN(Method):
 class RTNBase(BaseFormat):
     """``method.base`` rtn: INT-k groups by round-to-nearest; QA-LoRA (its own Method) trains on it."""
 
+    listed = 3
+
     names: ClassVar[dict] = {"rtn": {}}
     method = RTN
     takes_peft_adapters = False
