@@ -9,7 +9,11 @@ al. (arXiv 2205.05198), redone for a Llama block with frozen weights, peft LoRA
 
 The weight parts are exact: they reproduce, byte for byte up to rounding of partial
 blocks, what methods/storage.py counts from the tensors of a loaded model, so a test can
-hold them to 1%. The activation, logits and peak figures are a model of what PyTorch's
+hold them to 1%. The bytes of a layer are its weight format's (``WeightFormat.layer_bytes``)
+and the adapter's tensors and activations the adapter's (``Adapter.tensor_sizes``,
+``Adapter.activation_bytes``), as each registers them in methods/ (methods/registry.py): a
+format or adapter that declares none is an error naming the member, never another's formula.
+The activation, logits and peak figures are a model of what PyTorch's
 autograd keeps; they are checked against ``torch.cuda.max_memory_allocated`` by
 benchmarks/bench_train.py on a GPU.
 
@@ -27,11 +31,9 @@ from dataclasses import asdict, dataclass
 
 from analysis.method_specs import MethodSpec, resolve_method
 from analysis.model_shapes import ModelShape, resolve_shape
+from methods.registry import adapter_class, weight_format
 
 GiB = 1024**3
-BNB_CODE_TABLE = 16 * 4  # NF4/FP4: 16 fp32 values, one table per model (storage.py counts it once)
-BNB_DQ_CODE_TABLE = 256 * 4  # the 8-bit second level's dynamic map
-BNB_DQ_BLOCK = 256  # double quantization: one fp32 absmax per 256 first-level blocks
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages an optimizer buffer only from this size up
 BNB_8BIT_MIN_NUMEL = 4096  # smaller tensors keep 32-bit state in bitsandbytes' 8-bit optimizers
 BNB_8BIT_STATE_BLOCK = 256
@@ -68,40 +70,13 @@ def ceil_div(a: int, b: int) -> int:
 def _quantized_linears(shape: ModelShape, method: MethodSpec) -> list[tuple[int, int]]:
     """(in, out) of every linear layer stored in the method's weight format.
 
-    bitsandbytes, QA-LoRA and GPTQ quantize every linear layer of the blocks (lm_head is
-    skipped); for 16-bit LoRA storage.py counts the LoRA targets as "the" linear layers.
+    A quantized format stores every linear layer of the blocks (lm_head is skipped); for a dense
+    (16-bit) base storage.py counts the method's targets as "the" linear layers.
     """
     per_block = shape.block_linears()
-    if method.weight_format in ("bf16", "fp16", "fp32"):
+    if weight_format(method.weight_format).dense:
         per_block = {k: v for k, v in per_block.items() if k in method.lora_targets}
     return [dims for _ in range(shape.num_layers) for dims in per_block.values()]
-
-
-def _layer_bytes(d_in: int, d_out: int, method: MethodSpec) -> tuple[int, int]:
-    """(code bytes, constant bytes) of one linear layer in the method's format."""
-    n, fmt, bits = d_in * d_out, method.weight_format, method.bits
-    if fmt in ("bf16", "fp16", "fp32"):
-        return n * bits // 8, 0
-    if fmt in ("nf4", "fp4"):
-        blocks = ceil_div(n, method.block_size)
-        if method.double_quant:  # uint8 absmax per block + fp32 absmax per 256 blocks + fp32 offset
-            return ceil_div(n, 2), blocks + 4 * ceil_div(blocks, BNB_DQ_BLOCK) + 4
-        return ceil_div(n, 2), 4 * blocks
-    if fmt == "int8":  # LLM.int8: int8 weight (CB) and fp32 absmax per output row (SCB)
-        return n, 4 * d_out
-    groups = ceil_div(d_in, method.block_size)
-    if fmt == "int_group":  # QA-LoRA/RTN: k-bit codes; fp16 scale and fp16 zero per (group, output row)
-        return ceil_div(n * bits, 8), 4 * groups * d_out
-    # gptq (GPTQModel): int32 qweight (in*k/32, out); fp16 scales and int32-packed k-bit
-    # zeros per (group, out); int32 g_idx per input channel.
-    qweight = 4 * ceil_div(d_in * bits, 32) * d_out
-    return qweight, 2 * groups * d_out + 4 * groups * ceil_div(d_out * bits, 32) + 4 * d_in
-
-
-def _code_table_bytes(method: MethodSpec) -> int:
-    if method.weight_format not in ("nf4", "fp4"):
-        return 0
-    return BNB_CODE_TABLE + (BNB_DQ_CODE_TABLE if method.double_quant else 0)
 
 
 def unquantized_bytes(shape: ModelShape, method: MethodSpec) -> int:
@@ -111,7 +86,7 @@ def unquantized_bytes(shape: ModelShape, method: MethodSpec) -> int:
     norms = (2 * shape.num_layers + 1) * shape.hidden * c
     rotary = 2 * (shape.head_dim // 2) * 4  # inv_freq and original_inv_freq, fp32 buffers
     other_linears = 0
-    if method.weight_format in ("bf16", "fp16", "fp32"):
+    if weight_format(method.weight_format).dense:
         other_linears = (
             shape.num_layers
             * sum(
@@ -123,57 +98,39 @@ def unquantized_bytes(shape: ModelShape, method: MethodSpec) -> int:
     return embeddings + norms + rotary + other_linears
 
 
-def prompt_tensor_sizes(shape: ModelShape, method: MethodSpec) -> list[int]:
-    """The trained tensors of a prompt adapter, as peft makes them. Prefix tuning (no projection): one
-    embedding of n virtual tokens x (layers x 2 x the key/value width) (with ``prefix_projection``, an
-    embedding of n x the key/value width and the two-layer MLP that makes the prefix); LLaMA-Adapter: per adapted layer
-    (the top ``layers``), a prompt of length x hidden and a scalar gate."""
-    kind, length, extra = method.prompt
-    kv_width = shape.num_layers * 2 * shape.kv_dim
-    if kind == "prefix" and extra:  # Li & Liang's reparametrisation: an MLP of width ``extra`` makes the prefix
-        return [length * shape.kv_dim, shape.kv_dim * extra, extra, extra * kv_width, kv_width]
-    if kind == "prefix":
-        return [length * kv_width]
-    return [length * shape.hidden, 1] * min(extra, shape.num_layers)
+def adapter_tensor_sizes(shape: ModelShape, method: MethodSpec) -> tuple[list[int], list[int]]:
+    """(trained, frozen) element counts of the adapter's tensors, as its registered class declares them."""
+    return adapter_class(method.adapter).tensor_sizes(shape, method)
 
 
 def adapter_params(shape: ModelShape, method: MethodSpec) -> tuple[int, int]:
-    """(parameters, tensors) of the LoRA adapters: A is r x D_in (QA-LoRA: r x D_in/L), B is D_out x r,
-    and with DoRA a magnitude of D_out."""
-    if not method.trainable:
-        return 0, 0
-    if method.prompt is not None:
-        sizes = prompt_tensor_sizes(shape, method)
-        return sum(sizes), len(sizes)
-    r, params, tensors = method.lora_rank, 0, 0
-    for name, (d_in, d_out) in shape.block_linears().items():
-        if name not in method.lora_targets:
-            continue
-        a_in = ceil_div(d_in, method.block_size) if method.weight_format == "int_group" else d_in
-        params += r * a_in + d_out * r + (d_out if method.dora else 0)
-        tensors += 3 if method.dora else 2
-    return shape.num_layers * params, shape.num_layers * tensors
+    """(parameters, tensors) the adapter trains: LoRA's A (r x D_in; QA-LoRA: r x D_in/L) and B (D_out x r),
+    with DoRA a magnitude of D_out; a prompt adapter's prompts."""
+    trained, _ = adapter_tensor_sizes(shape, method)
+    return sum(trained), len(trained)
 
 
 def weight_parts(shape: ModelShape, method: MethodSpec) -> dict:
     """The same keys as methods.storage.weight_storage, predicted from the shapes."""
+    fmt = weight_format(method.weight_format)
     code_bytes = constant_bytes = params = 0
     for d_in, d_out in _quantized_linears(shape, method):
-        codes, constants = _layer_bytes(d_in, d_out, method)
+        codes, constants = fmt.layer_bytes(d_in, d_out, method)
         code_bytes, constant_bytes, params = code_bytes + codes, constant_bytes + constants, params + d_in * d_out
-    constant_bytes += _code_table_bytes(method)
+    constant_bytes += fmt.code_table_bytes(method)
     linear_bytes = code_bytes + constant_bytes
     other = unquantized_bytes(shape, method)
-    n_adapter, _ = adapter_params(shape, method)
+    trained, frozen = adapter_tensor_sizes(shape, method)
     return {
         "weight_bytes": linear_bytes + other,
         "quantized_linear_params": params,
         "quantized_linear_bytes": linear_bytes,
         "quantization_constant_bytes": constant_bytes,
         "unquantized_bytes": other,
-        "adapter_bytes": n_adapter * method.adapter_bytes_per_param,
+        # frozen adapter tensors (VeRA's shared random matrices) are adapter bytes too, as storage counts them
+        "adapter_bytes": (sum(trained) + sum(frozen)) * method.adapter_bytes_per_param,
         "weight_bits_per_param": 8 * linear_bytes / params if params else None,
-        "trainable_params": n_adapter,
+        "trainable_params": sum(trained),
     }
 
 
@@ -191,7 +148,7 @@ def optimizer_parts(shape: ModelShape, method: MethodSpec, optimizer: str) -> di
     """
     if not method.trainable:
         return {"optimizer_state_bytes": 0, "optimizer_paged_bytes": 0}
-    per_tensor = _adapter_tensor_sizes(shape, method)
+    per_tensor, _ = adapter_tensor_sizes(shape, method)
     total = paged = 0
     for numel in per_tensor:
         if optimizer == "adamw_torch":
@@ -207,17 +164,6 @@ def optimizer_parts(shape: ModelShape, method: MethodSpec, optimizer: str) -> di
     return {"optimizer_state_bytes": total, "optimizer_paged_bytes": paged}
 
 
-def _adapter_tensor_sizes(shape: ModelShape, method: MethodSpec) -> list[int]:
-    if method.prompt is not None:
-        return prompt_tensor_sizes(shape, method)
-    sizes = []
-    for name, (d_in, d_out) in shape.block_linears().items():
-        if name in method.lora_targets:
-            a_in = ceil_div(d_in, method.block_size) if method.weight_format == "int_group" else d_in
-            sizes += [method.lora_rank * a_in, d_out * method.lora_rank] + ([d_out] if method.dora else [])
-    return sizes * shape.num_layers
-
-
 # ---------------------------------------------------------------- activations (modelled)
 
 
@@ -227,25 +173,17 @@ def layer_activation_bytes(shape: ModelShape, method: MethodSpec, tokens: int, c
     RMSNorm upcasts to fp32 and keeps that copy and 1/rms (x2 norms). SDPA keeps q, k, v,
     its output and the fp32 log-sum-exp per head. SwiGLU keeps gate, silu(gate) and up.
     A frozen linear keeps nothing but its weight (already counted; bitsandbytes' MatMul4Bit
-    saves the packed weight only). Each peft LoRA layer casts its input to the adapter
-    dtype (fp32) and applies dropout, so it keeps that fp32 input (for A's gradient), the
-    dropout mask when dropout > 0, and A's output (for B's gradient). The mask is a bool
-    (1 byte) from CUDA's fused dropout; on CPU torch multiplies by a mask in the input's
-    dtype (``cuda=False``, used by the CPU test that checks this function against autograd).
+    saves the packed weight only). What the adapter's layers keep is the adapter's
+    ``activation_bytes`` (peft LoRA: its fp32 input, the dropout mask, A's output; the mask is
+    a bool from CUDA's fused dropout, and on CPU one in the input's dtype: ``cuda=False``, used
+    by the CPU test that checks this function against autograd).
     """
     c, t, h = method.compute_bytes, tokens, shape.hidden
     norms = 2 * (4 * t * h + 4 * t)
     attention = t * (2 * shape.q_dim + 2 * shape.kv_dim) * c + 4 * t * shape.heads
     mlp = 3 * t * shape.intermediate * c
-    lora = 0
-    if method.lora_rank is not None:  # a prompt adapter keeps next to nothing more (its prompts are weights)
-        mask_bytes = 1 if cuda else method.adapter_bytes_per_param
-        per_input = method.adapter_bytes_per_param + (mask_bytes if method.lora_dropout > 0 else 0)
-        for name, (d_in, _) in shape.block_linears().items():
-            if name in method.lora_targets:
-                a_in = d_in  # QA-LoRA pools the input after dropout: the full input is kept all the same
-                lora += t * a_in * per_input + t * method.lora_rank * method.adapter_bytes_per_param
-    return norms + attention + mlp + lora
+    adapter = adapter_class(method.adapter).activation_bytes(shape, method, tokens, cuda)
+    return norms + attention + mlp + adapter
 
 
 def activation_parts(shape: ModelShape, method: MethodSpec, train: TrainShape) -> dict:
@@ -279,7 +217,7 @@ def _transient_bytes(shape: ModelShape, method: MethodSpec, tokens: int) -> int:
     gradient of the widest activation with the fp32 copy the LoRA branch makes of it."""
     widest = max(shape.intermediate, shape.hidden, shape.q_dim)
     dequantized = 0
-    if method.weight_format not in ("bf16", "fp16", "fp32"):
+    if not weight_format(method.weight_format).dense:
         dequantized = max(d_in * d_out for d_in, d_out in shape.block_linears().values()) * method.compute_bytes
     return dequantized + tokens * widest * (method.compute_bytes + 4)
 
@@ -381,7 +319,7 @@ def load_device_bytes(shape: ModelShape, method: MethodSpec, whole: dict, mine: 
     the meta device and each rank receives its shards from rank 0's host copy one tensor at a time: its
     shards and the largest tensor whole (an embedding). A bitsandbytes base quantizes as it loads, so
     every rank holds the whole quantized base and its adapters until FSDP shards them."""
-    if shards == 1 or method.weight_format not in ("bf16", "fp16", "fp32"):
+    if shards == 1 or not weight_format(method.weight_format).dense:
         return whole["weight_bytes"] + whole["adapter_bytes"]
     largest = shape.vocab * shape.hidden * method.compute_bytes
     return mine["weight_bytes"] + mine["adapter_bytes"] + largest

@@ -14,16 +14,20 @@ cover the hardware table's columns:
   of L input channels; the adapter's A acts on group-pooled inputs (r x D_in/L).
 - GPTQ (Frantar et al., arXiv 2210.17323) in GPTQModel's packing, for inference only; RTN
   (round-to-nearest) in QA-LoRA's INT-k group format (methods/int_quant.py), no adapters.
+
+The formulas themselves are the registered classes' (methods/registry.py): the weight format says
+the bytes of a layer, the adapter its tensors and activations.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from core.compute_dtype import storage_dtype
 from core.shapes import LLAMA_BLOCK_LINEARS
-from methods.base import WEIGHT_FORMATS
+from methods.registry import adapter_class, weight_format
 
 CONF_METHODS = Path(__file__).resolve().parent.parent / "conf" / "method"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -32,7 +36,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    weight_format: str  # one of WEIGHT_FORMATS
+    weight_format: str  # a registered WeightFormat's name (methods/registry.py)
     bits: int
     block_size: int | None = None  # bitsandbytes block (4-bit: 64) or quantization group size
     double_quant: bool = False
@@ -41,18 +45,21 @@ class MethodSpec:
     lora_dropout: float = 0.05
     compute_bytes: int = 2  # bf16/fp16 compute, the dtype of embeddings, norms and head
     adapter_bytes_per_param: int = 4  # peft upcasts 16-bit adapters to fp32 (autocast_adapter_dtype)
-    # A prompt adapter instead of LoRA (lora_rank None): ("prefix", virtual tokens, projection width or 0)
-    # or ("llama_adapter", prompt length, layers); see analysis.memory_model.prompt_tensor_sizes.
-    prompt: tuple[str, int, int] | None = None
     dora: bool = False  # DoRA: a trained magnitude per output row of each adapted layer besides LoRA's A and B
+    # The registered adapter kind whose tensors and activations are predicted (methods/registry.py); None:
+    # "lora" with a rank, "none" without.
+    adapter: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict, hash=False)  # the record's method settings (prefix...)
 
     def __post_init__(self):
-        if self.weight_format not in WEIGHT_FORMATS:
-            raise ValueError(f"weight format {self.weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+        weight_format(self.weight_format)  # a ValueError naming what to declare, if no module declares it
+        if self.adapter is None:
+            object.__setattr__(self, "adapter", "lora" if self.lora_rank is not None else "none")
+        adapter_class(self.adapter)
 
     @property
     def trainable(self) -> bool:
-        return self.lora_rank is not None or self.prompt is not None
+        return adapter_class(self.adapter).trainable
 
     def with_lora(
         self, rank: int | None = None, targets: tuple[str, ...] | None = None, dropout: float | None = None
@@ -73,9 +80,9 @@ BUILTIN_METHODS = {
     "qlora_nf4_dq": MethodSpec("qlora_nf4_dq", "nf4", 4, 64, double_quant=True),
     "qlora_fp4": MethodSpec("qlora_fp4", "fp4", 4, 64),
     # QA-LoRA's paper default group size is 32 (its Table 6 ablates 32..128).
-    "qalora_int4": MethodSpec("qalora_int4", "int_group", 4, 32),
-    "qalora_int3": MethodSpec("qalora_int3", "int_group", 3, 32),
-    "qalora_int2": MethodSpec("qalora_int2", "int_group", 2, 32),
+    "qalora_int4": MethodSpec("qalora_int4", "int_group", 4, 32, adapter="qalora"),
+    "qalora_int3": MethodSpec("qalora_int3", "int_group", 3, 32, adapter="qalora"),
+    "qalora_int2": MethodSpec("qalora_int2", "int_group", 2, 32, adapter="qalora"),
     "gptq_int4": MethodSpec("gptq_int4", "gptq", 4, 128, lora_rank=None),
     "gptq_int3": MethodSpec("gptq_int3", "gptq", 3, 128, lora_rank=None),
     "gptq_int2": MethodSpec("gptq_int2", "gptq", 2, 128, lora_rank=None),
@@ -85,17 +92,6 @@ BUILTIN_METHODS = {
 def spec_from_format(fmt) -> MethodSpec:
     """A MethodSpec from a method's own ``methods.base.MethodFormat``: what it stores and trains."""
     lora = fmt.lora
-    prompt = None
-    if "prefix" in fmt.settings:
-        prefix = fmt.settings["prefix"]
-        prompt = (
-            "prefix",
-            prefix["num_virtual_tokens"],
-            prefix["encoder_hidden_size"] if prefix["prefix_projection"] else 0,
-        )
-    elif "llama_adapter" in fmt.settings:
-        settings = fmt.settings["llama_adapter"]
-        prompt = ("llama_adapter", settings["adapter_len"], settings["adapter_layers"])
     return MethodSpec(
         fmt.name,
         fmt.weight_format,
@@ -106,8 +102,9 @@ def spec_from_format(fmt) -> MethodSpec:
         lora_targets=lora.target_modules if lora is not None else LLAMA_BLOCK_LINEARS,
         lora_dropout=lora.dropout if lora is not None else 0.05,
         compute_bytes=DTYPE_BYTES[fmt.compute_dtype],
-        prompt=prompt,
         dora=lora is not None and bool(dict(lora.peft_options).get("use_dora")),
+        adapter=fmt.adapter,
+        settings=dict(fmt.settings),
     )
 
 

@@ -11,9 +11,11 @@
 - ``llama_adapter``: LLaMA-Adapter (Zhang et al. 2023, arXiv 2303.16199), peft's adaption prompt:
   trained prompts in the top layers' attention behind a zero-initialised gate.
 
-QA-LoRA's group-pooled adapter is tied to its INT-k base and lives in methods/qalora.py.
-peft does all of the adapter work here; this module says which peft config each adapter is and
-what its record holds. methods/compose.py pairs adapters with bases.
+QA-LoRA's group-pooled adapter is tied to its INT-k base and lives in methods/qalora.py, LoftQ in
+methods/loftq.py. peft does all of the adapter work here; this module says which peft config each
+adapter is, what its record holds, which tensors it adds (for storage and the memory model) and how
+its layers merge. A subclass that sets ``kind`` registers itself (methods/registry.py); methods/compose.py
+pairs it with the bases that take it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from core.errors import ConfigError
+from methods.registry import LISTED_LAST, register_adapter, undeclared
 from methods.settings import LoraSettings
 
 
@@ -36,19 +39,57 @@ def checked_settings(settings: dict | None, defaults: dict[str, Any], what: str)
 
 
 class Adapter:
-    """One adapter kind: how it is added to a base, and what the record says of it."""
+    """One adapter kind: which bases it takes, how it is added and merged, what storage, the memory model and
+    the record say of it. Every member has its default here; a figure that cannot be derived for a new kind
+    (its tensors, its activations, its merge) raises, naming the member to declare."""
 
-    kind: ClassVar[str]
-    # The record's family when not the base's own (LoRA on 16 bits: lora; on bitsandbytes: qlora).
-    family: ClassVar[str | None] = None
+    kind: ClassVar[str]  # the ``method.adapter`` value; setting it registers the class
+    # The config blocks it reads (``method.<block>``), passed to ``__init__`` as keyword arguments.
+    # Default: one block named after the kind (``ia3: {...}`` for kind ``ia3``).
+    blocks: ClassVar[tuple[str, ...] | None] = None
+    # The record's table family (analysis/tables.py): "prompt" for prompt adapters; None for LoRA and the
+    # variants whose rows the paper tables are: the base's ``trained_family`` (lora on 16 bits, qlora on
+    # bitsandbytes). A new kind's default, "other", joins no paper table's row.
+    family: ClassVar[str | None] = "other"
     trainable: ClassVar[bool] = True
-    # Folds into the base's weights (methods/merge.py), so every deploy format can hold it.
+    # Folds into the base's weights (methods/merge.py, through ``merged_weight``), so every deploy format can hold it.
     mergeable: ClassVar[bool] = True
     lora: LoraSettings | None = None  # the low-rank settings, for the record and the memory model
     # Trains under FSDP (train.strategy=fsdp): peft's LoRA layers are, to FSDP, weights like any other.
     shardable: ClassVar[bool] = False
     # The base loader attaches the checkpoint's 16-bit weights for ``add`` (LoftQ's initialisation).
     needs_original_weights: ClassVar[bool] = False
+    # Attaches through peft to a base's layers: a base that takes no peft adapters (``takes_peft_adapters``)
+    # refuses it.
+    peft: ClassVar[bool] = True
+    # The only bases it takes, and why not the others (one line); None: every base that takes it.
+    bases: ClassVar[tuple[str, ...] | None] = None
+    why_not: ClassVar[str | None] = None
+    # A Method class of its own, for an adapter tied to its bases' layers (QA-LoRA), and the keyword that
+    # receives the base's name; None: the base's Method class, which calls ``add``.
+    method: ClassVar[type | None] = None
+    base_argument: ClassVar[str | None] = None
+    # Fragments of its tensors' names, trained and frozen (``lora_``; VeRA's shared ``vera_A``): storage
+    # counts them as adapter bytes, not base weight. Trained tensors count as adapter bytes without one.
+    markers: ClassVar[tuple[str, ...]] = ()
+    listed: ClassVar[int] = LISTED_LAST  # its place in the lists of adapters (messages, the README's matrix)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            if cls.__dict__.get("blocks") is None and cls.blocks is None:
+                cls.blocks = (cls.kind,)
+            register_adapter(cls)
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> Adapter:
+        """The adapter from a method config's blocks."""
+        return cls(**{block: settings.get(block) for block in cls.blocks})
+
+    @classmethod
+    def run_name(cls, base: str, quantized: bool) -> str:
+        """The run's method name on ``base`` (methods/compose.py's ``method_name``)."""
+        return f"{cls.kind}_{base}"
 
     def add(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` with the adapter's parameters added (they require grad)."""
@@ -58,29 +99,134 @@ class Adapter:
         """The adapter's own settings for the record's ``method`` section (LoRA's are in ``lora``)."""
         return {}
 
+    # ---- merge (methods/merge.py)
+
+    @classmethod
+    def wraps(cls, module) -> bool:
+        """Whether ``module`` is a layer this adapter put around a base layer."""
+        return False
+
+    @classmethod
+    def base_layer(cls, module) -> torch.nn.Module:
+        """The base layer inside one of its wrappers."""
+        return module.get_base_layer()
+
+    @classmethod
+    def merged_weight(cls, module, base_weight: torch.Tensor) -> torch.Tensor:
+        """One wrapper's weight with the adapter folded in, in float32, from its base layer's dense weight."""
+        raise undeclared(cls, "merged_weight", "how methods/merge.py folds its layers into a dense weight")
+
+    # ---- the memory model (analysis/memory_model.py); ``shape`` is an analysis.model_shapes.ModelShape,
+    # ``spec`` an analysis.method_specs.MethodSpec (its ``settings`` are the record's method settings)
+
+    @classmethod
+    def tensor_sizes(cls, shape, spec) -> tuple[list[int], list[int]]:
+        """(trained, frozen) element counts of the tensors it adds to the whole model, as the library makes them."""
+        raise undeclared(cls, "tensor_sizes", "the memory model's count of its trained and frozen tensors")
+
+    @classmethod
+    def activation_bytes(cls, shape, spec, tokens: int, cuda: bool = True) -> int:
+        """Bytes its layers keep for backward in one decoder block of ``tokens`` tokens."""
+        raise undeclared(cls, "activation_bytes", "the memory model's activations it keeps for backward")
+
 
 class NoAdapter(Adapter):
+    """Nothing trains: a post-training row, on any base."""
+
     kind = "none"
+    listed = 0
+    blocks = ()
+    family = None  # the base's own (base, bnb, rtn, gptq)
     trainable = False
+    peft = False
+
+    @classmethod
+    def run_name(cls, base, quantized):
+        return base if quantized else f"base_{base}"
+
+    @classmethod
+    def tensor_sizes(cls, shape, spec):
+        return [], []
+
+    @classmethod
+    def activation_bytes(cls, shape, spec, tokens, cuda=True):
+        return 0
 
 
 class LoraAdapter(Adapter):
     """LoRA, or any peft.LoraConfig variant that its settings name (``use_rslora``, ...)."""
 
     kind = "lora"
+    listed = 1
+    family = None  # the base's trained family: QLoRA Table 4's BFloat16 (lora) and data-type (qlora) rows
     shardable = True
+    markers = ("lora_",)
 
     def __init__(self, lora: dict | None = None):
         self.lora = LoraSettings.from_config(lora)
+
+    @classmethod
+    def run_name(cls, base, quantized):
+        return f"q{cls.kind}_{base}" if quantized else f"{cls.kind}_{base}"  # QLoRA's naming: qlora_nf4, qdora_nf4
 
     def add(self, model):
         from methods.loading import add_lora
 
         return add_lora(model, self.lora)
 
+    @classmethod
+    def wraps(cls, module):
+        from peft.tuners.lora import LoraLayer
+
+        return isinstance(module, LoraLayer)
+
+    @classmethod
+    def merged_weight(cls, module, base_weight):
+        """The base weight plus ``get_delta_weight`` of each active adapter, added in fp32; with DoRA
+        (``use_dora``) each row of the sum is then scaled to the adapter's trained magnitude, as peft's merge does."""
+        weight = base_weight
+        for adapter in module.active_adapters:
+            updated = weight + module.get_delta_weight(adapter).float()
+            if module.use_dora.get(adapter, False):
+                magnitude = module.lora_magnitude_vector[adapter].weight.float()
+                updated = (magnitude / torch.linalg.norm(updated, dim=1)).unsqueeze(1) * updated
+            weight = updated
+        return weight
+
+    @classmethod
+    def a_inputs(cls, d_in: int, spec) -> int:
+        """Inputs of A (r x inputs): all of the layer's."""
+        return d_in
+
+    @classmethod
+    def tensor_sizes(cls, shape, spec):
+        """A is r x D_in, B is D_out x r, and with DoRA a magnitude of D_out, per target layer."""
+        sizes = []
+        for name, (d_in, d_out) in shape.block_linears().items():
+            if name in spec.lora_targets:
+                a_in = cls.a_inputs(d_in, spec)
+                sizes += [spec.lora_rank * a_in, d_out * spec.lora_rank] + ([d_out] if spec.dora else [])
+        return sizes * shape.num_layers, []
+
+    @classmethod
+    def activation_bytes(cls, shape, spec, tokens, cuda=True):
+        """Each peft LoRA layer casts its input to the adapter dtype (fp32) and applies dropout, so it keeps
+        that fp32 input (for A's gradient), the dropout mask when dropout > 0 (a bool from CUDA's fused
+        dropout; on CPU a mask in the input's dtype) and A's output (for B's gradient)."""
+        mask_bytes = 1 if cuda else spec.adapter_bytes_per_param
+        per_input = spec.adapter_bytes_per_param + (mask_bytes if spec.lora_dropout > 0 else 0)
+        kept = 0
+        for name, (d_in, _) in shape.block_linears().items():
+            if name in spec.lora_targets:
+                # QA-LoRA pools the input after dropout: the full input is kept all the same
+                kept += tokens * d_in * per_input + tokens * spec.lora_rank * spec.adapter_bytes_per_param
+        return kept
+
 
 class DoraAdapter(LoraAdapter):
     kind = "dora"
+    listed = 2
+    blocks = ("lora",)
 
     def __init__(self, lora: dict | None = None):
         super().__init__({**(lora or {}), "use_dora": True})
@@ -97,6 +243,7 @@ class PrefixAdapter(Adapter):
     moves the model's next-token distributions by a KL divergence of 4 nats before training."""
 
     kind = "prefix"
+    listed = 4
     family = "prompt"
     mergeable = False
     INITS = ("activations", "random")
@@ -130,6 +277,22 @@ class PrefixAdapter(Adapter):
     def settings(self):
         return {"prefix": dict(self.options)}
 
+    @classmethod
+    def tensor_sizes(cls, shape, spec):
+        """No projection: one embedding of n virtual tokens x (layers x 2 x the key/value width); with
+        ``prefix_projection`` (Li & Liang's reparametrisation), an embedding of n x the key/value width and
+        the two-layer MLP of width ``encoder_hidden_size`` that makes the prefix."""
+        prefix = spec.settings["prefix"]
+        length, kv_width = prefix["num_virtual_tokens"], shape.num_layers * 2 * shape.kv_dim
+        if prefix["prefix_projection"]:
+            width = prefix["encoder_hidden_size"]
+            return [length * shape.kv_dim, shape.kv_dim * width, width, width * kv_width, kv_width], []
+        return [length * kv_width], []
+
+    @classmethod
+    def activation_bytes(cls, shape, spec, tokens, cuda=True):
+        return 0  # its prompts are weights: next to nothing more is kept
+
 
 @torch.no_grad()
 def _prefix_from_activations(model, length: int) -> None:
@@ -150,6 +313,7 @@ class LlamaAdapter(Adapter):
     mixed into attention through a gate that starts at zero (so training starts from the base model)."""
 
     kind = "llama_adapter"
+    listed = 5
     family = "prompt"
     mergeable = False
     DEFAULTS: ClassVar[dict] = {"adapter_len": 10, "adapter_layers": 30}
@@ -173,6 +337,16 @@ class LlamaAdapter(Adapter):
 
     def settings(self):
         return {"llama_adapter": dict(self.options)}
+
+    @classmethod
+    def tensor_sizes(cls, shape, spec):
+        """Per adapted layer (the top ``adapter_layers``), a prompt of length x hidden and a scalar gate."""
+        options = spec.settings["llama_adapter"]
+        return [options["adapter_len"] * shape.hidden, 1] * min(options["adapter_layers"], shape.num_layers), []
+
+    @classmethod
+    def activation_bytes(cls, shape, spec, tokens, cuda=True):
+        return 0  # its prompts are weights: next to nothing more is kept
 
 
 class _CastTo(torch.nn.Module):

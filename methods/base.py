@@ -25,12 +25,18 @@ in this order, always through the members below (never probing for others):
    writes and reads it with ``save_native_export`` / ``load_native_export``.
 
 A method keeps no state between these calls: what a later step needs comes from its arguments
-(``LoadContext.model_spec`` names the checkpoint for ``finalize``). The memory model
-(analysis/method_specs.py) derives its prediction from ``method_format()``, so a new method is
-covered there without an edit. A method is a base format x an adapter (methods/compose.py
-builds it from ``method.base`` and ``method.adapter``): a new adapter is a class in
-methods/adapters.py, a new base a subclass of ``Method`` taking an ``adapter``; either way one
-config file in conf/method/ and the name in the README's method list (README, "Adding a method").
+(``LoadContext.model_spec`` names the checkpoint for ``finalize``). Sharded training asks two more
+members first: ``prepare_sharding`` (store the base so FSDP can shard it, or refuse) and
+``builds_on_meta``; exports ask ``mergeable``.
+
+A method is a base format x an adapter (methods/compose.py builds it from ``method.base`` and
+``method.adapter``), each declared in one module that registers it (methods/registry.py):
+a new adapter is a ``methods.adapters.Adapter`` subclass with a ``kind``; a new base format is a
+``methods.registry.BaseFormat`` naming its ``Method`` subclass (which takes an ``adapter``), with a
+``methods.registry.WeightFormat`` for how its layers are stored. Either way, one module in methods/
+and one preset in conf/method/ (docs/adding_a_method.md walks one of each). The memory model
+(analysis/method_specs.py) derives its prediction from ``method_format()`` and the registered
+classes; a figure it cannot derive is an error naming the member to declare.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 
 from core.model_spec import ModelSpec
 from core.shapes import LLAMA_BLOCK_LINEARS
+from methods.registry import weight_format
 from methods.settings import LoraSettings
 from methods.storage import trainable_parameters, weight_storage
 
@@ -57,9 +64,8 @@ FAMILIES = {
     "rtn": "post-training round-to-nearest INT-k, no fine-tuning",
     "bnb": "a bitsandbytes NF4/FP4/LLM.int8 base, no fine-tuning: the data type alone",
     "prompt": "prefix tuning or LLaMA-Adapter (trained prompts, weights untouched) on a 16-bit or bitsandbytes base",
+    "other": "an adapter no paper table holds (a new Adapter's default): its own rows, joining no paper's",
 }
-# Storage formats of the frozen weights, as the memory model names them (analysis/method_specs.py).
-WEIGHT_FORMATS = ("bf16", "fp16", "fp32", "nf4", "fp4", "int8", "int_group", "gptq")
 QUANTIZE_PHASES = (None, "load", "finalize")
 CALIBRATION_SOURCES = ("train", "c4")
 # Set on a model by a step that folds its trained parameters away (a merge), so that
@@ -123,9 +129,10 @@ class MethodFormat:
     name: str
     family: str  # a FAMILIES key
     quant_format: str  # how the record and the tables name the storage: "nf4+dq", "int4-g32", "bfloat16"
-    weight_format: str  # a WEIGHT_FORMATS entry, for the memory model
+    weight_format: str  # a registered WeightFormat's name (methods/registry.py), for storage and the memory model
     bits: int
     compute_dtype: str
+    adapter: str  # the registered adapter kind that trains ("none" when nothing does), for the memory model
     block_size: int | None = None  # bitsandbytes block or quantization group size
     double_quant: bool = False
     lora: LoraSettings | None = None
@@ -134,8 +141,7 @@ class MethodFormat:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"method family {self.family!r} is not one of {', '.join(FAMILIES)}")
-        if self.weight_format not in WEIGHT_FORMATS:
-            raise ValueError(f"weight format {self.weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+        weight_format(self.weight_format)  # a ValueError naming what to declare, if no module declares it
 
     def as_record(self) -> dict:
         return {

@@ -5,15 +5,16 @@
 
     python -m experiments.run -m method.base=nf4,fp4,int8 method.adapter=lora,dora
 
-Bases: 16-bit (``bf16``, ``fp16``, ``fp32``), bitsandbytes (``nf4``, ``nf4_dq``, ``fp4``,
-``fp4_dq``, ``int8``), INT-k round-to-nearest groups (``rtn``), GPTQ (``gptq``). Adapters:
-methods/adapters.py, plus QA-LoRA (``qalora``), which exists only on an INT-k base. A pair
-that does not exist is refused here, before any work, with the pairs that do.
+Both axes are what the modules of methods/ declare (methods/registry.py): each base format
+(``BaseFormat``: 16-bit in methods/plain.py, bitsandbytes in methods/qlora.py, ``rtn``, ``gptq``)
+and each adapter (``Adapter``: methods/adapters.py, methods/loftq.py, methods/qalora.py). This
+module keeps no list of its own: it asks them. A pair that does not exist is refused here,
+before any work, with the base's or the adapter's one-line reason and the pairs that do.
 
-A run's name follows from its axes (``method_name``): the presets' names where a preset
-exists (LoRA on NF4 is ``qlora_nf4``, no adapter on bf16 is ``base_bf16``), else
-``<adapter>_<base>``. So the same run has the same name however it was asked for, and
-the presets' records (written before the axes existed) keep their names and sections.
+A run's name follows from its axes (``method_name``): each adapter's ``run_name`` (LoRA on NF4
+is ``qlora_nf4``, no adapter on bf16 is ``base_bf16``, else ``<adapter>_<base>``). So the same
+run has the same name however it was asked for, and the presets' records (written before the
+axes existed) keep their names and sections.
 """
 
 from __future__ import annotations
@@ -22,49 +23,17 @@ import inspect
 
 from omegaconf import OmegaConf
 
-from core.compute_dtype import SIXTEEN_BIT_BASES
 from core.errors import ConfigError
-from methods.adapters import Adapter, DoraAdapter, LlamaAdapter, LoraAdapter, NoAdapter, PrefixAdapter
 from methods.base import Method
-
-BNB_BASES = {
-    "nf4": ("nf4", False),
-    "nf4_dq": ("nf4", True),
-    "fp4": ("fp4", False),
-    "fp4_dq": ("fp4", True),
-    "int8": ("int8", False),
-}
-BASES = (*SIXTEEN_BIT_BASES, *BNB_BASES, "rtn", "gptq")
-ADAPTERS = ("none", "lora", "dora", "loftq", "prefix", "llama_adapter", "qalora")
-
-# Which adapters each base takes, and why the others do not (the error says both).
-_WEIGHT_ADAPTERS = ("none", "lora", "dora", "prefix", "llama_adapter")
-VALID_ADAPTERS = {
-    **{base: _WEIGHT_ADAPTERS for base in SIXTEEN_BIT_BASES},
-    **{base: (*_WEIGHT_ADAPTERS, "loftq") for base in ("nf4", "nf4_dq", "fp4", "fp4_dq")},
-    "int8": ("none", "lora", "prefix", "llama_adapter"),
-    "rtn": ("none", "qalora"),
-    "gptq": ("none", "qalora"),
-}
-WHY_NOT = {
-    "loftq": "LoftQ re-quantizes a bitsandbytes 4-bit base (nf4, nf4_dq, fp4, fp4_dq)",
-    "dora": "peft's DoRA on bitsandbytes LLM.int8 layers fails in bitsandbytes' int8 matmul (0.50)",
-    "qalora": "QA-LoRA's adapter folds into the zero points of an INT-k group base (rtn, gptq)",
-    "rtn": "peft adapters do not wrap our INT-k layers; the rtn base takes qalora or none",
-    "gptq": "peft adapters on GPTQ layers are not wired here; gptq takes qalora or none (or use method=qlora_gptq)",
-}
+from methods.registry import adapter_class, adapter_kinds, base_format, base_names, undeclared
 
 
 def method_name(base: str, adapter: str) -> str:
-    """The run's method name from its axes: a preset's name where one exists, else ``<adapter>_<base>``."""
-    sixteen_bit = base in SIXTEEN_BIT_BASES
-    if adapter == "none":
-        return f"base_{base}" if sixteen_bit else base
-    if adapter == "qalora":
-        return "qalora" if base == "rtn" else f"qalora_{base}"
-    if adapter in ("lora", "dora"):
-        return f"{adapter}_{base}" if sixteen_bit else f"q{adapter}_{base}"
-    return f"{adapter}_{base}"
+    """The run's method name from its axes: the adapter's ``run_name`` on the base (``<adapter>_<base>``
+    for an axis nobody declares: ``build`` then refuses it)."""
+    if base not in base_names() or adapter not in adapter_kinds():
+        return f"{adapter}_{base}"
+    return adapter_class(adapter).run_name(base, base_format(base).quantized)
 
 
 def register_method_name_resolver() -> None:
@@ -73,88 +42,78 @@ def register_method_name_resolver() -> None:
         OmegaConf.register_new_resolver("method_name", method_name)
 
 
+def refusal(base: str, adapter: str) -> str | None:
+    """None if ``base`` takes ``adapter``, else the one-line reason: the adapter's (it takes only some
+    bases), else the base's (it refuses this adapter, or every peft adapter)."""
+    kind = adapter_class(adapter)
+    if kind.bases is not None and base not in kind.bases:
+        if not kind.why_not:
+            raise undeclared(kind, "why_not", "the one-line reason it refuses the bases outside its ``bases``")
+        return kind.why_not
+    return base_format(base).refusal(kind)
+
+
+def valid_adapters(base: str) -> tuple[str, ...]:
+    return tuple(adapter for adapter in adapter_kinds() if refusal(base, adapter) is None)
+
+
 def check_axes(base: str, adapter: str) -> None:
     """A one-line ConfigError unless ``base`` x ``adapter`` is a method that exists."""
-    if base not in BASES:
-        raise ConfigError(f"method.base={base!r} is not one of {', '.join(BASES)}")
-    if adapter not in ADAPTERS:
-        raise ConfigError(f"method.adapter={adapter!r} is not one of {', '.join(ADAPTERS)}")
-    if adapter not in VALID_ADAPTERS[base]:
-        why = WHY_NOT.get(adapter) or WHY_NOT.get(base)
-        raise ConfigError(
-            f"method.adapter={adapter} on method.base={base}: {why}; "
-            f"on {base} use adapter {', '.join(VALID_ADAPTERS[base])}"
-        )
+    base_format(base), adapter_class(adapter)  # each: a ConfigError listing the declared values
+    why = refusal(base, adapter)
+    if why is not None:
+        valid = ", ".join(valid_adapters(base))
+        raise ConfigError(f"method.adapter={adapter} on method.base={base}: {why}; on {base} use adapter {valid}")
 
 
 def valid_pairs() -> list[tuple[str, str]]:
     """Every (base, adapter) that ``build`` accepts."""
-    return [(base, adapter) for base in BASES for adapter in VALID_ADAPTERS[base]]
+    return [(base, adapter) for base in base_names() for adapter in valid_adapters(base)]
 
 
-def make_adapter(adapter: str, settings: dict) -> Adapter:
-    """The adapter object, from the method config's blocks (``lora``, ``loftq``, ``prefix``, ``llama_adapter``)."""
-    from methods.loftq import LoftQAdapter
-
-    if adapter == "none":
-        return NoAdapter()
-    if adapter == "lora":
-        return LoraAdapter(settings.get("lora"))
-    if adapter == "dora":
-        return DoraAdapter(settings.get("lora"))
-    if adapter == "loftq":
-        return LoftQAdapter(settings.get("lora"), settings.get("loftq"))
-    if adapter == "prefix":
-        return PrefixAdapter(settings.get("prefix"))
-    return LlamaAdapter(settings.get("llama_adapter"))
+def method_class(base: str, adapter: str) -> type[Method]:
+    """The Method class of the pair: the adapter's own (QA-LoRA), else the base's."""
+    kind = adapter_class(adapter)
+    return kind.method or base_format(base).method_class(kind)
 
 
-ADAPTER_BLOCKS = ("lora", "loftq", "prefix", "llama_adapter")
+def _fixed_arguments() -> set[str]:
+    """Keyword arguments the axes set (``dtype``, ``quant_type``...): not a method config's to give."""
+    fixed = {"self", "name", "adapter"}
+    for base in base_names():
+        fixed |= set(base_format(base).names[base])
+    return fixed | {adapter_class(kind).base_argument for kind in adapter_kinds()} - {None}
 
 
-def _method_class(base: str, adapter: str):
-    from methods.gptq import GPTQ
-    from methods.lora import LoRA
-    from methods.plain import Plain
-    from methods.qalora import QALoRA
-    from methods.qlora import QLoRA
-    from methods.rtn import RTN
-
-    if adapter == "qalora":
-        return QALoRA
-    if base in SIXTEEN_BIT_BASES:
-        return Plain if adapter == "none" else LoRA
-    if base in BNB_BASES:
-        return QLoRA
-    return RTN if base == "rtn" else GPTQ
+def adapter_blocks() -> tuple[str, ...]:
+    """Every adapter's config blocks (``lora``, ``loftq``, ``prefix``...)."""
+    return tuple(dict.fromkeys(block for kind in adapter_kinds() for block in adapter_class(kind).blocks))
 
 
-# Every key a method config may hold, besides the axes and the adapter blocks.
-BASE_SETTINGS = (
-    "compute_dtype", "bits", "group_size", "sym", "desc_act", "batch_size", "calibration", "pooling", "merge",
-    "target_modules",
-)  # fmt: skip
+def base_settings() -> tuple[str, ...]:
+    """Every key a method config may hold besides the axes and the adapter blocks: what a Method class of
+    any pair takes, less what the axes fix. A config lists every axis' settings; each class takes its own."""
+    classes = [method_class(base, adapter) for base, adapter in valid_pairs()]
+    fixed, blocks = _fixed_arguments(), set(adapter_blocks())
+    keys = (key for cls in dict.fromkeys(classes) for key in inspect.signature(cls.__init__).parameters)
+    return tuple(key for key in dict.fromkeys(keys) if key not in fixed and key not in blocks)
 
 
 def build(base: str, adapter: str, name: str | None = None, **settings) -> Method:
     """The method ``base`` x ``adapter`` (Hydra's ``_target_`` of every composable conf/method file)."""
     check_axes(base, adapter)
-    unknown = sorted(set(settings) - set(BASE_SETTINGS) - set(ADAPTER_BLOCKS))
+    valid = base_settings() + adapter_blocks()
+    unknown = sorted(set(settings) - set(valid))
     if unknown:
-        raise ConfigError(
-            f"unknown method key(s) {unknown}; valid: base, adapter, name, {', '.join(BASE_SETTINGS + ADAPTER_BLOCKS)}"
-        )
+        raise ConfigError(f"unknown method key(s) {unknown}; valid: base, adapter, name, {', '.join(valid)}")
     name = name or method_name(base, adapter)
-    cls = _method_class(base, adapter)
+    kind, cls = adapter_class(adapter), method_class(base, adapter)
     accepted = inspect.signature(cls.__init__).parameters
-    # a method config lists every axis' settings; each class takes its own
     kwargs = {key: value for key, value in settings.items() if key in accepted}
-    if base in SIXTEEN_BIT_BASES:
-        kwargs["dtype"] = SIXTEEN_BIT_BASES[base]
-    if base in BNB_BASES:
-        kwargs["quant_type"], kwargs["double_quant"] = BNB_BASES[base]
-    if adapter == "qalora":
-        kwargs["base_quantizer"] = base
-    elif "adapter" in accepted:
-        kwargs["adapter"] = make_adapter(adapter, settings)
+    if kind.method is not None:  # the adapter's own Method builds its base too: it gets the base's name
+        kwargs[kind.base_argument] = base
+    else:
+        kwargs.update(base_format(base).arguments(base))
+        if "adapter" in accepted:
+            kwargs["adapter"] = kind.from_settings(settings)
     return cls(name, **kwargs)

@@ -22,6 +22,8 @@ zero) tensors, independent of GPTQModel's packing: each layer's exact dequantize
 weight is read by running it on the identity matrix, and since GPTQ's W = s (q - z)
 with integer q and z, the codes relative to the group minimum reproduce W exactly.
 QA-LoRA (methods/qalora.py) uses that for its GPTQ base.
+
+This module declares the ``gptq`` base format and GPTQModel's layers as a weight format.
 """
 
 from __future__ import annotations
@@ -34,15 +36,18 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from core.cache import build_once, cache_dir
 from core.errors import ConfigError
+from core.tensors import tensor_bytes
 from methods.base import CalibrationSettings, LoadContext, Method, MethodFormat
 from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, replace_linears
+from methods.registry import BaseFormat, WeightFormat
 from methods.settings import parse_dtype
-from methods.storage import is_gptq_layer
+from methods.storage import ceil_div, is_gptq_layer
 
 
 def _import_gptqmodel():
@@ -298,12 +303,13 @@ class GPTQ(Method):
     def method_format(self) -> MethodFormat:
         return MethodFormat(
             name=self.name,
-            family="gptq",
+            family=GPTQBase.family,
             quant_format=f"int{self.bits}-g{self.group_size}",
             weight_format="gptq",
             bits=self.bits,
             block_size=self.group_size,
             compute_dtype=self.compute_dtype_name,  # the loaded model's dtype (load_quantized)
+            adapter="none",
             settings={
                 "group_size": self.group_size,
                 "sym": self.sym,
@@ -314,3 +320,48 @@ class GPTQ(Method):
 
     def storage_targets(self) -> tuple[str, ...]:
         return ()  # GPTQModel's layers are recognised by type (methods/storage.py)
+
+
+class GPTQLayers(WeightFormat):
+    """GPTQModel's quantized linears: packed codes (int32 ``qweight``, (in * k / 32, out)) and as constants the
+    int32-packed k-bit zeros (``qzeros``) and fp16 ``scales`` per (group, out), and the int32 ``g_idx`` per input."""
+
+    names = ("gptq",)
+
+    @classmethod
+    def holds(cls, module):
+        return is_gptq_layer(module)
+
+    @classmethod
+    def storage_parts(cls, module):
+        constants = [t for t in (module.qzeros, module.scales, getattr(module, "g_idx", None)) if t is not None]
+        return {
+            "params": module.in_features * module.out_features,
+            "code_bytes": tensor_bytes(module.qweight),
+            "constant_bytes": sum(tensor_bytes(t) for t in constants),
+            "tensor_ids": {id(module.qweight), *map(id, constants)},
+        }
+
+    @classmethod
+    def dense_weight(cls, module):
+        return dense_gptq_weight(module)  # the layer run on the identity: exact, whatever the packing
+
+    @classmethod
+    def layer_bytes(cls, d_in, d_out, spec):
+        groups = ceil_div(d_in, spec.block_size)
+        qweight = 4 * ceil_div(d_in * spec.bits, 32) * d_out
+        return qweight, 2 * groups * d_out + 4 * groups * ceil_div(d_out * spec.bits, 32) + 4 * d_in
+
+
+class GPTQBase(BaseFormat):
+    """``method.base`` gptq: GPTQModel's INT-k checkpoint; QA-LoRA (its own Method) trains on it."""
+
+    listed = 4
+
+    names: ClassVar[dict] = {"gptq": {}}
+    method = GPTQ
+    takes_peft_adapters = False
+    why_no_peft = (
+        "peft adapters on GPTQ layers are not wired here; gptq takes qalora or none (or use method=qlora_gptq)"
+    )
+    family = "gptq"

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 from core.errors import ConfigError
 from core.modules import swap_modules
+from core.tensors import tensor_bytes
+from methods.registry import WeightFormat
+from methods.storage import ceil_div
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CODES_PER_CHUNK = 8  # 8 codes of k bits are exactly k bytes
@@ -167,7 +170,7 @@ class GroupQuantLinear(torch.nn.Module):
         return {
             "params": self.in_features * self.out_features,
             "code_bytes": self.packed_codes.numel(),
-            "constant_bytes": sum(t.numel() * t.element_size() for t in constants),
+            "constant_bytes": sum(tensor_bytes(t) for t in constants),
             "tensor_ids": {id(self.packed_codes), id(self.scales), id(self.zeros)},
         }
 
@@ -193,3 +196,27 @@ def quantize_linears_rtn(model, target_modules, bits: int, group_size: int) -> i
         return layer.to(linear.weight.device)
 
     return replace_linears(model, target_modules, make)
+
+
+class IntGroups(WeightFormat):
+    """``GroupQuantLinear``: k-bit codes, an fp16 scale and an fp16 zero per (group, output row); zeros fp32
+    after a QA-LoRA merge (the layer reports its own parts)."""
+
+    names = ("int_group",)
+
+    @classmethod
+    def holds(cls, module):
+        return isinstance(module, GroupQuantLinear)
+
+    @classmethod
+    def storage_parts(cls, module):
+        return module.storage_parts()
+
+    @classmethod
+    def dense_weight(cls, module):
+        return module.dequantized_weight(torch.float32)
+
+    @classmethod
+    def layer_bytes(cls, d_in, d_out, spec):
+        groups = ceil_div(d_in, spec.block_size)
+        return ceil_div(d_in * d_out * spec.bits, 8), 4 * groups * d_out

@@ -117,7 +117,15 @@ class LoftQAdapter(LoraAdapter):
     """LoRA whose initial (B, A) and 4-bit base come from LoftQ (``loftq: {iterations: T}``)."""
 
     kind = "loftq"
+    listed = 3
+    blocks = ("lora", "loftq")
     needs_original_weights = True
+    bases = ("nf4", "nf4_dq", "fp4", "fp4_dq")
+    why_not = "LoftQ re-quantizes a bitsandbytes 4-bit base (nf4, nf4_dq, fp4, fp4_dq)"
+
+    @classmethod
+    def run_name(cls, base, quantized):
+        return f"{cls.kind}_{base}"
 
     def __init__(self, lora: dict | None = None, loftq: dict | None = None):
         super().__init__(lora)

@@ -16,9 +16,10 @@ from core.compute_dtype import SIXTEEN_BIT_BASES
 from methods.adapters import Adapter, LoraAdapter
 from methods.base import LoadContext, Method, MethodFormat
 from methods.loading import load_16bit
+from methods.registry import base_format
 from methods.settings import dtype_name, parse_16bit_compute_dtype, parse_dtype
 
-# The memory model's weight format of each storage dtype: the 16-bit bases of methods/compose.py, inverted.
+# The weight format (methods/plain.py: DenseWeights) of each storage dtype: the 16-bit bases, inverted.
 SIXTEEN_BIT_FORMATS = {dtype: base for base, dtype in SIXTEEN_BIT_BASES.items()}
 
 
@@ -57,11 +58,12 @@ class LoRA(Method):
     def method_format(self) -> MethodFormat:
         return MethodFormat(
             name=self.name,
-            family=self.adapter.family or "lora",
+            family=base_format(SIXTEEN_BIT_FORMATS[self.dtype_name]).family_with(self.adapter),  # methods/plain.py
             quant_format=self.dtype_name,
             weight_format=SIXTEEN_BIT_FORMATS[self.dtype_name],
             bits=16 if self.dtype_name != "float32" else 32,
             compute_dtype=dtype_name(self.compute_dtype),
+            adapter=self.adapter.kind,
             lora=self.adapter.lora,
             settings=self.adapter.settings(),
         )

@@ -5,17 +5,12 @@ adapters into the dequantized 4-bit base (peft's ``merge_and_unload`` on a bitsa
 layer does the same: dequantize, add ``B @ A * scaling``, and would re-quantize), then
 quantize the 16-bit result again for serving.
 
-Per linear layer kind:
-- peft LoRA layers: the base layer's dense weight plus ``get_delta_weight`` of each active
-  adapter, added in fp32 and rounded once to the target dtype; with DoRA (``use_dora``) each
-  row of the sum is then scaled to the adapter's trained magnitude, as peft's own merge does;
-- bitsandbytes ``Linear4bit``: ``dequantize_4bit`` (NF4/FP4, double quantization included);
-  ``Linear8bitLt`` (LLM.int8): the int8 weights times each row's scale / 127;
-- our INT-k layers (``GroupQuantLinear``): the exact ``s (q - z)``; a QA-LoRA layer is merged
-  into its zeros first (methods/qalora.py), which is exact;
-- GPTQModel's layers: the layer run on the identity matrix (exact, whatever the packing);
-- ``nn.Linear``: its weight.
-Every other tensor of the state dict (embeddings, norms) is copied, cast to the dtype.
+Per layer: an adapter's wrapper (the adapter that ``wraps`` it: peft's LoRA and DoRA layers,
+QA-LoRA's) gives its ``merged_weight`` from its base layer's dense weight; a layer a registered
+weight format ``holds`` gives its ``dense_weight`` (bitsandbytes 4-bit and LLM.int8, GPTQModel's,
+our INT-k); ``nn.Linear`` its weight (methods/registry.py). A layer that stores a weight no format
+holds is an error naming what to declare. Every other tensor of the state dict (embeddings, norms)
+is copied, cast to the dtype.
 """
 
 from __future__ import annotations
@@ -24,66 +19,34 @@ from pathlib import Path
 
 import torch
 
-from methods.gptq import dense_gptq_weight
-from methods.int_quant import GroupQuantLinear
 from methods.loading import causal_lm
-from methods.qalora import QALoRALinear
-from methods.storage import int8_row_scales, is_gptq_layer
+from methods.registry import adapter_wrapping, format_holding, unknown_layer, unknown_layer_error
 
 
-def _check_unpacked(module) -> None:
-    """Refuse a Linear4bit whose codes bitsandbytes repacked for its CPU kernel (see methods/loading.py):
-    ``dequantize_4bit`` misreads them, and bitsandbytes' own inverse loses the absmax order."""
-    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
-        raise RuntimeError(
-            "a bitsandbytes 4-bit layer was repacked for bitsandbytes' CPU inference kernel and cannot be "
-            "dequantized exactly; load it with methods.loading.load_pretrained, which keeps the stored layout"
-        )
-
-
-def _dense_base_weight(module) -> torch.Tensor | None:
-    """The dense fp32 weight of a frozen linear layer of a kind we know, else None."""
-    import bitsandbytes as bnb
-
-    if isinstance(module, bnb.nn.Linear4bit):
-        _check_unpacked(module)
-        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-    if isinstance(module, bnb.nn.Linear8bitLt):  # LLM.int8: W = CB * SCB / 127, row by row
-        return module.weight.data.float() * (int8_row_scales(module).float() / 127).unsqueeze(1)
-    if isinstance(module, QALoRALinear):
-        return module.merged().dequantized_weight(torch.float32)
-    if isinstance(module, GroupQuantLinear):
-        return module.dequantized_weight(torch.float32)
-    if is_gptq_layer(module):
-        return dense_gptq_weight(module)
+def _dense_base_weight(name: str, module) -> torch.Tensor | None:
+    """The dense fp32 weight of a frozen layer, None for a module that is no weight layer."""
+    fmt = format_holding(module)
+    if fmt is not None:
+        return fmt.dense_weight(module)
     if isinstance(module, torch.nn.Linear):
         return module.weight.data.float()
+    if unknown_layer(module):
+        raise unknown_layer_error(name, module, "merge (methods/merge.py)")
     return None
 
 
-def _dense_weight(module) -> torch.Tensor | None:
-    from peft.tuners.lora import LoraLayer
-
-    if isinstance(module, LoraLayer):
-        weight = _dense_base_weight(module.get_base_layer())
-        for adapter in module.active_adapters:
-            updated = weight + module.get_delta_weight(adapter).float()
-            if module.use_dora.get(adapter, False):
-                # DoRA: each output row rescaled to its trained magnitude (peft's merge does the same)
-                magnitude = module.lora_magnitude_vector[adapter].weight.float()
-                updated = (magnitude / torch.linalg.norm(updated, dim=1)).unsqueeze(1) * updated
-            weight = updated
-        return weight
-    return _dense_base_weight(module)
+def _dense_weight(name: str, module) -> torch.Tensor | None:
+    adapter = adapter_wrapping(module)
+    if adapter is None:
+        return _dense_base_weight(name, module)
+    base = adapter.base_layer(module)
+    return adapter.merged_weight(module, _dense_base_weight(f"{name}.base_layer", base))
 
 
 def _bias(module) -> torch.Tensor | None:
-    from peft.tuners.lora import LoraLayer
-
-    if isinstance(module, LoraLayer):
-        module = module.get_base_layer()
-    if isinstance(module, QALoRALinear):
-        module = module.base
+    adapter = adapter_wrapping(module)
+    if adapter is not None:
+        module = adapter.base_layer(module)
     return getattr(module, "bias", None)
 
 
@@ -103,7 +66,7 @@ def merged_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in done):
             continue  # the model itself, or inside a layer already merged
-        weight = _dense_weight(module)
+        weight = _dense_weight(name, module)
         if weight is None:
             continue
         plain = name.replace(".base_layer", "")

@@ -19,6 +19,8 @@ The base comes from round-to-nearest (``base_quantizer: rtn``, no calibration) o
 GPTQ (``base_quantizer: gptq``, through GPTQModel, methods/gptq.py). The merged model
 exports as safetensors (``save_merged`` / ``load_merged``): packed uint8 codes, fp16
 scales, fp32 zeros (fp32 because merged zeros are no longer integers).
+
+This module declares the ``qalora`` adapter: it takes the INT-k bases (rtn, gptq) and brings its own Method.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import torch
 
 from core.errors import ConfigError
 from core.modules import swap_modules
+from methods.adapters import LoraAdapter
 from methods.base import TRAINED_PARAMS_ATTR, CalibrationSettings, LoadContext, Method, MethodFormat, trained_parameters
 from methods.int_quant import GroupQuantLinear, check_format, check_model_shape, quantize_linears_rtn
 from methods.loading import load_pretrained
 from methods.settings import LoraSettings, dtype_name, parse_dtype
+from methods.storage import ceil_div
 
 POOLINGS = ("mean", "sum")
 BASE_QUANTIZERS = ("rtn", "gptq")
@@ -160,12 +164,13 @@ class QALoRA(Method):
     def method_format(self) -> MethodFormat:
         return MethodFormat(
             name=self.name,
-            family="qalora",
+            family=QALoRAAdapter.family,
             quant_format=f"int{self.bits}-g{self.group_size}",
             weight_format="int_group",
             bits=self.bits,
             block_size=self.group_size,
             compute_dtype=self.compute_dtype_name,
+            adapter=QALoRAAdapter.kind,
             lora=self.lora,
             settings={
                 "group_size": self.group_size,
@@ -257,3 +262,39 @@ def load_merged(folder: Path, device: torch.device | str = "cpu", dtype: torch.d
         model.tie_weights()
     model.requires_grad_(False)
     return model.eval()
+
+
+class QALoRAAdapter(LoraAdapter):
+    """``method.adapter`` qalora: the group-pooled adapter above, on an INT-k group base (rtn or gptq). Tied to
+    the base's layers, so the ``QALoRA`` Method builds both; the class declares the axis and the figures."""
+
+    kind = "qalora"
+    listed = 6
+    family = "qalora"
+    peft = False
+    shardable = False
+    bases = ("rtn", "gptq")
+    why_not = "QA-LoRA's adapter folds into the zero points of an INT-k group base (rtn, gptq)"
+    method = QALoRA
+    base_argument = "base_quantizer"
+    markers = ("qalora_",)
+
+    @classmethod
+    def run_name(cls, base, quantized):
+        return "qalora" if base == "rtn" else f"qalora_{base}"  # the preset's name on its default base
+
+    @classmethod
+    def wraps(cls, module):
+        return isinstance(module, QALoRALinear)
+
+    @classmethod
+    def base_layer(cls, module):
+        return module.base
+
+    @classmethod
+    def merged_weight(cls, module, base_weight):
+        return module.merged().dequantized_weight(torch.float32)  # folded into the zeros: exact
+
+    @classmethod
+    def a_inputs(cls, d_in, spec):
+        return ceil_div(d_in, spec.block_size)  # A acts on the group-pooled input: r x D_in / L

@@ -83,6 +83,7 @@ class QLoRAThenGPTQ(Method):
         return replace(
             gptq,
             family="qlora_gptq",
+            adapter=self.finetuner.adapter.kind,
             lora=self.finetuner.adapter.lora,
             settings={**gptq.settings, "finetune_base": self.finetune_base},
         )

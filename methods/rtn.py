@@ -3,14 +3,19 @@
 Asymmetric min-max quantization per group of input channels (methods/int_quant.py),
 no calibration data, no fine-tuning. The GPTQ paper (Frantar et al., ICLR 2023) reports
 it as "RTN"; it is also QA-LoRA's calibration-free base quantizer.
+
+This module declares the ``rtn`` base format; its layers' weight format is methods/int_quant.py's.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from core.shapes import LLAMA_BLOCK_LINEARS
 from methods.base import LoadContext, Method, MethodFormat
 from methods.int_quant import check_format, check_model_shape, quantize_linears_rtn
 from methods.loading import load_pretrained
+from methods.registry import BaseFormat
 from methods.settings import dtype_name, parse_dtype
 
 
@@ -40,14 +45,27 @@ class RTN(Method):
     def method_format(self) -> MethodFormat:
         return MethodFormat(
             name=self.name,
-            family="rtn",
+            family=RTNBase.family,
             quant_format=f"int{self.bits}-g{self.group_size}",
             weight_format="int_group",
             bits=self.bits,
             block_size=self.group_size,
             compute_dtype=self.compute_dtype_name,
+            adapter="none",
             settings={"group_size": self.group_size},
         )
 
     def storage_targets(self) -> tuple[str, ...]:
         return self.target_modules
+
+
+class RTNBase(BaseFormat):
+    """``method.base`` rtn: INT-k groups by round-to-nearest; QA-LoRA (its own Method) trains on it."""
+
+    listed = 3
+
+    names: ClassVar[dict] = {"rtn": {}}
+    method = RTN
+    takes_peft_adapters = False
+    why_no_peft = "peft adapters do not wrap our INT-k layers; the rtn base takes qalora or none"
+    family = "rtn"

@@ -4,21 +4,18 @@ transformers' ``get_memory_footprint()`` leaves bitsandbytes' quantization const
 out (it reports the same bytes for NF4 with and without double quantization), so we
 walk the modules and add up every tensor a format needs to store:
 
-- bitsandbytes ``Linear4bit``: packed 4-bit codes (uint8, two per byte), the absmax per
-  block (fp32; or uint8 with double quantization, plus the second level's fp32 absmax
-  per 256 blocks and its fp32 offset). The code tables (16 values for NF4/FP4, 256 for
-  the 8-bit second level) are constants of the format, identical in every layer: they
-  are counted once per model, not once per layer.
-- bitsandbytes ``Linear8bitLt`` (LLM.int8): int8 weights and, as constants, the fp32 absmax
-  per output row (``SCB``): 8 + 32 / in_features bits per weight.
-- GPTQ layers (GPTQModel's quantized linears): packed codes (``qweight``), and as
-  constants the packed zeros (``qzeros``), fp16 ``scales`` and the ``g_idx`` permutation.
-- our INT-k layers (methods/int_quant.py) report their own parts (``storage_parts``).
-- plain ``nn.Linear`` and every other parameter or buffer: numel x element size.
+- a layer a registered weight format holds (methods/registry.py: bitsandbytes 4-bit and
+  LLM.int8 in methods/qlora.py, GPTQModel's in methods/gptq.py, our INT-k in methods/int_quant.py):
+  the codes, constants and code tables its ``storage_parts`` reports. Code tables are constants of
+  the format, identical in every layer: counted once per model, not once per layer.
+- a target ``nn.Linear``: its weight, as the method's linear layers.
+- every other parameter or buffer: numel x element size, as unquantized bytes.
+- a layer that stores a weight in a form no weight format holds: an error naming what to declare,
+  never a guess.
 
-Adapter parameters (LoRA's and QA-LoRA's ``lora_`` / ``qalora_`` tensors, and any other parameter
-that trains: prefix tuning's prompt encoder, LLaMA-Adapter's prompts and gates) are counted apart
-as ``adapter_bytes``.
+Adapter tensors are counted apart as ``adapter_bytes``: those whose names carry a registered adapter's
+``markers`` (LoRA's ``lora_``, QA-LoRA's ``qalora_``, frozen ones included), and any other parameter
+that trains (prefix tuning's prompt encoder, LLaMA-Adapter's prompts and gates).
 """
 
 from __future__ import annotations
@@ -27,34 +24,13 @@ import torch
 
 from core.tensors import tensor_bytes
 
-ADAPTER_MARKERS = ("lora_", "qalora_")
 
-
-def _is_adapter(name: str) -> bool:
-    return any(marker in name for marker in ADAPTER_MARKERS)
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def is_gptq_layer(module) -> bool:
     return all(hasattr(module, attr) for attr in ("qweight", "qzeros", "scales", "bits", "group_size"))
-
-
-def _gptq_parts(module) -> tuple[int, int, int, set[int]]:
-    """(params, code bytes, constant bytes, tensor ids) of one GPTQ layer."""
-    constants = [t for t in (module.qzeros, module.scales, getattr(module, "g_idx", None)) if t is not None]
-    return (
-        module.in_features * module.out_features,
-        tensor_bytes(module.qweight),
-        sum(tensor_bytes(t) for t in constants),
-        {id(module.qweight), *map(id, constants)},
-    )
-
-
-def _bnb_4bit_parts(module) -> tuple[int, int, list[torch.Tensor]]:
-    """(code bytes, constant bytes, code tables) of one bitsandbytes Linear4bit."""
-    weight = module.weight
-    code_bytes = tensor_bytes(weight)
-    constants, tables = bnb_4bit_constants(weight.quant_state)
-    return code_bytes, constants, tables
 
 
 def bnb_4bit_constants(state) -> tuple[int, list[torch.Tensor]]:
@@ -79,8 +55,9 @@ def int8_row_scales(module) -> torch.Tensor:
 
 def weight_storage(model: torch.nn.Module, target_modules: tuple[str, ...]) -> dict:
     """Bytes of the frozen weights by part, and bits/parameter over the target linear layers."""
-    import bitsandbytes as bnb  # noqa: F401  (imported only to recognise its modules)
+    from methods.registry import adapter_markers, format_holding, unknown_layer, unknown_layer_error
 
+    markers = adapter_markers()
     quantized_params = 0
     quantized_code_bytes = 0
     quantization_constant_bytes = 0
@@ -90,45 +67,29 @@ def weight_storage(model: torch.nn.Module, target_modules: tuple[str, ...]) -> d
     adapter_bytes = 0
     for module_name, module in model.named_modules():
         # peft moves a wrapped layer to "<target>.base_layer": look at every path component
-        is_target = any(part in target_modules for part in module_name.split(".")) and not _is_adapter(module_name)
-        if isinstance(module, bnb.nn.Linear4bit):
-            codes, constants, tables = _bnb_4bit_parts(module)
-            quantized_params += module.weight.quant_state.shape.numel()
-            quantized_code_bytes += codes
-            quantization_constant_bytes += constants
-            for table in tables:
-                key = (table.dtype, tuple(table.flatten().tolist()))
-                code_tables[key] = tensor_bytes(table)
-            counted.add(id(module.weight))
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            scales = int8_row_scales(module)
-            quantized_params += module.weight.numel()
-            quantized_code_bytes += tensor_bytes(module.weight)
-            quantization_constant_bytes += tensor_bytes(scales)
-            counted.update({id(module.weight), id(scales)})
-        elif is_gptq_layer(module):
-            params, codes, constants, ids = _gptq_parts(module)
-            quantized_params += params
-            quantized_code_bytes += codes
-            quantization_constant_bytes += constants
-            counted.update(ids)
-        elif is_target and isinstance(module, torch.nn.Linear):
-            quantized_params += module.weight.numel()
-            quantized_code_bytes += tensor_bytes(module.weight)
-            counted.add(id(module.weight))
-        describe = getattr(module, "storage_parts", None)
-        if callable(describe):  # our own quantized layers (QA-LoRA, RTN) report their parts
-            parts = describe()
+        is_adapter = any(marker in module_name for marker in markers)
+        is_target = any(part in target_modules for part in module_name.split(".")) and not is_adapter
+        fmt = format_holding(module)
+        if fmt is not None:
+            parts = fmt.storage_parts(module)
             quantized_params += parts["params"]
             quantized_code_bytes += parts["code_bytes"]
             quantization_constant_bytes += parts["constant_bytes"]
             counted.update(parts["tensor_ids"])
+            for table in parts.get("code_tables", ()):
+                code_tables[(table.dtype, tuple(table.flatten().tolist()))] = tensor_bytes(table)
+        elif is_target and isinstance(module, torch.nn.Linear):
+            quantized_params += module.weight.numel()
+            quantized_code_bytes += tensor_bytes(module.weight)
+            counted.add(id(module.weight))
+        elif unknown_layer(module):
+            raise unknown_layer_error(module_name, module, "storage (methods/storage.py)")
     seen: set[int] = set()
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if id(tensor) in seen or id(tensor) in counted:
             continue
         seen.add(id(tensor))  # tied embeddings are stored once
-        if _is_adapter(name) or tensor.requires_grad:  # a new adapter's parameters count without a marker
+        if any(marker in name for marker in markers) or tensor.requires_grad:  # trained: adapter, marker or not
             adapter_bytes += tensor_bytes(tensor)
         else:
             other_bytes += tensor_bytes(tensor)

@@ -53,22 +53,15 @@ def test_the_readme_worked_example_of_a_new_adapter_runs(monkeypatch, tiny_spec,
 
     import methods.adapters
     import methods.compose as compose
+    from methods import registry
     from methods.base import LoadContext
 
     text = (REPO / "README.md").read_text()
     code = re.search(r"```python\n(   class IA3Adapter.*?)```", text, flags=re.S).group(1)
+    registry.discover()
+    monkeypatch.setattr(registry, "_ADAPTERS", dict(registry._ADAPTERS))  # the class registers for this test only
     namespace = dict(vars(methods.adapters))
-    exec(textwrap.dedent(code), namespace)  # step 1, as printed
-    adapter_class = namespace["IA3Adapter"]
-    make_adapter = compose.make_adapter
-    monkeypatch.setattr(compose, "ADAPTERS", (*compose.ADAPTERS, "ia3"))  # step 2
-    monkeypatch.setitem(compose.VALID_ADAPTERS, "nf4", (*compose.VALID_ADAPTERS["nf4"], "ia3"))
-    monkeypatch.setattr(compose, "ADAPTER_BLOCKS", (*compose.ADAPTER_BLOCKS, "ia3"))
-    monkeypatch.setattr(
-        compose,
-        "make_adapter",
-        lambda kind, settings: adapter_class(settings.get("ia3")) if kind == "ia3" else make_adapter(kind, settings),
-    )
+    exec(textwrap.dedent(code), namespace)  # step 1, as printed: the class registers itself (step 2)
     preset = re.search(r"```yaml\n(   # IA3.*?)```", text, flags=re.S).group(1)  # step 3, as printed
     cfg = OmegaConf.create(yaml.safe_load(textwrap.dedent(preset)))
     cfg.compute_dtype = "float32"
@@ -86,10 +79,14 @@ def test_the_readme_worked_example_of_a_new_adapter_runs(monkeypatch, tiny_spec,
 
 def test_readme_axes_matrix_is_what_compose_accepts():
     """The README's base x adapter matrix: a name where methods/compose.py builds the pair, "—" where it refuses."""
-    from methods.compose import ADAPTERS, BASES, VALID_ADAPTERS, method_name
+    from methods.compose import method_name, valid_adapters
+    from methods.registry import adapter_kinds, base_names
 
     text = (REPO / "README.md").read_text()
-    header = "| base \\ adapter | " + " | ".join(f"`{adapter}`" for adapter in ADAPTERS) + " |"
+    header = re.search(r"^\| base \\ adapter \|.*\|$", text, flags=re.M).group(0)
+    ADAPTERS = re.findall(r"`(\w+)`", header)  # the registered adapters, each a column, in the README's order
+    assert sorted(ADAPTERS) == sorted(adapter_kinds())
+    BASES, VALID_ADAPTERS = base_names(), {base: valid_adapters(base) for base in base_names()}
     rows = text.split(header, 1)[1].split("\n\n", 1)[0].strip().splitlines()[1:]
     covered = []
     for row in rows:
