@@ -1,18 +1,22 @@
-"""The README's figures, regenerated from the committed records and benchmark files.
+"""The figures of README.md and docs/*.md, regenerated from the committed records and benchmark files.
 
-A figure in README.md sits between two markers that name it, ``<!-- fig:NAME -->value<!-- /fig -->``
-inline, or ``<!-- table:NAME -->`` ... ``<!-- /table -->`` around a whole table; ``FIGURES`` says how
-each name is computed from ``results/``, and a table named by a file under ``results/`` (one that
-``analysis.tables`` wrote) is that file's rows. Nobody types a figure: this module writes them, and its
-``--check`` (run by the test suite) fails when the README and the records disagree.
+A figure sits between two markers that name it, ``<!-- fig:NAME -->value<!-- /fig -->`` inline, or
+``<!-- table:NAME -->`` ... ``<!-- /table -->`` around a whole table. ``FIGURES`` says how each name is
+computed from ``results/``; a table named by a file under ``results/`` (one that ``analysis.tables``
+wrote) is that file's rows; and one cell of such a table's CSV is quoted as
+``<!-- fig:results/X/tables/T.csv | Column=value, Column=value | Column -->``: the row the conditions
+pick (exactly one), the column named after them, optionally in a Python number format (``| .1f``).
+Nobody types a figure: this module writes them, and its ``--check`` (run by the test suite) fails when a
+page and the records disagree.
 
-    python -m analysis.readme_figures            # rewrite README.md's figures from results/
+    python -m analysis.readme_figures            # rewrite the pages' figures from results/
     python -m analysis.readme_figures --check    # exit 1, naming each figure that differs
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -24,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
 README = REPO / "README.md"
-MARKED = re.compile(r"<!-- (fig|table):([\w./-]+) -->(.*?)<!-- /\1 -->", re.S)
+MARKED = re.compile(r"<!-- (fig|table):(\S.*?) -->(.*?)<!-- /\1 -->", re.S)
 GENERATED_TABLE = "results/"  # a table named by its file under results/ (analysis.tables wrote it): its rows
 
 
@@ -78,6 +82,19 @@ def table_rows(path: Path) -> str:
     return "\n".join(line for line in path.read_text().splitlines() if line.startswith("|"))
 
 
+def table_cell(spec: str) -> str:
+    """``results/X/tables/T.csv | Column=value, ... | Column [| format]``: that column of the one row the
+    conditions pick, as the file writes it or in a Python format (``.1f``)."""
+    path, conditions, column, *number_format = (part.strip() for part in spec.split(" | "))
+    wanted = dict(condition.split("=", 1) for condition in conditions.split(", "))
+    with open(REPO / path, newline="") as file:
+        rows = [row for row in csv.DictReader(file) if all(row[key] == value for key, value in wanted.items())]
+    if len(rows) != 1:
+        raise KeyError(f"{path}: {len(rows)} rows match {conditions} (a quoted cell needs exactly one)")
+    value = rows[0][column]
+    return format(float(value), number_format[0]) if number_format else value
+
+
 def quickstart_table() -> str:
     return table_rows(RESULTS / "quickstart" / "tables" / "main.md")
 
@@ -122,8 +139,49 @@ def _mmlu_full() -> dict:
     return record
 
 
+def _record(folder: str, method: str) -> dict:
+    [record] = [r for r in records(folder) if r["method"]["name"] == method]
+    return record
+
+
+# The record folders whose runs' environment (date, machine, versions, commits) a page quotes.
+RECORD_FOLDERS = (
+    "mmlu_full_5shot", "methods_small", "prefix_init", "datatypes_small", "gguf_llama_cpp", "deploy_small",
+    "qalora_table1_small",
+)  # fmt: skip
+
+
+def _fidelity_reference() -> dict:
+    """The 16-bit base's fidelity figures in results/methods_small: the reference every KL is taken against."""
+    return _record("methods_small", "base_bf16")["eval"]["fidelity"]
+
+
+def _prefix_init(init: str) -> dict:
+    """The untrained prefix-tuning run of ``results/prefix_init`` whose prefixes started as ``init``."""
+    [record] = [r for r in records("prefix_init") if r["config"]["method"]["prefix"]["init"] == init]
+    return record
+
+
+@cache
+def _bench(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _bench_memory() -> dict:
+    [run] = _bench("bench_eval_memory_bf16.json")["runs"]
+    return run
+
+
+def _gpu_bench(name: str) -> dict:
+    return _bench(f"gpu/check/{name}.json")
+
+
+def _gpu_b4_harness() -> dict:
+    return next(r for r in _gpu_bench("llama2_7b_b4_s1024_r8")["runs"] if r["name"] == "qlora_nf4")
+
+
 def _bench_eval_table() -> str:
-    bench = json.loads((RESULTS / "bench_eval.json").read_text())
+    bench = _bench("bench_eval.json")
     lines = [
         "| shots | harness q/s | lm-eval q/s | speed-up | token work ratio | same prediction | accuracy (both) "
         "| peak RSS harness / lm-eval |",
@@ -201,12 +259,76 @@ FIGURES: dict[str, Callable[[], str]] = {
     "mmlu_full.work_ratio": lambda: (
         f"{_mmlu_full()['eval']['mmlu']['prompt_tokens'] / _mmlu_full()['eval']['mmlu']['tokens_forward']:.1f}"
     ),
-    "mmlu_full.environment": _environment(lambda: list(records("mmlu_full_5shot"))),
     "bench_eval.table": _bench_eval_table,
+    "bench_eval.environment": lambda: (
+        "SmolLM2 in {dtype}, {questions} questions, {threads} threads on a {device}, {date}".format(
+            questions=_bench("bench_eval.json")["runs"][0]["harness"]["questions"], **_bench("bench_eval.json")
+        )
+    ),
+    "bench_eval.max_logprob_diff": lambda: (
+        f"{max(r['max_logprob_diff'] for r in _bench('bench_eval.json')['runs']):.0e}"
+    ),
+    "bench_eval_memory.weights_gb": lambda: f"{_bench_memory()['weights_bytes'] / 1e9:.2f}",
+    "bench_eval_memory.growth_gb": lambda: f"{_bench_memory()['harness']['memory_growth_bytes'] / 1e9:.2f}",
+    "bench_eval_memory.kv_gb": lambda: f"{_bench_memory()['largest_batch_kv_bytes'] / 1e9:.2f}",
+    "bench_eval_memory.memory_ratio": lambda: f"{_bench_memory()['memory_ratio']:.2f}",
+    "bench_eval_memory.harness_peak_gb": lambda: f"{_bench_memory()['harness']['peak_memory_bytes'] / 1e9:.2f}",
+    "bench_eval_memory.lm_eval_peak_gb": lambda: f"{_bench_memory()['lm_eval']['peak_memory_bytes'] / 1e9:.1f}",
+    "bench_eval_memory.questions": lambda: str(_bench_memory()["harness"]["questions"]),
+    "bench_eval_memory.agreeing": lambda: (
+        f"{_bench_memory()['agreement'] * _bench_memory()['harness']['questions']:.0f}"
+    ),
+    "bench_eval_memory.max_logprob_diff": lambda: f"{_bench_memory()['max_logprob_diff']:.2f}",
+    "bench_eval_memory.acc_diff_points": lambda: f"{_bench_memory()['acc_diff_points']:.1f}",
+    "mmlu_full.questions_per_subject": lambda: (
+        f"{_mmlu_full()['eval']['mmlu']['n_questions'] / _mmlu_full()['eval']['mmlu']['n_subjects']:.0f}"
+    ),
+    "mmlu_full.prompt_tokens_per_question": lambda: (
+        f"{_mmlu_full()['eval']['mmlu']['prompt_tokens'] / _mmlu_full()['eval']['mmlu']['n_questions']:.0f}"
+    ),
+    "mmlu_full.tokens_forward_per_question": lambda: (
+        f"{_mmlu_full()['eval']['mmlu']['tokens_forward'] / _mmlu_full()['eval']['mmlu']['n_questions']:.0f}"
+    ),
+    "gpu.h100.device": lambda: f"**{_gpu_bench('llama2_7b_b1_s512')['device']}**",
+    "gpu.h100.versions": lambda: ", ".join(
+        f"{name} {version}" for name, version in _gpu_bench("llama2_7b_b1_s512")["versions"].items()
+    ),
+    "gpu.h100.b4.tokens_per_s": lambda: f"{_gpu_b4_harness()['tokens_per_second']:,.0f}",
+    "gpu.h100.b4.gib": lambda: f"{_gpu_b4_harness()['train']['max_allocated_plus_paged_bytes'] / 2**30:.2f}",
+    "gpu.h100.b4.over_bare": lambda: f"{_gpu_bench('llama2_7b_b4_s1024_r8')['harness_over_reference']:.3f}",
+    **{f"{folder}.environment": _environment(lambda folder=folder: list(records(folder))) for folder in RECORD_FOLDERS},
+    **{
+        f"{folder}.job_minutes": lambda folder=folder: f"{job_seconds(list(records(folder))) / 60:.0f}"
+        for folder in ("datatypes_small", "deploy_small")
+    },
+    "fidelity.reference_mib": lambda: f"{_fidelity_reference()['reference_bytes'] / 2**20:.0f}",
+    "fidelity.n_positions": lambda: f"{_fidelity_reference()['vs_base']['n_positions']:,}",
+    **{
+        f"prefix_init.{init}.kl": (
+            lambda init=init: _format(_prefix_init(init)["eval"]["fidelity"]["vs_base"]["kl_mean"])
+        )
+        for init in ("activations", "random")
+    },
+    **{
+        f"methods_small.loftq.{key}": (
+            lambda key=key: _format(_record("methods_small", "loftq_nf4")["method"]["loftq"][key])
+        )
+        for key in ("init_rel_error", "qlora_init_rel_error", "iterations", "layers")
+    },
 }
 
 
-def render(text: str) -> tuple[str, list[str]]:
+def _format(value: float | int) -> str:
+    """A record's number as a page quotes it: integers whole, other values to three significant digits."""
+    return f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
+
+
+def pages() -> list[Path]:
+    """The pages whose figures this module writes: the README and every page under docs/."""
+    return [README, *sorted((REPO / "docs").glob("*.md"))]
+
+
+def render(text: str, page: str = "README.md") -> tuple[str, list[str]]:
     """``text`` with every marked figure recomputed, and the names whose value changed."""
     changed = []
 
@@ -214,10 +336,12 @@ def render(text: str) -> tuple[str, list[str]]:
         kind, name, old = match.groups()
         if kind == "table" and name.startswith(GENERATED_TABLE):
             value = table_rows(REPO / name)
+        elif kind == "fig" and " | " in name:
+            value = table_cell(name)
         elif name in FIGURES:
             value = FIGURES[name]()
         else:
-            raise KeyError(f"README.md marks {kind}:{name}, which analysis/readme_figures.py does not define")
+            raise KeyError(f"{page} marks {kind}:{name}, which analysis/readme_figures.py does not define")
         new = f"\n{value}\n" if kind == "table" else value
         if new != old:
             changed.append(name)
@@ -229,20 +353,23 @@ def render(text: str) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.readme_figures", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a figure differs")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("pages", nargs="*", type=Path, help="default: README.md and docs/*.md")
     args = parser.parse_args(argv)
-    text = args.readme.read_text()
-    rendered, changed = render(text)
-    if args.check:
-        if changed:
-            print(f"{args.readme}: figures differ from the records: {', '.join(changed)}", file=sys.stderr)
-            print("regenerate them: python -m analysis.readme_figures", file=sys.stderr)
-            return 1
-        print(f"{args.readme}: {len(MARKED.findall(text))} figures agree with the records")
-        return 0
-    args.readme.write_text(rendered)
-    print(f"{args.readme}: {len(changed)} figures rewritten ({', '.join(changed) or 'none changed'})")
-    return 0
+    differ = False
+    for page in args.pages or pages():
+        text = page.read_text()
+        rendered, changed = render(text, page.name)
+        if args.check and changed:
+            differ = True
+            print(f"{page}: figures differ from the records: {', '.join(changed)}", file=sys.stderr)
+        elif args.check:
+            print(f"{page}: {len(MARKED.findall(text))} figures agree with the records")
+        else:
+            page.write_text(rendered)
+            print(f"{page}: {len(changed)} figures rewritten ({', '.join(changed) or 'none changed'})")
+    if differ:
+        print("regenerate them: python -m analysis.readme_figures", file=sys.stderr)
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":

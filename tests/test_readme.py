@@ -1,4 +1,5 @@
-"""The README's commands are the ones CI runs and the ones the configs support."""
+"""The README's and docs/' commands are the ones CI runs and the ones the configs support; their figures are the
+records'; the README stays a page a newcomer reads in minutes."""
 
 import importlib.metadata
 import os
@@ -44,8 +45,8 @@ def test_readme_results_table_is_the_generated_one():
     assert "\n".join(rows) in readme
 
 
-def test_the_readme_worked_example_of_a_new_adapter_runs(monkeypatch, tiny_spec, cpu):
-    """ "Adding a method": the IA3 class and preset as printed, wired as steps 2-3 say, train and are recorded."""
+def test_the_worked_example_of_a_new_adapter_runs(monkeypatch, tiny_spec, cpu):
+    """docs/adding_a_method.md: the IA3 class and preset as printed, wired as steps 2-3 say, train and are recorded."""
     import textwrap
 
     import yaml
@@ -56,7 +57,7 @@ def test_the_readme_worked_example_of_a_new_adapter_runs(monkeypatch, tiny_spec,
     from methods import registry
     from methods.base import LoadContext
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "adding_a_method.md").read_text()
     code = re.search(r"```python\n(   class IA3Adapter.*?)```", text, flags=re.S).group(1)
     registry.discover()
     monkeypatch.setattr(registry, "_ADAPTERS", dict(registry._ADAPTERS))  # the class registers for this test only
@@ -102,17 +103,17 @@ def test_readme_axes_matrix_is_what_compose_accepts():
     assert sorted(covered) == sorted(BASES)
 
 
-def test_the_readme_sharded_65b_command_passes_the_checks_a_run_makes_first():
-    """The README's QLoRA Table 4 BFloat16 row at 65B: its overrides compose, train sharded settings that
+def test_the_documented_sharded_65b_command_passes_the_checks_a_run_makes_first():
+    """docs/sharded_training.md's QLoRA Table 4 BFloat16 row at 65B: its overrides compose, train sharded settings that
     the harness accepts on a method that shards, on the Slurm launcher that gives each rank's task a GPU."""
     from hydra.utils import instantiate
 
     from experiments.train import TrainSettings
     from tests.conftest import compose_config
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "sharded_training.md").read_text()
     block = re.search(r"python -m experiments\.run -m experiment=qlora_table4 launcher=slurm.*?\n\n", text, re.S)
-    assert block, "README.md lost its sharded 65B command"
+    assert block, "docs/sharded_training.md lost its sharded 65B command"
     overrides = block.group(0).replace("\\\n", " ").split()[4:]  # after "python -m experiments.run -m"
     cfg = compose_config(*overrides, hydra_node=True)
     settings = TrainSettings(**cfg.train)
@@ -152,8 +153,27 @@ def test_the_suite_runs_on_the_locked_stack():
     assert installed == expected
 
 
-def test_every_marked_readme_figure_is_what_the_records_say():
-    """README figures are written by analysis/readme_figures.py from results/, never typed."""
+def test_every_marked_figure_is_what_the_records_say():
+    """The README's and docs/' figures are written by analysis/readme_figures.py from results/, never typed."""
     from analysis.readme_figures import main
 
     assert main(["--check"]) == 0
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    """At most 300 lines a newcomer reads in minutes; every page under docs/ is reachable from it."""
+    text = (REPO / "README.md").read_text()
+    assert text.count("\n") <= 300
+    unlinked = [page.name for page in (REPO / "docs").glob("*.md") if f"](docs/{page.name})" not in text]
+    assert not unlinked, f"README.md links no docs/ page {unlinked}"
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = [
+        f"{page.relative_to(REPO)}: {target}"
+        for page in pages
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text())
+        if not (page.parent / target).exists()
+    ]
+    assert not broken, broken

@@ -299,7 +299,7 @@ def test_a_job_lost_before_its_run_is_planned_is_not_named_after_an_earlier_swee
         "hydra.launcher.gpus_per_task=null",
         "hydra.launcher.mem_gb=null",
         "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.setup=[\"sleep 120\"]",  # the job waits before python starts: cancelled before planning
+        'hydra.launcher.setup=["sleep 120"]',  # the job waits before python starts: cancelled before planning
         *TINY,
         "method=lora_bf16",
         "train.max_steps=2",
