@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 from analysis.method_specs import MethodSpec, resolve_method
 from analysis.model_shapes import ModelShape, resolve_shape
+from experiments.harness.train import OPTIMIZERS
 
 GiB = 1024**3
 BNB_CODE_TABLE = 16 * 4  # NF4/FP4: 16 fp32 values, one table per model (storage.py counts it once)
@@ -35,7 +36,6 @@ BNB_DQ_BLOCK = 256  # double quantization: one fp32 absmax per 256 first-level b
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages an optimizer buffer only from this size up
 BNB_8BIT_MIN_NUMEL = 4096  # smaller tensors keep 32-bit state in bitsandbytes' 8-bit optimizers
 BNB_8BIT_STATE_BLOCK = 256
-OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from core.compute_dtype import storage_dtype
 from core.shapes import LLAMA_BLOCK_LINEARS
+from experiments.harness.config import CONF
 from methods.base import WEIGHT_FORMATS
 
-CONF_METHODS = Path(__file__).resolve().parent.parent / "conf" / "method"
+CONF_METHODS = CONF / "method"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.load import NoRecordsError, load_runs
 from analysis.tables import LABEL_COLUMNS, MIXED, configuration_groups, fidelity_points, mixed_environment
-from experiments.record import Status
+from experiments.harness.record import Status
 
 DPI = 150
 STYLE = {

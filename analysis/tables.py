@@ -48,7 +48,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.load import MMLU_CATEGORIES, STATUSES, NoRecordsError, load_exports, load_runs
-from experiments.record import Status
+from experiments.harness.record import Status
 
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "published.csv"
 MISSING = "—"
