@@ -46,7 +46,7 @@ from core.shapes import LLAMA_BLOCK_LINEARS
 from methods.settings import LoraSettings
 from methods.storage import trainable_parameters, weight_storage
 
-# What ``family`` decides: which paper tables a run's row joins (analysis/tables.py).
+# What ``family`` decides: which paper tables a run's row joins (analysis/tables/: papers.py, fidelity.py).
 FAMILIES = {
     "base": "the unquantized base, no fine-tuning: the reference row",
     "lora": "LoRA on a 16-bit base (QLoRA Table 4's BFloat16 rows)",
