@@ -1,6 +1,6 @@
 """Run records -> one tidy pandas DataFrame: the only reader of ``results/``.
 
-``load_runs(path)`` reads every run record (JSON, schema in ``experiments/record.py``)
+``load_runs(path)`` reads every run record (JSON, schema in ``experiments/harness/record.py``)
 under a folder, recursively, into one row per run with flat, stable column names and
 proper dtypes (pandas nullable ``Int64``/``boolean``/``string``, ``float64``, UTC
 timestamps). Failed and out-of-memory runs are rows like any other, with their status and
@@ -11,7 +11,7 @@ skipped; it never stops the load. Tables, plots and the notebook all go through 
 Each row names its model by what the run loaded (``model``: the Hub id, a local folder
 as ``<name>@<content id>``, the synthetic preset, the bundled model), never by the config
 group's name (``model_config``: ``hf`` for every checkpoint). ``settings`` holds everything
-in the run's config that can change a result except the seed (``experiments.record.
+in the run's config that can change a result except the seed (``experiments.harness.record.
 comparison_settings``) and ``config_id`` a short hash of it: runs with one ``config_id``
 differ in nothing but the seed.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.record import FINISHED, SCHEMA_VERSION, SUPERSEDED_DIR, Phase, comparison_settings
+from experiments.harness.record import FINISHED, SCHEMA_VERSION, SUPERSEDED_DIR, Phase, comparison_settings
 
-# The newest record schema this reader understands: the one experiments/record.py writes.
+# The newest record schema this reader understands: the one experiments/harness/record.py writes.
 READER_SCHEMA_VERSION = SCHEMA_VERSION
 STATUSES = tuple(status.value for status in FINISHED)
 MMLU_CATEGORIES = ("humanities", "stem", "social_sciences", "other")
@@ -128,7 +128,7 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "perplexity": ("float64", ("eval.perplexity.perplexity",)),
         "perplexity_n_tokens": ("Int64", ("eval.perplexity.n_tokens",)),
         "perplexity_source": ("string", ("eval.perplexity.source",)),
-        # fidelity against the 16-bit base (experiments/fidelity.py)
+        # fidelity against the 16-bit base (experiments/evaluation/fidelity.py)
         "kl_vs_base_mean": ("float64", ("eval.fidelity.vs_base.kl_mean",)),
         "kl_vs_base_median": ("float64", ("eval.fidelity.vs_base.kl_median",)),
         "kl_vs_base_p99": ("float64", ("eval.fidelity.vs_base.kl_p99",)),
@@ -256,7 +256,7 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _record_files(root: Path) -> list[Path]:
     # Temp files of an atomic write in progress start with a dot: never half a record.
-    # superseded/: records a later run of the same configuration replaced (experiments.record.set_aside)
+    # superseded/: records a later run of the same configuration replaced (experiments.harness.record.set_aside)
     return sorted(
         p
         for p in root.rglob("*.json")
@@ -307,7 +307,7 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     return frame.sort_values(order, na_position="last", kind="mergesort").reset_index(drop=True)
 
 
-# An export's figures (experiments/export.py) -> column in load_exports' rows.
+# An export's figures (experiments/deploy/export.py) -> column in load_exports' rows.
 EXPORT_COLUMNS = {
     "export_status": ("string", "status"),
     "export_error": ("string", "error.message"),

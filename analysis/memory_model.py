@@ -31,13 +31,13 @@ from dataclasses import asdict, dataclass
 
 from analysis.method_specs import MethodSpec, resolve_method
 from analysis.model_shapes import ModelShape, resolve_shape
+from experiments.harness.train import OPTIMIZERS
 from methods.registry import adapter_class, weight_format
 
 GiB = 1024**3
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages an optimizer buffer only from this size up
 BNB_8BIT_MIN_NUMEL = 4096  # smaller tensors keep 32-bit state in bitsandbytes' 8-bit optimizers
 BNB_8BIT_STATE_BLOCK = 256
-OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ from typing import Any
 
 from core.compute_dtype import storage_dtype
 from core.shapes import LLAMA_BLOCK_LINEARS
+from experiments.harness.config import CONF
 from methods.registry import adapter_class, weight_format
 
-CONF_METHODS = Path(__file__).resolve().parent.parent / "conf" / "method"
+CONF_METHODS = CONF / "method"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

@@ -11,11 +11,11 @@
   activations and the rest (peak training memory minus the tensors counted before).
 - ``loss_curves``: training loss per step.
 - ``fidelity_vs_bits``: KL divergence against the 16-bit base by bits per parameter for the
-  storage formats without fine-tuning (``analysis.tables.datatype_fidelity``'s points),
+  storage formats without fine-tuning (``analysis.tables.fidelity.datatype_fidelity``'s points),
   Pareto front marked.
 
 Every point is the mean over the seeds of a configuration's ok runs (error bars: std); a
-configuration is what ``analysis.tables`` groups (runs that differ in nothing but the seed
+configuration is what ``analysis.tables.grouping`` groups (runs that differ in nothing but the seed
 and the shots), labelled by method and then by whatever tells it apart from the others;
 a label ending in ‡ averages runs of more than one code version or device.
 Files are deterministic for the same records and matplotlib version: fixed dpi and
@@ -35,8 +35,9 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from analysis.load import NoRecordsError, load_runs
-from analysis.tables import LABEL_COLUMNS, MIXED, configuration_groups, fidelity_points, mixed_environment
-from experiments.record import Status
+from analysis.tables.fidelity import fidelity_points
+from analysis.tables.grouping import LABEL_COLUMNS, MIXED, configuration_groups, mixed_environment
+from experiments.harness.record import Status
 
 DPI = 150
 STYLE = {

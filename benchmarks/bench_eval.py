@@ -2,8 +2,8 @@
 
     python -m benchmarks.bench_eval --limit-per-subject 4 --shots 0 5
 
-For each number of shots it runs both backends (experiments.evaluate and
-experiments.lm_eval_backend) on the same loaded model and the same questions, and
+For each number of shots it runs both backends (experiments.evaluation.mmlu and
+experiments.evaluation.lm_eval_backend) on the same loaded model and the same questions, and
 prints questions/s for each, the speed ratio, the agreement of per-question
 predictions and both accuracies, the largest log-probability difference, and the
 issue's memory bound for the harness (see ``memory_check``). Results
@@ -23,10 +23,10 @@ from omegaconf import OmegaConf
 
 from analysis.model_shapes import shape_from_config
 from core.tensors import tensor_bytes
-from experiments.evaluate import evaluate_mmlu
-from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
-from experiments.measure import PhaseMeter, limit_heap_retention
-from experiments.models import load_tokenizer, resolve_model
+from experiments.evaluation.lm_eval_backend import evaluate_mmlu_lm_eval
+from experiments.evaluation.mmlu import evaluate_mmlu
+from experiments.harness.measure import PhaseMeter, limit_heap_retention
+from experiments.harness.models import load_tokenizer, resolve_model
 from methods.loading import load_pretrained
 from methods.settings import DTYPES
 

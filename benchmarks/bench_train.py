@@ -2,7 +2,7 @@
 
 For the Llama-2-7B shape with random weights (``model=llama_synthetic``, preset
 ``llama2_7b``), in one process on one GPU, it runs the harness's own training step
-(methods from conf/method via Hydra compose, then ``experiments.train.train``) for LoRA
+(methods from conf/method via Hydra compose, then ``experiments.harness.train.train``) for LoRA
 bf16, QLoRA NF4 (Dettmers et al., arXiv 2305.14314), NF4 + double quantization, and
 QA-LoRA (Xu et al., arXiv 2309.14717) when conf/method/qalora.yaml exists; then a bare
 reference loop for QLoRA NF4 written with transformers + peft + bitsandbytes only, on
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from experiments.config import CONF
-from experiments.measure import optimizer_state_bytes, paged_state_bytes
+from experiments.harness.config import CONF
+from experiments.harness.measure import optimizer_state_bytes, paged_state_bytes
 
 HARNESS_METHODS = ("lora_bf16", "qlora_nf4", "qlora_nf4_dq", "qalora")
 REFERENCE = "reference_qlora_nf4"
@@ -81,7 +81,7 @@ def check_device(args) -> torch.device:
 
 
 def compose(method: str, args, optimizer: str):
-    from experiments.config import compose_config
+    from experiments.harness.config import compose_config
 
     overrides = [
         f"method={method}",
@@ -103,7 +103,7 @@ def synthetic_spec(preset: str):
     """The harness's random Llama of the preset's shape, built directly on the device (no checkpoint on
     disk, no tokenizer: the benchmark feeds token ids, and a GPU machine may have no network)."""
     from core.errors import ConfigError
-    from experiments.models import random_llama_spec
+    from experiments.harness.models import random_llama_spec
 
     try:
         return random_llama_spec(preset)
@@ -200,11 +200,11 @@ def predicted(method_cfg: dict, model_path: str, args, optimizer: str) -> dict:
 
 
 def run_harness(method_name: str, args, device: torch.device, optimizer: str) -> dict:
-    """The harness's path: Hydra-composed method -> load_base -> add_adapters -> experiments.train.train."""
+    """The harness's path: Hydra-composed method -> load_base -> add_adapters -> experiments.harness.train.train."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from experiments.train import TrainSettings, train
+    from experiments.harness.train import TrainSettings, train
     from methods.base import LoadContext
 
     cfg = compose(method_name, args, optimizer)

@@ -1,7 +1,7 @@
 """Chaos sweep: does a Slurm sweep survive what users' clusters do to its jobs?
 
 On a real Slurm cluster (this machine's, scripts/slurm_local.sh) it runs a sweep of N short runs with
-``launcher=slurm`` on a tiny real checkpoint (experiments.models.tiny_checkpoint_with_bundled_vocab), each run
+``launcher=slurm`` on a tiny real checkpoint (experiments.harness.models.tiny_checkpoint_with_bundled_vocab), each run
 going through the stages of a paper-scale run: load, train, evaluation (MMLU on two subjects; perplexity with
 the KL divergence that the export needs), one export (merged_16bit, scored again), the record. The runs
 differ in the seed only: N configurations. While the sweep runs, a chaos thread picks running jobs at random
@@ -37,7 +37,7 @@ naming each check that failed (2 when it cannot start). It uses the cluster of $
 (``eval "$(scripts/slurm_local.sh env)"``; kills need the node to be this machine), else starts one in its
 work folder with scripts/slurm_local.sh and stops it at the end. The sweep runs from a git snapshot of this
 checkout, its uncommitted changes committed there: a re-run skips a run only when its record was made by
-the same clean commit (experiments.record.reuse_refusal), and an edit to the checkout while the sweep runs
+the same clean commit (experiments.harness.record.reuse_refusal), and an edit to the checkout while the sweep runs
 does not reach its jobs. The work folder (records, sweep folder, logs) is removed when every check passes,
 else kept and named in the output (--keep-work keeps it anyway).
 """
@@ -66,15 +66,15 @@ from pathlib import Path
 
 from analysis.load import load_runs
 from core.cpu import cpu_model_name
-from experiments.models import tiny_checkpoint_with_bundled_vocab
-from experiments.record import SUPERSEDED_DIR, read_record
-from experiments.sweep_summary import read_pointer
+from experiments.harness.models import tiny_checkpoint_with_bundled_vocab
+from experiments.harness.record import SUPERSEDED_DIR, read_record
+from experiments.harness.sweep_summary import read_pointer
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_SCRIPT = REPO / "scripts" / "slurm_local.sh"
 ACTIONS = ("kill", "preempt")
 # The stages of a run that hits aim at, in the order hits are given them (--kills 3: the first three), and the
-# phases of experiments.record.Phase in each. "startup" is before the first phase (imports, the plan), "skip"
+# phases of experiments.harness.record.Phase in each. "startup" is before the first phase (imports, the plan), "skip"
 # the startup of a re-run's job whose run already has an ok record (it checks the record and ends), "record"
 # after the last phase (the record written, the training checkpoint removed, the job ending). A stage also
 # holds the gaps after its phases (adding the adapters to the loaded model is "load").
@@ -96,7 +96,7 @@ STAGE_AFTER = {"train": "eval", "export": "record"}  # where a run is once the l
 SUBJECTS = ("anatomy", "astronomy")
 REQUEUE_TIMEOUT_S = 60  # a preempted job is requeued by submitit within seconds
 SLURM_COMMAND_TIMEOUT_S = 10
-# "[2026-01-02 10:11:12,345][experiments.measure][INFO] - phase train: started" (Hydra's job log format);
+# "[2026-01-02 10:11:12,345][experiments.harness.measure][INFO] - phase train: started" (Hydra's job log format);
 # a phase cut short (an error, a preemption) says "interrupted by <error>"
 PHASE_LINE = re.compile(
     r"^\[(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]\[[^\]]*\]\[INFO\] - "

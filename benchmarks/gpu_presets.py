@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.config import CONF, compose_config
+from experiments.harness.config import CONF, compose_config
 
 # Whole settings of experiment=methods_small; --quick shrinks them to seconds per preset (the dry run).
 QUICK = (

@@ -1,4 +1,4 @@
-"""What a method loads: a checkpoint (or a random shape) and its tokenizer, resolved by experiments.models."""
+"""What a method loads: a checkpoint (or a random shape) and its tokenizer, resolved by experiments.harness.models."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Model shapes every layer names: the linear layers of a Llama block, and the synthetic size presets.
 
 The presets are the config.json numbers of real models (Llama-2 7B/13B, Touvron et al.
-arXiv 2307.09288) and two small ones for tests; experiments.models builds random models of
+arXiv 2307.09288) and two small ones for tests; experiments.harness.models builds random models of
 these shapes, and analysis.model_shapes predicts their memory.
 """
 

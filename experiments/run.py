@@ -31,9 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from core.compute_dtype import resolve_auto_compute_dtype
 from core.errors import ConfigError
-from experiments import mmlu_data
-from experiments.data import BatchSource, calibration_segments, load_examples, tokenize_examples
-from experiments.distributed import (
+from experiments.deploy.export import ExportJob, ExportSettings, check_exports, export_all
+from experiments.deploy.gguf_export import check_gguf_source
+from experiments.distribution.ranks import (
     MULTI_PROCESS,
     FirstRankWeights,
     Ranks,
@@ -44,9 +44,9 @@ from experiments.distributed import (
     rank_device,
     slurm_tasks,
 )
-from experiments.evaluate import evaluate_mmlu, heldout_texts, perplexity, text_windows
-from experiments.export import ExportJob, ExportSettings, check_exports, export_all
-from experiments.fidelity import (
+from experiments.distribution.sharded_checkpoint import remove_checkpoint
+from experiments.evaluation import mmlu_data
+from experiments.evaluation.fidelity import (
     Reference,
     compare_logprobs,
     fidelity_against,
@@ -54,11 +54,13 @@ from experiments.fidelity import (
     stored_reference,
     window_logprobs,
 )
-from experiments.gguf_export import check_gguf_source
-from experiments.loggers import NullLogger, make_logger
-from experiments.measure import PhaseMeter, limit_heap_retention
-from experiments.models import ModelSpec, load_tokenizer, model_shape, resolve_model
-from experiments.record import (
+from experiments.evaluation.mmlu import evaluate_mmlu
+from experiments.evaluation.perplexity import heldout_texts, perplexity, text_windows
+from experiments.harness.data import BatchSource, calibration_segments, load_examples, tokenize_examples
+from experiments.harness.loggers import NullLogger, make_logger
+from experiments.harness.measure import PhaseMeter, limit_heap_retention
+from experiments.harness.models import ModelSpec, load_tokenizer, model_shape, resolve_model
+from experiments.harness.record import (
     Phase,
     RunRecord,
     Status,
@@ -74,16 +76,15 @@ from experiments.record import (
     without_keys,
     write_record,
 )
-from experiments.sharded_checkpoint import remove_checkpoint
-from experiments.summary import format_table
-from experiments.sweep_summary import (
+from experiments.harness.summary import format_table
+from experiments.harness.sweep_summary import (
     clear_rank_failures,
     describe_rank_failure,
     first_rank_failure,
     write_pointer,
     write_rank_failure,
 )
-from experiments.train import TrainSettings, train
+from experiments.harness.train import TrainSettings, train
 from methods.base import LoadContext, Method
 from methods.compose import register_method_name_resolver
 from methods.loading import load_16bit
@@ -117,7 +118,7 @@ class RunPlan:
 
 def run_id_of(cfg: DictConfig, content: dict | None = None, device: str | None = None) -> str:
     """A stable id from the resolved config: same config, same id, on any machine. Keys that cannot
-    change a result (experiments.record.result_config: where, how often, how fast, and new keys at their
+    change a result (experiments.harness.record.result_config: where, how often, how fast, and new keys at their
     neutral value) are left out. ``content`` (``content_ids``) names by content what the config names by
     place: a checkpoint folder overwritten, or another MMLU file at the same path, is another run.
     ``device`` (``device_for_id``) stands for the config's where both name one device."""
@@ -317,7 +318,7 @@ def score_mmlu(cfg, model, tokenizer, predictions_path: Path | None) -> dict:
         max_length=cfg.model.max_length,
     )
     if cfg.eval.backend == "lm_eval":
-        from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
+        from experiments.evaluation.lm_eval_backend import evaluate_mmlu_lm_eval
 
         mmlu = evaluate_mmlu_lm_eval(model, tokenizer, **kwargs)
     else:
@@ -572,7 +573,7 @@ def run_training(plan: RunPlan, model, tokenizer, logger, ranks: Ranks | None = 
 
 def training_checkpoint(plan: RunPlan) -> Path:
     """Where the run's training state lives until its ok record is written (see ``execute``): one file, or
-    for a run of several processes a folder of every rank's part (experiments/sharded_checkpoint.py)."""
+    for a run of several processes a folder of every rank's part (experiments/distribution/sharded_checkpoint.py)."""
     name = "train_state.sharded" if plan.train_settings.strategy in MULTI_PROCESS else "train_state.pt"
     return Path(plan.cfg.checkpoint_dir) / plan.run_id / name
 
@@ -600,7 +601,7 @@ def _flat_metrics(record: dict) -> dict:
 
 
 def execute_ranks(plan: RunPlan) -> dict:
-    """Run ``plan`` as ``train.nproc`` processes (experiments/distributed.py) and return the record rank 0
+    """Run ``plan`` as ``train.nproc`` processes (experiments/distribution/ranks.py) and return the record rank 0
     wrote; if the processes ended without one, a failed record saying so."""
     code = launch(plan.train_settings.nproc, list(HydraConfig.get().overrides.task), plan.output_dir)
     if plan.record_path.exists():  # an older record was set aside before: this one is theirs

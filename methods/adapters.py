@@ -47,7 +47,7 @@ class Adapter:
     # The config blocks it reads (``method.<block>``), passed to ``__init__`` as keyword arguments.
     # Default: one block named after the kind (``ia3: {...}`` for kind ``ia3``).
     blocks: ClassVar[tuple[str, ...] | None] = None
-    # The record's table family (analysis/tables.py): "prompt" for prompt adapters; None for LoRA and the
+    # The record's table family (analysis/tables/): "prompt" for prompt adapters; None for LoRA and the
     # variants whose rows the paper tables are: the base's ``trained_family`` (lora on 16 bits, qlora on
     # bitsandbytes). A new kind's default, "other", joins no paper table's row.
     family: ClassVar[str | None] = "other"

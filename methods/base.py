@@ -13,13 +13,13 @@ in this order, always through the members below (never probing for others):
    storage format (phase ``load``, or ``quantize`` when ``quantize_phase == "load"``).
 4. ``add_adapters(model)``: the trainable parts (default: none). The harness counts the
    parameters that require grad right after, as the run's ``trainable_params``.
-5. Training, if ``trainable`` (experiments/train.py: every parameter that requires grad).
+5. Training, if ``trainable`` (experiments/harness/train.py: every parameter that requires grad).
 6. ``finalize(model, context)``: what is evaluated and deployed (default: the model as it is),
    e.g. adapters merged, or the merged model GPTQ-quantized (phase ``finalize``, or ``quantize``
    when ``quantize_phase == "finalize"``).
 7. ``describe(model, trainable_params)``: the record's ``method`` section, built from
    ``method_format()`` and the storage counted from the finalized model's tensors.
-8. Exports (``export.formats``, experiments/export.py): every method's finalized model is
+8. Exports (``export.formats``, experiments/deploy/export.py): every method's finalized model is
    merged into plain 16-bit weights (methods/merge.py) and re-quantized to the deploy
    formats; a method that has a format of its own names it in ``native_exports`` and
    writes and reads it with ``save_native_export`` / ``load_native_export``.
@@ -53,7 +53,7 @@ from methods.registry import weight_format
 from methods.settings import LoraSettings
 from methods.storage import trainable_parameters, weight_storage
 
-# What ``family`` decides: which paper tables a run's row joins (analysis/tables.py).
+# What ``family`` decides: which paper tables a run's row joins (analysis/tables/: papers.py, fidelity.py).
 FAMILIES = {
     "base": "the unquantized base, no fine-tuning: the reference row",
     "lora": "LoRA on a 16-bit base (QLoRA Table 4's BFloat16 rows)",
@@ -183,7 +183,7 @@ class Method:
 
     def prepare_sharding(self) -> None:
         """Called before ``load_base`` when the run trains sharded (``train.strategy=fsdp``,
-        experiments/distributed.py): store the base so that FSDP can shard it, or raise ConfigError
+        experiments/distribution/ranks.py): store the base so that FSDP can shard it, or raise ConfigError
         saying why this method cannot be (the default)."""
         from core.errors import ConfigError
 
@@ -195,7 +195,7 @@ class Method:
 
     # Whether ``load_base`` and ``add_adapters`` can build the model on the meta device (its structure,
     # no weights), to be filled in from rank 0's: a sharded run then holds the whole model only in rank
-    # 0's host memory, not on every GPU (experiments/distributed.py). A base quantized as it loads
+    # 0's host memory, not on every GPU (experiments/distribution/ranks.py). A base quantized as it loads
     # (bitsandbytes) cannot: each rank loads the whole quantized base, then shards it.
     builds_on_meta: bool = False
 

@@ -24,7 +24,7 @@ def causal_lm(path, **kwargs):
 def load_pretrained(model_spec: ModelSpec, device: torch.device, dtype: torch.dtype, quantization_config=None):
     """Load a checkpoint the same way for every method, frozen, on ``device``.
 
-    A spec with a ``random_shape`` (experiments.models.random_llama_spec) has no checkpoint:
+    A spec with a ``random_shape`` (experiments.harness.models.random_llama_spec) has no checkpoint:
     its random weights are built directly on ``device`` (methods/random_base.py).
     """
     if getattr(model_spec, "random_shape", None) is not None:

@@ -1,6 +1,6 @@
 """Any method's finalized model as plain 16-bit weights: the adapters merged, the base dequantized.
 
-What every deploy format starts from (experiments/export.py): QLoRA users merge the
+What every deploy format starts from (experiments/deploy/export.py): QLoRA users merge the
 adapters into the dequantized 4-bit base (peft's ``merge_and_unload`` on a bitsandbytes
 layer does the same: dequantize, add ``B @ A * scaling``, and would re-quantize), then
 quantize the 16-bit result again for serving.

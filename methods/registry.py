@@ -9,7 +9,7 @@ own module, as a class that registers itself when the module is imported:
   bytes of a layer from its shape (``layer_bytes``, ``code_table_bytes``: analysis/memory_model.py).
 - a ``BaseFormat`` (a subclass with ``names``): the ``method.base`` axis. It names the ``Method`` class
   that loads or quantizes it, the adapters it takes (and a one-line reason for the others), its
-  weight format and its table family (analysis/tables.py).
+  weight format and its table family (analysis/tables/).
 - an ``Adapter`` (methods/adapters.py, a subclass with ``kind``): the ``method.adapter`` axis.
 
 Nothing else keeps a list of them: ``discover`` imports every module of the ``methods`` package (and
@@ -194,7 +194,7 @@ class BaseFormat:
     refuses: ClassVar[dict[str, str]] = {}
     # Why it takes no peft adapter (when ``takes_peft_adapters`` is False): one line.
     why_no_peft: ClassVar[str | None] = None
-    # The table family (methods.base.FAMILIES, analysis/tables.py) of its runs without training, and with an
+    # The table family (methods.base.FAMILIES, analysis/tables/) of its runs without training, and with an
     # adapter that takes the base's (LoRA and its variants: ``Adapter.family`` None), e.g. bnb and qlora.
     family: ClassVar[str] = ""
     trained_family: ClassVar[str] = ""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments.config import CONF, compose_config  # noqa: F401 - the tests' one config composer
+from experiments.harness.config import CONF, compose_config  # noqa: F401 - the tests' one config composer
 
 REPO = Path(__file__).resolve().parent.parent
 METHOD_CONFIGS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
@@ -24,14 +24,14 @@ def cpu():
 
 @pytest.fixture(scope="session")
 def tiny_spec():
-    from experiments.models import resolve_model
+    from experiments.harness.models import resolve_model
 
     return resolve_model(OmegaConf.create({"name": "llama_synthetic", "kind": "synthetic", "preset": "tiny"}))
 
 
 @pytest.fixture(scope="session")
 def smollm2_spec():
-    from experiments.models import resolve_model
+    from experiments.harness.models import resolve_model
 
     return resolve_model(OmegaConf.create({"name": "smollm2_135m", "kind": "bundled_gguf"}))
 
@@ -39,7 +39,7 @@ def smollm2_spec():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_spec):
     """The bundled real model in float32 (exact comparisons) and its tokenizer, loaded once."""
-    from experiments.models import load_tokenizer
+    from experiments.harness.models import load_tokenizer
     from methods.loading import load_pretrained
 
     model = load_pretrained(smollm2_spec, torch.device("cpu"), torch.float32)
@@ -50,7 +50,7 @@ def smollm2(smollm2_spec):
 def tiny_checkpoint_with_bundled_vocab():
     """A tiny random Llama (bf16) with the bundled tokenizer's vocabulary, saved as a checkpoint (in the cache,
     built once): MMLU and perplexity run on it (its accuracy means nothing; the code paths are what runs)."""
-    from experiments.models import tiny_checkpoint_with_bundled_vocab
+    from experiments.harness.models import tiny_checkpoint_with_bundled_vocab
 
     return tiny_checkpoint_with_bundled_vocab()
 

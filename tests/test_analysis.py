@@ -16,16 +16,11 @@ import pandas as pd
 import pytest
 
 from analysis.load import COLUMNS, NoRecordsError, RecordWarning, load_runs
-from analysis.tables import (
-    datatype_fidelity,
-    deploy_fidelity,
-    load_reference,
-    main_table,
-    qalora_table1,
-    qlora_table4,
-    write_tables,
-)
-from analysis.tables import main as tables_main
+from analysis.tables.build import main as tables_main
+from analysis.tables.build import write_tables
+from analysis.tables.comparison import main_table
+from analysis.tables.fidelity import datatype_fidelity, deploy_fidelity
+from analysis.tables.papers import load_reference, qalora_table1, qlora_table4
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "results" / "quickstart"
@@ -372,7 +367,7 @@ def test_the_deploy_table_shows_each_fine_tuned_run_then_its_exports(tmp_path):
 
 
 def test_the_committed_data_type_records_show_the_orderings_the_papers_and_llama_cpp_report():
-    from analysis.tables import fidelity_points
+    from analysis.tables.fidelity import fidelity_points
 
     kl = fidelity_points(load_runs(REPO / "results" / "datatypes_small")).set_index("format")["kl_mean"]
     assert kl["GGUF Q8_0"] < kl["GGUF Q5_1"] < kl["GGUF Q4_0"]  # llama.cpp's ranking of its types
@@ -385,7 +380,7 @@ def test_the_committed_data_type_records_show_the_orderings_the_papers_and_llama
 
 
 def test_the_gguf_reader_table_puts_llama_cpp_beside_transformers(tmp_path):
-    from analysis.tables import gguf_readers
+    from analysis.tables.fidelity import gguf_readers
 
     q4 = export_figures(4.5, 0.28)
     q4["llama_cpp"] = {"perplexity": 11.4, "vs_base": kl_figures(0.29, 0.76), "vs_trained": kl_figures(0.29)}
@@ -550,7 +545,7 @@ def test_settings_that_do_not_change_results_do_not_split_a_cell():
 def test_the_table_key_leaves_out_exactly_what_the_run_id_leaves_out_and_the_seed():
     from omegaconf import OmegaConf
 
-    from experiments.record import comparison_settings, result_config
+    from experiments.harness.record import comparison_settings, result_config
     from experiments.run import run_id_of
     from tests.conftest import compose_config
 

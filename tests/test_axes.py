@@ -50,7 +50,7 @@ def test_every_valid_pair_loads_trains_merges_and_describes(base, adapter, tiny_
     record = method.describe(model)
     assert record["family"] in FAMILIES and record["name"] == method.name
     assert record["trainable_params"] == sum(p.numel() for p in trainable)
-    if method.mergeable:  # every deploy format starts from these weights (experiments/export.py)
+    if method.mergeable:  # every deploy format starts from these weights (experiments/deploy/export.py)
         weights = merged_weights(model, torch.float32)
         assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
@@ -150,7 +150,7 @@ def test_loftq_starts_closer_to_the_16bit_weights_than_qlora(tiny_spec, cpu):
 
 def test_prompt_adapters_refuse_weight_only_exports():
     from core.errors import ConfigError
-    from experiments.export import check_exports
+    from experiments.deploy.export import check_exports
 
     cfg = compose_config("method=prefix_bf16", "export.formats=[gguf_q8_0]")
     with pytest.raises(ConfigError, match="cannot be merged"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.record import read_record
+from experiments.harness.record import read_record
 from tests.conftest import REPO
 
 JOBS = 4

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments.record import read_record
+from experiments.harness.record import read_record
 from tests.conftest import run_cli
 
 FAST = ("model=llama_synthetic", "train.max_steps=2", "method.lora.r=4")
@@ -118,7 +118,7 @@ def test_a_sweep_goes_on_past_a_failed_run_and_lists_it(tmp_path):
 
 
 def test_records_are_written_atomically(tmp_path):
-    from experiments.record import write_record
+    from experiments.harness.record import write_record
 
     path = write_record({"a": 1}, tmp_path / "r.json")
     assert json.loads(path.read_text()) == {"a": 1}

@@ -6,7 +6,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.config import compose_config
+from experiments.harness.config import compose_config
 from experiments.run import run_id_of
 from tests.conftest import REPO
 
@@ -57,7 +57,7 @@ def test_the_main_job_finds_its_reference_rows_on_this_cpu():
     import torch
 
     from core.compute_dtype import resolve_auto_compute_dtype
-    from experiments.sweep_summary import load_reference
+    from experiments.harness.sweep_summary import load_reference
 
     experiment = compose_config("experiment=quickstart", hydra_node=True)
     methods = str(experiment.hydra.sweeper.params.method).split(",")

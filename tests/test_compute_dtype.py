@@ -67,7 +67,7 @@ def test_the_record_says_which_dtype_ran_and_why(tmp_path):
         f"results_dir={tmp_path}",
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    from experiments.record import read_record
+    from experiments.harness.record import read_record
 
     [path] = tmp_path.glob("*.json")
     record = read_record(path)
@@ -134,7 +134,7 @@ def test_lora_bf16_on_a_cpu_emulating_bf16_runs_in_fp32_and_says_why(tmp_path):
     import subprocess
     import sys
 
-    from experiments.record import read_record
+    from experiments.harness.record import read_record
     from tests.conftest import REPO
 
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "HYDRA_FULL_ERROR": "0"}

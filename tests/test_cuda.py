@@ -1,7 +1,7 @@
 """The CUDA path: bitsandbytes kernels, paged optimizers and their memory, fp16 loss scaling, per-phase peaks.
 
 Skipped without a GPU; scripts/gpu_check.sh runs them (``pytest -m cuda``) on a GPU machine.
-The models are random Llamas built on the GPU (experiments.models.random_llama_spec): no
+The models are random Llamas built on the GPU (experiments.harness.models.random_llama_spec): no
 checkpoint and no tokenizer, which a GPU machine without network could not fetch.
 """
 
@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from analysis.memory_model import TrainShape, predict
 from analysis.method_specs import spec_from_method_config
 from analysis.model_shapes import resolve_shape
-from experiments.measure import PhaseMeter, paged_state_bytes
-from experiments.models import random_llama_spec
-from experiments.train import TrainSettings, load_checkpoint, make_optimizer, make_scheduler, train
+from experiments.harness.measure import PhaseMeter, paged_state_bytes
+from experiments.harness.models import random_llama_spec
+from experiments.harness.train import TrainSettings, load_checkpoint, make_optimizer, make_scheduler, train
 from methods.base import LoadContext
 from tests.conftest import compose_config
 from tests.test_methods import make_method, random_batches

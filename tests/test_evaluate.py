@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from experiments import mmlu_data
-from experiments.evaluate import _encode, evaluate_mmlu, heldout_texts, length_batches, letter_token_ids, perplexity
+from experiments.evaluation import mmlu_data
+from experiments.evaluation.mmlu import _encode, evaluate_mmlu, length_batches, letter_token_ids
+from experiments.evaluation.perplexity import heldout_texts, perplexity
 
 SUBJECTS = ["abstract algebra", "high school geography", "moral scenarios"]
 

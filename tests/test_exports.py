@@ -1,4 +1,4 @@
-"""Exports to deploy formats (experiments/export.py, experiments/gguf_export.py, methods/merge.py)."""
+"""Exports to deploy formats (experiments/deploy/export.py, experiments/deploy/gguf_export.py, methods/merge.py)."""
 
 import json
 
@@ -7,9 +7,9 @@ import torch
 
 from core.errors import ConfigError
 from core.model_spec import ModelSpec
-from experiments.export import COMMON_EXPORTS, ExportJob, check_exports, export_all
-from experiments.fidelity import Reference, fidelity, save_reference, stored_reference, token_windows
-from experiments.gguf_export import check_gguf_type, load_gguf, write_gguf
+from experiments.deploy.export import COMMON_EXPORTS, ExportJob, check_exports, export_all
+from experiments.deploy.gguf_export import check_gguf_type, load_gguf, write_gguf
+from experiments.evaluation.fidelity import Reference, fidelity, save_reference, stored_reference, token_windows
 from methods.base import LoadContext
 from methods.merge import merged_weights
 from tests.conftest import compose_config, run_cli
@@ -100,8 +100,8 @@ def test_a_16_or_32_bit_gguf_file_reads_back_with_the_logits_of_the_model_writte
 
 def test_llama_cpp_scores_a_written_gguf_file_as_transformers_scores_the_model(tiny_fp32, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (a source build of llama.cpp)")
-    from experiments.fidelity import compare_logprobs
-    from experiments.gguf_export import llama_cpp_logprobs
+    from experiments.deploy.gguf_export import llama_cpp_logprobs
+    from experiments.evaluation.fidelity import compare_logprobs
 
     model, tokenizer = tiny_fp32
     windows = random_windows(model.config.vocab_size)
@@ -220,12 +220,12 @@ def test_a_failing_export_is_recorded_as_failed_and_the_others_are_kept(tiny_che
 def test_when_the_merge_fails_every_format_built_on_it_is_recorded_failed(
     tiny_checkpoint_with_bundled_vocab, tmp_path, monkeypatch
 ):
-    import experiments.export
+    import experiments.deploy.export
 
     def broken_merge(model, dtype):
         raise RuntimeError("unknown layer type")
 
-    monkeypatch.setattr(experiments.export, "merged_weights", broken_merge)
+    monkeypatch.setattr(experiments.deploy.export, "merged_weights", broken_merge)
     method = make_method("lora_bf16", "method.lora.r=4")
     spec = tiny_spec_of(tiny_checkpoint_with_bundled_vocab)
     settings = export_settings("lora_bf16", ["gguf_q8_0", "merged_16bit"], "method.lora.r=4")

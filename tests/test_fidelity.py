@@ -1,11 +1,19 @@
-"""The fidelity measure: KL divergence and top-token agreement against a stored reference (experiments/fidelity.py)."""
+"""The fidelity measure: KL divergence and top-token agreement against a stored reference
+(experiments/evaluation/fidelity.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from experiments.evaluate import perplexity
-from experiments.fidelity import Reference, fidelity, kl_divergence, save_reference, token_windows, window_logprobs
+from experiments.evaluation.fidelity import (
+    Reference,
+    fidelity,
+    kl_divergence,
+    save_reference,
+    token_windows,
+    window_logprobs,
+)
+from experiments.evaluation.perplexity import perplexity
 from methods.loading import load_pretrained
 
 CPU = torch.device("cpu")
@@ -87,10 +95,10 @@ def test_other_windows_than_the_references_are_refused(models, windows, tmp_path
 def test_the_evaluation_batch_size_changes_no_figure_in_float32(
     models, windows, tmp_path, tiny_checkpoint_with_bundled_vocab
 ):
-    """eval.batch_size is left out of the run id (experiments.record.NOT_RESULT_KEYS): in float32 the
+    """eval.batch_size is left out of the run id (experiments.harness.record.NOT_RESULT_KEYS): in float32 the
     batch, and so the padding beside a window or question, moves no recorded figure beyond 1e-5."""
-    from experiments.evaluate import evaluate_mmlu
-    from experiments.models import load_tokenizer
+    from experiments.evaluation.mmlu import evaluate_mmlu
+    from experiments.harness.models import load_tokenizer
     from methods.loading import causal_lm
 
     reference, candidate = models

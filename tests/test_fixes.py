@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from experiments.models import random_llama_spec
-from experiments.train import TrainSettings
+from experiments.harness.models import random_llama_spec
+from experiments.harness.train import TrainSettings
 from methods.base import LoadContext
 from methods.int_quant import GroupQuantLinear, dequantize, rtn_quantize
 from methods.loading import load_pretrained

@@ -1,4 +1,5 @@
-"""Runs of several processes (train.strategy=fsdp|ddp, experiments/distributed.py): real processes, gloo on CPU."""
+"""Runs of several processes (train.strategy=fsdp|ddp, experiments/distribution/ranks.py): real processes,
+gloo on CPU."""
 
 import json
 import os
@@ -104,7 +105,7 @@ def _sharded_prediction(method: str, shards: int) -> dict:
     from analysis.memory_model import TrainShape, predict
     from analysis.method_specs import spec_from_format
     from analysis.model_shapes import resolve_shape
-    from experiments.models import resolve_model
+    from experiments.harness.models import resolve_model
 
     cfg = compose_config(*COMMON, *METHODS[method])
     built = instantiate(cfg.method, _convert_="all")
@@ -152,7 +153,7 @@ def _kill_when(ready, *args: str, timeout: float = 180) -> None:
 def _saved_step(folder) -> int | None:
     import torch
 
-    from experiments.sharded_checkpoint import PROGRESS_FILE, complete_checkpoint
+    from experiments.distribution.sharded_checkpoint import PROGRESS_FILE, complete_checkpoint
 
     found = complete_checkpoint(folder)
     try:
@@ -238,7 +239,7 @@ def test_every_tensor_a_collective_gets_lives_on_the_ranks_device(monkeypatch):
     gloo on CPU takes it. A rank computing on another device (meta here, as cuda on a GPU) shows it on CPU."""
     import torch.distributed as dist
 
-    from experiments.distributed import Ranks
+    from experiments.distribution.ranks import Ranks
 
     seen = []
 

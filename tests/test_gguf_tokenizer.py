@@ -1,12 +1,12 @@
 """A GGUF export runs in llama.cpp as the model was trained: its pre-tokenizer, a SentencePiece vocabulary for
-Llama-2-style tokenizers, rope scaling as llama.cpp's converter writes them (experiments/gguf_export.py)."""
+Llama-2-style tokenizers, rope scaling as llama.cpp's converter writes them (experiments/deploy/gguf_export.py)."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.errors import ConfigError
-from experiments.gguf_export import check_rope, llama3_rope_factors, tokenizer_kind, write_gguf
+from experiments.deploy.gguf_export import check_rope, llama3_rope_factors, tokenizer_kind, write_gguf
 
 SAMPLES = ["Digits 1234567 and 3.14159, spaces   here\tand\nthere.", "Unicode: naïve café, 日本語, emoji 🦙!"]
 
@@ -36,7 +36,7 @@ def _tiny_llama(vocab_size: int, **config) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def bundled_tokenizer(smollm2_spec):
-    from experiments.models import load_tokenizer
+    from experiments.harness.models import load_tokenizer
 
     return load_tokenizer(smollm2_spec)
 
@@ -77,7 +77,7 @@ def test_a_sentencepiece_style_tokenizer_is_written_as_a_llama_vocabulary(tmp_pa
 
 
 def test_an_unknown_pre_tokenizer_or_rope_type_is_refused_in_one_line(tiny_spec):
-    from experiments.models import load_tokenizer
+    from experiments.harness.models import load_tokenizer
 
     with pytest.raises(ConfigError, match=r"pre-tokenizer hash \w+ unknown\); valid: llama-bpe, smollm"):
         tokenizer_kind(load_tokenizer(tiny_spec))  # the synthetic model's own byte-level BPE

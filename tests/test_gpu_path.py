@@ -6,9 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from experiments.measure import PhaseMeter, PhaseStats, paged_state_bytes
-from experiments.models import LLAMA_PRESETS, random_llama_spec
-from experiments.train import TrainSettings, repage_optimizer_state, train
+from experiments.harness.measure import PhaseMeter, PhaseStats, paged_state_bytes
+from experiments.harness.models import LLAMA_PRESETS, random_llama_spec
+from experiments.harness.train import TrainSettings, repage_optimizer_state, train
 from methods.base import LoadContext
 from methods.int_quant import GroupQuantLinear, dequantize, rtn_quantize
 from methods.loading import load_pretrained
@@ -107,7 +107,7 @@ def test_random_llama_spec_rejects_an_unknown_preset():
 def test_qalora_layer_dequantizes_with_about_two_bytes_per_weight_of_transients(cpu):
     """The frozen INT4 layer's forward + backward on a 4096 x 8192 layer: at most 6 bytes per weight
     of growth (the bf16 weight is 2; the old whole-layer int64 unpacking held about 16)."""
-    from experiments.measure import limit_heap_retention
+    from experiments.harness.measure import limit_heap_retention
 
     limit_heap_retention()
     out_features, in_features = 4096, 8192
@@ -133,7 +133,7 @@ def test_compiled_training_pads_to_bucketed_widths_and_times_compiles_apart(cpu,
 
     import torch._dynamo
 
-    from experiments.data import BatchSource, TokenizedExample
+    from experiments.harness.data import BatchSource, TokenizedExample
 
     compilations = []
 
@@ -172,7 +172,7 @@ def test_compiled_training_pads_to_bucketed_widths_and_times_compiles_apart(cpu,
 
 
 def test_bucket_width_pads_to_powers_of_two_within_the_maximum():
-    from experiments.train import bucket_width, pad_to_width
+    from experiments.harness.train import bucket_width, pad_to_width
 
     assert [bucket_width(w, 512) for w in (1, 64, 65, 200, 300, 512)] == [64, 64, 128, 256, 512, 512]
     assert bucket_width(700, 600) == 700  # never shorter than the batch

@@ -2,8 +2,8 @@
 
 import pytest
 
-from experiments.evaluate import evaluate_mmlu
-from experiments.lm_eval_backend import evaluate_mmlu_lm_eval
+from experiments.evaluation.lm_eval_backend import evaluate_mmlu_lm_eval
+from experiments.evaluation.mmlu import evaluate_mmlu
 
 SUBJECTS = ["abstract algebra", "high school geography", "moral scenarios", "world religions"]
 
@@ -30,7 +30,7 @@ def test_a_prefix_tuned_model_scores_as_lm_eval_scores_it(smollm2_spec, num_fews
     5.24 peft's forward replaced the evaluator's cache, silently)."""
     import torch
 
-    from experiments.models import load_tokenizer
+    from experiments.harness.models import load_tokenizer
     from methods.adapters import PrefixAdapter
     from methods.loading import load_pretrained
 

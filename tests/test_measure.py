@@ -4,7 +4,7 @@ whether it ended or was cut short."""
 import pytest
 import torch
 
-from experiments.measure import PhaseMeter, limit_heap_retention
+from experiments.harness.measure import PhaseMeter, limit_heap_retention
 
 
 def test_a_phase_reports_its_own_growth_not_the_process_lifetime_peak():
@@ -27,10 +27,10 @@ def test_a_phase_cut_short_says_so_in_the_log_instead_of_done(caplog):
     """A preempted job leaves its phase through SystemExit (submitit's handler): the log must not call a training
     cut at its first step "done" (benchmarks/chaos_sweep.py reads these lines)."""
     meter = PhaseMeter(torch.device("cpu"))
-    with caplog.at_level("INFO", logger="experiments.measure"), pytest.raises(SystemExit):
+    with caplog.at_level("INFO", logger="experiments.harness.measure"), pytest.raises(SystemExit):
         with meter.phase("train"):
             raise SystemExit(-1)
-    with caplog.at_level("INFO", logger="experiments.measure"):
+    with caplog.at_level("INFO", logger="experiments.harness.measure"):
         with meter.phase("eval_mmlu"):
             pass
     messages = [record.getMessage() for record in caplog.records]

@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from analysis.memory_model import TrainShape, layer_activation_bytes, main, predict, weight_parts
 from analysis.method_specs import resolve_method
 from analysis.model_shapes import NAMED_MODELS, resolve_shape
-from experiments.measure import optimizer_state_bytes
-from experiments.models import resolve_model
-from experiments.train import TrainSettings, make_optimizer
+from experiments.harness.measure import optimizer_state_bytes
+from experiments.harness.models import resolve_model
+from experiments.harness.train import TrainSettings, make_optimizer
 from methods.base import LoadContext
 from tests.conftest import CONF, compose_config
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from experiments.data import BatchSource, TokenizedExample
-from experiments.train import TrainSettings, train
+from experiments.harness.data import BatchSource, TokenizedExample
+from experiments.harness.train import TrainSettings, train
 from methods.base import LoadContext, Method
 from tests.conftest import METHOD_CONFIGS, compose_config
 

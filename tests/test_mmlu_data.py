@@ -6,7 +6,7 @@ import jinja2
 import pytest
 import yaml
 
-from experiments import mmlu_data
+from experiments.evaluation import mmlu_data
 
 
 @pytest.fixture(scope="module")

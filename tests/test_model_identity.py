@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from analysis.load import load_runs
-from analysis.tables import main_table
-from experiments.models import ModelSpec
-from experiments.record import folder_digest, model_identity
+from analysis.tables.comparison import main_table
+from experiments.harness.models import ModelSpec
+from experiments.harness.record import folder_digest, model_identity
 from tests.conftest import run_cli
 
 SIZES = {

@@ -108,7 +108,7 @@ def test_the_documented_sharded_65b_command_passes_the_checks_a_run_makes_first(
     the harness accepts on a method that shards, on the Slurm launcher that gives each rank's task a GPU."""
     from hydra.utils import instantiate
 
-    from experiments.train import TrainSettings
+    from experiments.harness.train import TrainSettings
     from tests.conftest import compose_config
 
     text = (REPO / "docs" / "sharded_training.md").read_text()
@@ -145,7 +145,7 @@ def test_both_readme_commands_install_the_locked_stack():
 @pytest.mark.skipif(os.environ.get("QPEFT_UNLOCKED") == "1", reason="scripts/update_lock.sh: the newest stack")
 def test_the_suite_runs_on_the_locked_stack():
     """What the README's test command installs is what the lock says (a stale lock fails here, not in CI)."""
-    from experiments.record import PACKAGES
+    from experiments.harness.record import PACKAGES
 
     pins = lock_pins("test.lock")
     installed = {name: importlib.metadata.version(name) for name in PACKAGES if re.sub(r"[-_.]+", "-", name) in pins}

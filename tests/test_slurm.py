@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.record import read_record
+from experiments.harness.record import read_record
 from tests.conftest import REPO
 
 TINY = ("model=llama_synthetic", "method.lora.r=4", "threads=1")
@@ -197,7 +197,7 @@ def _checkpoint_step(path: Path) -> int | None:
 def test_a_job_requeued_after_training_does_not_train_again(slurm_env, tmp_path):
     """Preempted during evaluation (finalize and evaluate can take hours at 7B): the restarted job
     finds the final training state, skips training, and its record is ok."""
-    from experiments.models import synthetic_checkpoint
+    from experiments.harness.models import synthetic_checkpoint
 
     records, checkpoints = tmp_path / "records", tmp_path / "records" / ".checkpoints"
     # The tiny random Llama as a local checkpoint (model=hf), so that the run evaluates MMLU
@@ -286,7 +286,7 @@ def test_a_job_lost_before_its_run_is_planned_is_not_named_after_an_earlier_swee
     gets no record under that other run's id (which would also have told the next sweep it had failed)."""
     import json
 
-    from experiments.sweep_summary import POINTER_NAME
+    from experiments.harness.sweep_summary import POINTER_NAME
 
     records, sweep_dir = tmp_path / "records", tmp_path / "sweep"
     earlier = {"run_id": "an-earlier-sweeps-run", "record_path": str(records / "an-earlier-sweeps-run.json")}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from experiments.record import read_record, reuse_refusal
+from experiments.harness.record import read_record, reuse_refusal
 from tests.conftest import run_cli
 
 ENV = {"git_commit": "a" * 40, "git_dirty": False, "device": "cpu", "device_name": "Intel(R) Xeon(R) Processor"}

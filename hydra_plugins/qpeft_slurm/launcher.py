@@ -11,7 +11,7 @@ sweep summary list it with the others. A re-run of the sweep redoes only runs wi
 ok record, so it redoes that one.
 
 It also gives a run of N processes (``train.strategy=fsdp|ddp train.nproc=N``) a job of N tasks, one
-per rank (experiments/distributed.py makes each task a rank from Slurm's environment): jobs
+per rank (experiments/distribution/ranks.py makes each task a rank from Slurm's environment): jobs
 are submitted as one job array per number of tasks.
 
 Hydra accepts launchers only from the ``hydra_plugins`` package, hence this location;
@@ -67,7 +67,7 @@ class RecordingSlurmLauncher(SlurmLauncher):
             train = self.job_config(overrides, job_num).train
         except Exception:  # noqa: BLE001 - a broken config: the job says what is wrong with it
             return 1
-        from experiments.distributed import MULTI_PROCESS
+        from experiments.distribution.ranks import MULTI_PROCESS
 
         if train.get("strategy") not in MULTI_PROCESS:
             return 1
@@ -76,7 +76,7 @@ class RecordingSlurmLauncher(SlurmLauncher):
     def forget_earlier_sweeps(self, overrides: list[str], job_num: int) -> None:
         """Remove the run pointer an earlier sweep left in this job's folder (a sweep folder used again): a job
         that then died before planning its run would have its lost-job record named after that other run."""
-        from experiments.sweep_summary import POINTER_NAME
+        from experiments.harness.sweep_summary import POINTER_NAME
 
         try:
             config = self.job_config(overrides, job_num)
@@ -107,9 +107,14 @@ class _JobOrLoss:
     def record_loss(self, error: Exception) -> JobReturn:
         from submitit.core.utils import UncompletedJobError
 
-        from experiments.record import write_record
+        from experiments.harness.record import write_record
+        from experiments.harness.sweep_summary import (
+            describe_rank_failure,
+            first_rank_failure,
+            read_pointer,
+            write_pointer,
+        )
         from experiments.run import lost_job_record
-        from experiments.sweep_summary import describe_rank_failure, first_rank_failure, read_pointer, write_pointer
 
         state = (self.job.state or "UNKNOWN").split()[0]  # "CANCELLED by 0" -> CANCELLED
         lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]

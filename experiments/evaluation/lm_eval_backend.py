@@ -1,7 +1,7 @@
 """MMLU through lm-eval (EleutherAI's lm-evaluation-harness), the reference our evaluator must match.
 
 ``evaluate_mmlu_lm_eval`` has the signature and the result of
-``experiments.evaluate.evaluate_mmlu``: it writes the same questions (same split, same
+``experiments.evaluation.mmlu.evaluate_mmlu``: it writes the same questions (same split, same
 few-shot examples) as local JSON task files using lm-eval's own MMLU template YAML, runs
 ``simple_evaluate`` with ``HFLM(pretrained=<loaded model>)`` offline, and reads every
 question's four log-likelihoods back from the logged samples. With network, users can
@@ -16,8 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from experiments import mmlu_data
-from experiments.evaluate import summarize_predictions
+from experiments.evaluation import mmlu_data
+from experiments.evaluation.mmlu import summarize_predictions
 
 
 def _task_name(subject: str) -> str:

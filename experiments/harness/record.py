@@ -11,9 +11,9 @@ traceback tail; null when ok), ``created_at``, ``config`` (the full resolved Hyd
 ``env`` (package versions, git commit and dirty flag, device, threads, compute dtype choice),
 ``slurm`` (job ids when under Slurm), ``model`` (``model.id`` names it by what was loaded:
 ``model_identity``), ``method`` (``methods.base.Method.describe``), ``train``
-(``experiments.train.TrainResult``), ``eval`` (``mmlu``, ``perplexity``, ``fidelity``: KL
+(``experiments.harness.train.TrainResult``), ``eval`` (``mmlu``, ``perplexity``, ``fidelity``: KL
 divergence against the 16-bit base), ``exports`` (format -> its sub-record:
-experiments/export.py), ``memory`` (exact
+experiments/deploy/export.py), ``memory`` (exact
 tensor bytes by part), ``phases`` (``Phase`` -> wall time and peak memory), ``finished_at``.
 
 This module also says which config keys can change a result (``NOT_RESULT_KEYS`` and
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.cpu import cpu_model_name
+from core.errors import error_summary
 from core.files import atomic_write_text
 
 if TYPE_CHECKING:  # torch is heavy: analysis/ reads records without it
@@ -77,13 +78,6 @@ class Phase(str, Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-def error_summary(error: BaseException) -> dict:
-    """A record's ``error``: type, message, the traceback's tail (call inside the ``except``)."""
-    import traceback
-
-    return {"type": type(error).__name__, "message": str(error)[:2000], "traceback": traceback.format_exc()[-4000:]}
 
 
 @dataclass
@@ -183,7 +177,7 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _git(*args: str) -> str | None:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # experiments/harness/record.py -> the repository
     try:
         result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -254,7 +248,7 @@ def model_identity(kind: str, spec) -> str:
     """The model a run loaded, by name: the Hub id, a local folder as ``<name>@<content id>``,
     the synthetic preset (``llama_synthetic_<preset>``) or the bundled model's name.
 
-    ``spec`` is an ``experiments.models.ModelSpec`` (its ``name`` and ``source``).
+    ``spec`` is an ``experiments.harness.models.ModelSpec`` (its ``name`` and ``source``).
     """
     if kind != "hf":
         return spec.name

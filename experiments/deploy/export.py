@@ -7,13 +7,13 @@ merged model is already INT-k (Xu et al., arXiv 2309.14717); GPTQ (Frantar et al
 evaluation, each export writes its artifact under ``<run output folder>/exports/<format>/``
 and is evaluated the way the run is (same MMLU questions, perplexity on the same windows)
 plus its KL divergence against the run's model before export and against the 16-bit base
-(experiments/fidelity.py). Formats:
+(experiments/evaluation/fidelity.py). Formats:
 
 - ``merged_16bit``: adapters merged into plain 16-bit weights (methods/merge.py; a 4-bit
   base is dequantized first), a standard checkpoint that plain ``transformers`` loads;
 - ``nf4`` / ``nf4_dq``: that checkpoint quantized by bitsandbytes as it loads (4-bit NF4,
   with double quantization for ``nf4_dq``), saved with ``save_pretrained``;
-- ``gguf_<type>``: that model as a GGUF file (experiments/gguf_export.py) read back by
+- ``gguf_<type>``: that model as a GGUF file (experiments/deploy/gguf_export.py) read back by
   transformers' GGUF loader, for the types the ``gguf`` package writes; where
   llama-cpp-python is installed, also scored by llama.cpp itself (``llama_cpp`` in the
   sub-record: perplexity and KL divergence, no MMLU);
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from core.compute_dtype import auto_compute_dtype
-from core.errors import ConfigError
+from core.errors import ConfigError, error_summary
 from core.model_spec import ModelSpec
 from core.shapes import LLAMA_BLOCK_LINEARS
-from experiments.gguf_export import (
+from experiments.deploy.gguf_export import (
     GGUF_TYPES,
     check_gguf_type,
     check_model_type,
@@ -48,7 +48,6 @@ from experiments.gguf_export import (
     load_gguf,
     write_gguf,
 )
-from experiments.record import error_summary
 from methods.base import CalibrationSettings, LoadContext, Method
 from methods.gptq import GPTQ, state_dict_digest
 from methods.int_quant import check_model_shape
@@ -133,8 +132,9 @@ class ExportJob:
     folder: Path  # <run output folder>/exports
     calibration: list[list[int]] | None  # token ids, for the GPTQ exports
     measure: Callable[[torch.nn.Module, str], dict]  # the run's evaluation of an exported model, by name
-    # The run's fidelity measure of (log-probabilities, targets) per window (experiments.fidelity.compare_logprobs
-    # against the run's references), and its windows: for a GGUF file scored by llama.cpp itself.
+    # The run's fidelity measure of (log-probabilities, targets) per window
+    # (experiments.evaluation.fidelity.compare_logprobs against the run's references), and its windows:
+    # for a GGUF file scored by llama.cpp itself.
     compare: Callable[[Iterable], dict] | None = None
     windows: list[list[int]] | None = None
 

@@ -3,7 +3,7 @@
 Sources (``conf/data/``):
 
 - ``mmlu_reserve`` (offline default): the 456 MMLU questions reserved for training by
-  experiments/mmlu_data.py (8 per subject, fixed seed, never evaluated), each written in
+  experiments/evaluation/mmlu_data.py (8 per subject, fixed seed, never evaluated), each written in
   lm-eval's 0-shot MMLU format with its answer letter as the response.
 - ``alpaca``: tatsu-lab/alpaca through ``datasets`` (needs network), with the Alpaca
   prompt template used by the QLoRA and QA-LoRA papers.
@@ -34,7 +34,7 @@ DATA_SOURCES = ("mmlu_reserve", "alpaca")
 
 
 def mmlu_reserve_examples(mmlu_file: str | None = None) -> list[tuple[str, str]]:
-    from experiments import mmlu_data
+    from experiments.evaluation import mmlu_data
 
     split = mmlu_data.load_split(mmlu_file)
     return [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"  # experiments/harness/config.py -> <repo>/conf
 
 
 def compose_config(*overrides: str, hydra_node: bool = False) -> DictConfig:

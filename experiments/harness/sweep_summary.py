@@ -14,8 +14,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from experiments.record import Status, read_record
-from experiments.summary import format_table
+from experiments.harness.record import Status, read_record
+from experiments.harness.summary import format_table
 
 POINTER_NAME = "run_pointer.json"
 

@@ -1,4 +1,4 @@
-"""MMLU accuracy and held-out perplexity: the harness's own evaluator.
+"""MMLU accuracy: the harness's own evaluator (held-out perplexity: experiments/evaluation/perplexity.py).
 
 MMLU (Hendrycks et al., ICLR 2021) scored the way lm-eval scores its ``mmlu`` task
 (``output_type: multiple_choice``, metric ``acc``): the prediction is the answer letter
@@ -22,7 +22,7 @@ truncated from the left as lm-eval does (and counted); such a prompt is scored a
 without the shared cache. If a letter is not a single token after the prompt, the
 first token of its continuation is scored and the result says so.
 
-lm-eval itself stays available as a second backend (experiments/lm_eval_backend.py).
+lm-eval itself stays available as a second backend (experiments/evaluation/lm_eval_backend.py).
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from experiments import mmlu_data
-from experiments.fidelity import token_windows, window_logprobs
-from experiments.mmlu_data import LETTERS
+from experiments.evaluation import mmlu_data
+from experiments.evaluation.mmlu_data import LETTERS
 
 BACKEND_NAME = "harness"
 BACKEND_VERSION = "1"
@@ -322,54 +321,4 @@ def summarize_predictions(predictions: list[dict], **extra) -> dict:
         "backend_version": BACKEND_VERSION,
         **extra,
         "predictions": predictions,
-    }
-
-
-def heldout_texts(limit_per_subject: int, mmlu_file: str | None = None) -> list[str]:
-    """Held-out text for perplexity offline: evaluation-pool MMLU questions with their answers.
-
-    Never trained on (they are not in the training reserve); taken from the end of each
-    subject's pool so that they overlap the MMLU evaluation as little as possible.
-    """
-    split = mmlu_data.load_split(mmlu_file)
-    texts = []
-    for subject in sorted(split.test):
-        for q in split.test[subject][-limit_per_subject:]:
-            texts.append(mmlu_data.question_text(q) + " " + q.answer)
-    return texts
-
-
-@torch.no_grad()
-def text_windows(
-    tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None, vocab_size: int | None = None
-) -> list[list[int]]:
-    """The token windows perplexity and fidelity are measured on: the texts joined by blank lines,
-    cut into non-overlapping windows of ``seq_len`` tokens."""
-    return token_windows(_encode(tokenizer, "\n\n".join(texts)), seq_len, max_tokens, vocab_size)
-
-
-def perplexity(
-    model,
-    tokenizer,
-    texts: list[str],
-    *,
-    seq_len: int = 512,
-    max_tokens: int | None = None,
-    batch_size: int = 4,
-    vocab_size: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """exp(mean next-token NLL) over the texts joined by blank lines, in non-overlapping windows."""
-    windows = text_windows(tokenizer, texts, seq_len, max_tokens, vocab_size)
-    total_nll, total_tokens = 0.0, 0
-    scored = window_logprobs(model, windows, batch_size)
-    for logprobs, targets in tqdm(scored, total=len(windows), desc="perplexity", disable=None if progress else True,
-                                  leave=False):  # fmt: skip
-        total_nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
-        total_tokens += targets.numel()
-    return {
-        "perplexity": math.exp(total_nll / total_tokens),
-        "nll": total_nll / total_tokens,
-        "n_tokens": total_tokens,
-        "seq_len": seq_len,
     }

@@ -6,7 +6,7 @@ transformers, gradient clipping, optional gradient checkpointing, and a checkpoi
 its own (adapter weights, optimizer, scheduler, RNG, step, losses) written atomically
 every ``checkpoint_every`` steps and after the last step, from which a restarted run
 continues exactly (or, after the last step, does not train again); a sharded run's is a
-folder of every rank's shards (experiments/sharded_checkpoint.py).
+folder of every rank's shards (experiments/distribution/sharded_checkpoint.py).
 
 Throughput counts only non-padding tokens and only steps after ``measure_after_steps``
 warm-up steps; on CUDA it synchronizes before reading the clock. With ``compile``, batches
@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from core.errors import ConfigError
 from core.files import atomic_write
-from experiments.data import BatchSource
-from experiments.measure import optimizer_state_bytes, paged_state_bytes
-from experiments.sharded_checkpoint import complete_checkpoint, load_sharded, save_sharded
+from experiments.distribution.sharded_checkpoint import complete_checkpoint, load_sharded, save_sharded
+from experiments.harness.data import BatchSource
+from experiments.harness.measure import optimizer_state_bytes, paged_state_bytes
 from methods.upcast import model_compute_dtype
 
 progress_log = logging.getLogger(__name__)  # into the run's run.log (Hydra's job logging)
@@ -61,7 +61,7 @@ class TrainSettings:
     checkpoint_every: int = 0
     log_every: int = 1
     # single: one process; fsdp: nproc processes sharding the model; ddp: nproc whole replicas
-    # (experiments/distributed.py)
+    # (experiments/distribution/ranks.py)
     strategy: str = "single"
     nproc: int = 1
 
@@ -92,7 +92,7 @@ class TrainSettings:
         self._check_strategy()
 
     def _check_strategy(self):
-        from experiments.distributed import MULTI_PROCESS, STRATEGIES
+        from experiments.distribution.ranks import MULTI_PROCESS, STRATEGIES
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"train.strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -220,7 +220,7 @@ def checkpoint_exists(path: Path, ranks=None) -> bool:
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult, scaler=None, ranks=None):
     """The training state at ``path``: one file, or with ``ranks`` a folder of every rank's part
-    (experiments/sharded_checkpoint.py); either is replaced whole or not at all."""
+    (experiments/distribution/sharded_checkpoint.py); either is replaced whole or not at all."""
     if ranks is not None:
         save_sharded(path, ranks, model, optimizer, _progress(scheduler, result, scaler))
         return
@@ -294,7 +294,7 @@ def bucket_width(width: int, max_width: int) -> int:
 
 
 def pad_to_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
-    """Right-pad a collated batch (experiments.data.collate) to ``width``: attention 0, label -100."""
+    """Right-pad a collated batch (experiments.harness.data.collate) to ``width``: attention 0, label -100."""
     extra = width - batch["input_ids"].shape[1]
     if extra <= 0:
         return batch
@@ -317,7 +317,7 @@ def train(
     ranks=None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` for ``settings.max_steps`` optimizer steps; with
-    ``ranks`` (experiments.distributed.Ranks), this process's rows of each global micro-batch of a
+    ``ranks`` (experiments.distribution.ranks.Ranks), this process's rows of each global micro-batch of a
     model FSDP shards or DDP replicates, so that N ranks train as one process with the same batch."""
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
