@@ -21,8 +21,6 @@ METHOD_ORDER = (
 # What a row of the main table shows to say which configuration it is. Runs are grouped by
 # their whole settings (analysis.load's ``settings``); these only label the groups.
 LABEL_COLUMNS = ["model", "data", "method", "quant_format"]
-# Families whose runs never train (methods.base.FAMILIES): rows "without fine-tuning".
-POST_TRAINING_FAMILIES = ("base", "bnb", "rtn", "gptq")
 # Settings that tables spread over columns instead of rows: the 0-shot and 5-shot runs of
 # one configuration share a row (and held-out perplexity does not depend on the shots).
 SPREAD_SETTINGS = ("eval.num_fewshot",)
@@ -152,7 +150,15 @@ def drop_empty_settings(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def post_training_families() -> set[str]:
+    """The families of runs that never train (rows "without fine-tuning"): each registered base format's
+    family without an adapter (methods/registry.py), so a new base's untrained rows join these tables too."""
+    from methods.registry import base_format, base_names
+
+    return {base_format(base).family for base in base_names()}
+
+
 def untrained_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs without fine-tuning: no training steps asked for, or a method that never trains."""
-    post_training = runs["method_family"].isin(POST_TRAINING_FAMILIES).fillna(False)
+    post_training = runs["method_family"].isin(post_training_families()).fillna(False)
     return runs[runs["train_max_steps"].eq(0).fillna(False) | post_training]
