@@ -315,8 +315,8 @@ def predict(shape: ModelShape, method: MethodSpec, train: TrainShape | None = No
 
 
 def load_device_bytes(shape: ModelShape, method: MethodSpec, whole: dict, mine: dict, shards: int) -> int:
-    """What one GPU holds while the model loads (experiments/run.py). Sharded, a 16-bit base is built on
-    the meta device and each rank receives its shards from rank 0's host copy one tensor at a time: its
+    """What one GPU holds while the model loads (experiments/distribution/topology.py). Sharded, a 16-bit
+    base is built on the meta device and each rank receives its shards from rank 0's host copy one tensor at a time: its
     shards and the largest tensor whole (an embedding). A bitsandbytes base quantizes as it loads, so
     every rank holds the whole quantized base and its adapters until FSDP shards them."""
     if shards == 1 or not weight_format(method.weight_format).dense:

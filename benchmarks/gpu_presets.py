@@ -60,7 +60,7 @@ def why_not_run(preset: str, device: str) -> str | None:
 
 
 def mergeable(preset: str) -> bool:
-    from experiments.run import instantiate_method
+    from experiments.harness.plan import instantiate_method
 
     return instantiate_method(compose_config(f"method={preset}")).mergeable
 

@@ -1,7 +1,7 @@
 """The method contract: everything a method may provide, with its default. Read this file to add one.
 
 A method is a class that Hydra instantiates from ``conf/method/<name>.yaml`` (its ``_target_``
-and keyword arguments). It subclasses ``Method`` and the harness (experiments/run.py) calls it,
+and keyword arguments). It subclasses ``Method`` and the harness (experiments/harness/pipeline.py) calls it,
 in this order, always through the members below (never probing for others):
 
 1. ``validate(shape)``: before any work, from the checkpoint's config.json numbers; raise

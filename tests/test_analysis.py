@@ -545,8 +545,7 @@ def test_settings_that_do_not_change_results_do_not_split_a_cell():
 def test_the_table_key_leaves_out_exactly_what_the_run_id_leaves_out_and_the_seed():
     from omegaconf import OmegaConf
 
-    from experiments.harness.record import comparison_settings, result_config
-    from experiments.run import run_id_of
+    from experiments.harness.record import comparison_settings, result_config, run_id_of
     from tests.conftest import compose_config
 
     for overrides in ((), ("train.lr=1e-4", "eval.batch_size=2", "train.log_every=7", "train.checkpoint_every=3")):

@@ -126,7 +126,7 @@ def test_records_are_written_atomically(tmp_path):
 
 
 def test_run_id_is_stable_and_ignores_settings_that_do_not_change_results():
-    from experiments.run import run_id_of
+    from experiments.harness.record import run_id_of
     from tests.conftest import compose_config
 
     base = run_id_of(compose_config("method=qlora_nf4"))

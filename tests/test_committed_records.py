@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.harness.config import compose_config
-from experiments.run import run_id_of
+from experiments.harness.record import run_id_of
 from tests.conftest import REPO
 
 # Folders whose records predate the config's base/adapter axes (and export, eval.fidelity), kept as the

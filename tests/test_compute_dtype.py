@@ -41,7 +41,7 @@ def test_a_16bit_base_computes_in_its_own_dtype_or_in_fp32_never_the_other_16bit
 
 
 def test_auto_is_written_into_the_config_so_the_run_id_tells_the_dtypes_apart():
-    from experiments.run import run_id_of
+    from experiments.harness.record import run_id_of
 
     cfg = compose_config("method=qlora_nf4")
     assert cfg.method.compute_dtype == "auto"

@@ -66,7 +66,7 @@ def test_train_settings_reject_values_that_would_fail_after_the_work(key, value)
 
 
 def test_perplexity_windows_shorter_than_two_tokens_are_rejected_before_any_work():
-    from experiments.run import check_eval
+    from experiments.harness.plan import check_eval
 
     with pytest.raises(ConfigError, match="eval.perplexity.seq_len=1"):
         check_eval(compose_config("eval.perplexity.seq_len=1"))

@@ -18,9 +18,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
 
+from experiments.harness.plan import check_eval, instantiate_method
 from experiments.harness.record import read_record
 from experiments.harness.train import TrainSettings
-from experiments.run import check_eval, instantiate_method
 from tests.conftest import CONF, REPO, compose_config, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

@@ -1,7 +1,7 @@
 """Held-out perplexity: exp(mean next-token NLL) over non-overlapping token windows of a text.
 
 Offline, the text is evaluation-pool MMLU questions with their answers (``heldout_texts``);
-``eval.perplexity.source=wikitext2`` reads WikiText-2 instead (experiments/run.py). The same
+``eval.perplexity.source=wikitext2`` reads WikiText-2 instead (experiments/harness/pipeline.py). The same
 windows serve the KL divergence against a reference (experiments/evaluation/fidelity.py), so
 ``text_windows`` is the one place a text becomes windows.
 """

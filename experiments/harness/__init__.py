@@ -1,4 +1,5 @@
 """What one run is made of: its config, model, training data and loop, measurement and record.
 
-experiments/run.py strings these together; evaluation, deploy and distribution never import them.
+plan.py checks a run's config and pipeline.py strings these together (experiments/run.py only says in
+which processes); evaluation, deploy and distribution never import them.
 """

@@ -43,6 +43,7 @@ from core.files import atomic_write_text
 
 if TYPE_CHECKING:  # torch is heavy: analysis/ reads records without it
     import torch
+    from omegaconf import DictConfig
 
 SCHEMA_VERSION = 3
 
@@ -114,7 +115,7 @@ class RunRecord:
 
 # Config keys (dotted) that do not change a run's results: where files go, how progress is
 # logged, CPU threads, the evaluation batch size, how often a run checkpoints and logs.
-# experiments/run.py's run_id_of leaves the same keys out of the run id.
+# run_id_of leaves the same keys out of the run id.
 NOT_RESULT_KEYS = (
     "results_dir",
     "checkpoint_dir",
@@ -343,3 +344,34 @@ def set_aside(path: Path, old: dict) -> Path:
         target, n = folder / f"{path.stem}.{commit}.{stamp}.{n}.json", n + 1
     os.replace(path, target)
     return target
+
+
+def run_id_of(cfg: DictConfig, content: dict | None = None, device: str | None = None) -> str:
+    """A stable id from the resolved config: same config, same id, on any machine. Keys that cannot
+    change a result (``result_config``: where, how often, how fast, and new keys at their neutral value)
+    are left out. ``content`` (experiments.harness.plan.content_ids) names by content what the config names
+    by place: a checkpoint folder overwritten, or another MMLU file at the same path, is another run.
+    ``device`` (experiments.harness.plan.device_for_id) stands for the config's where both name one device."""
+    from omegaconf import OmegaConf
+
+    config = result_config(OmegaConf.to_container(cfg, resolve=True))
+    if device is not None:
+        config["device"] = device
+    if content:
+        config["content"] = content
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.method.name}-{cfg.model.name}-s{cfg.seed}-{digest}"
+
+
+def lost_job_record(cfg: DictConfig, run_id: str, state: str, message: str, job_id: str) -> dict:
+    """The record of a run whose Slurm job ended before the run could write one (see hydra_plugins/qpeft_slurm)."""
+    from omegaconf import OmegaConf
+
+    return RunRecord(
+        run_id,
+        OmegaConf.to_container(cfg, resolve=True),
+        status=Status.FAILED,
+        error={"type": f"SlurmJob{state.title().replace('_', '')}", "message": message, "traceback": None},
+        slurm={"job_id": str(job_id), "state": state},
+        finished_at=now_iso(),
+    ).as_json()

@@ -26,8 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import ConfigError
-from core.files import atomic_write
-from experiments.distribution.sharded_checkpoint import complete_checkpoint, load_sharded, save_sharded
+from experiments.distribution.topology import SingleProcess, Topology
 from experiments.harness.data import BatchSource
 from experiments.harness.measure import optimizer_state_bytes, paged_state_bytes
 from methods.upcast import model_compute_dtype
@@ -191,10 +190,6 @@ def make_scheduler(settings: TrainSettings, optimizer):
     )
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def _progress(scheduler, result: TrainResult, scaler) -> dict:
     """A checkpoint's plain state besides the weights and the optimizer's."""
     return {
@@ -214,43 +209,16 @@ def _restore_progress(progress: dict, scheduler, scaler) -> TrainResult:
     return result
 
 
-def checkpoint_exists(path: Path, ranks=None) -> bool:
-    return complete_checkpoint(path) is not None if ranks is not None else path.exists()
+def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult, scaler=None, topology=None):
+    """The training state at ``path``, as the run's topology keeps it (experiments/distribution/topology.py):
+    one file, or a folder of every rank's part; either is replaced whole or not at all."""
+    (topology or SingleProcess()).save_state(path, model, optimizer, _progress(scheduler, result, scaler))
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, result: TrainResult, scaler=None, ranks=None):
-    """The training state at ``path``: one file, or with ``ranks`` a folder of every rank's part
-    (experiments/distribution/sharded_checkpoint.py); either is replaced whole or not at all."""
-    if ranks is not None:
-        save_sharded(path, ranks, model, optimizer, _progress(scheduler, result, scaler))
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        **_progress(scheduler, result, scaler),
-        "trainable": _trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    atomic_write(path, lambda handle: torch.save(state, handle), binary=True)  # whole or absent, never half
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, ranks=None) -> TrainResult:
-    if ranks is not None:
-        progress = load_sharded(path, ranks, model, optimizer)
-        repage_optimizer_state(optimizer)
-        return _restore_progress(progress, scheduler, scaler)
-    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, topology=None) -> TrainResult:
+    progress = (topology or SingleProcess()).load_state(path, model, optimizer)
     repage_optimizer_state(optimizer)
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return _restore_progress(state, scheduler, scaler)
+    return _restore_progress(progress, scheduler, scaler)
 
 
 def repage_optimizer_state(optimizer) -> int:
@@ -314,11 +282,13 @@ def train(
     device: torch.device,
     checkpoint_path: Path | None = None,
     log=None,
-    ranks=None,
+    topology: Topology | None = None,
 ) -> TrainResult:
-    """Train the trainable parameters of ``model`` for ``settings.max_steps`` optimizer steps; with
-    ``ranks`` (experiments.distribution.ranks.Ranks), this process's rows of each global micro-batch of a
-    model FSDP shards or DDP replicates, so that N ranks train as one process with the same batch."""
+    """Train the trainable parameters of ``model`` for ``settings.max_steps`` optimizer steps. The run's
+    ``topology`` (experiments/distribution/topology.py; one process if None) gives the rows of each global
+    micro-batch this process trains on and their loss weight, so that N ranks of a model FSDP shards or DDP
+    replicates train as one process with the same batch, and keeps the checkpoint."""
+    topology = topology or SingleProcess()
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -326,8 +296,7 @@ def train(
     # Compiled: one static graph per bucketed width (see bucket_width), so the measured steps
     # never recompile; a step that meets a new width is timed as compile time instead.
     forward = torch.compile(model, dynamic=False) if settings.compile else model
-    if ranks is not None and not ranks.shards:
-        forward = ranks.replicate(model)  # data-parallel: the backward averages the ranks' gradients
+    forward = topology.training_forward(model, forward)  # data-parallel: the backward averages the gradients
     compiled_widths: set[int] = set()
     optimizer = make_optimizer(settings, params)
     scheduler = make_scheduler(settings, optimizer)
@@ -337,11 +306,8 @@ def train(
     fp16 = model_compute_dtype(model) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     result, saved_step = TrainResult(), None
-    resume = checkpoint_path is not None and checkpoint_exists(checkpoint_path, ranks)
-    if ranks is not None:  # rank 0 decides for all: ranks may see a shared file system differently
-        resume = ranks.broadcast(resume)
-    if resume:
-        result = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, ranks)
+    if topology.should_resume(checkpoint_path):
+        result = load_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, topology)
         saved_step = result.steps
 
     progress = tqdm(total=settings.max_steps, initial=result.steps, desc="train", disable=None, leave=False)
@@ -357,17 +323,13 @@ def train(
                 compiles |= batch["input_ids"].shape[1] not in compiled_widths
                 compiled_widths.add(batch["input_ids"].shape[1])
             step_tokens += int(batch["attention_mask"].sum())  # of the global batch, on every rank
-            weight = 1.0
-            if ranks is not None:
-                batch = ranks.rows(batch)
-                weight = ranks.loss_weight(batch)  # this rank's part of the global mean loss
+            batch, weight = topology.local_batch(batch)  # a rank's rows and its part of the global mean loss
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
                 loss = forward(**batch).loss * weight / settings.grad_accum
             scaler.scale(loss).backward()
             step_loss += loss.item()
-        if ranks is not None:
-            step_loss = ranks.sum(step_loss) / ranks.world  # the global batch's mean loss, on every rank
+        step_loss = topology.mean_loss(step_loss)  # the global batch's mean loss, on every rank
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss is {step_loss} at step {step}")
         scaler.unscale_(optimizer)  # clip the true gradients
@@ -398,13 +360,13 @@ def train(
                 step=result.steps,
             )
         if checkpoint_path is not None and settings.checkpoint_every and result.steps % settings.checkpoint_every == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler, ranks)
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler, topology)
             saved_step = result.steps
     progress.close()
     if checkpoint_path is not None and saved_step != result.steps:
         # The final state, whatever checkpoint_every says: the caller deletes it once the run's
         # record is written, so a job requeued after training does not train again.
-        save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler, ranks)
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, result, scaler, topology)
     result.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     result.optimizer_paged_bytes = paged_state_bytes(optimizer)
     result.loss_scale = scaler.get_scale() if fp16 else None

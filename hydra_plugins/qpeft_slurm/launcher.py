@@ -107,14 +107,9 @@ class _JobOrLoss:
     def record_loss(self, error: Exception) -> JobReturn:
         from submitit.core.utils import UncompletedJobError
 
-        from experiments.harness.record import write_record
-        from experiments.harness.sweep_summary import (
-            describe_rank_failure,
-            first_rank_failure,
-            read_pointer,
-            write_pointer,
-        )
-        from experiments.run import lost_job_record
+        from experiments.distribution.rank_failures import describe_rank_failure, first_rank_failure
+        from experiments.harness.record import lost_job_record, write_record
+        from experiments.harness.sweep_summary import read_pointer, write_pointer
 
         state = (self.job.state or "UNKNOWN").split()[0]  # "CANCELLED by 0" -> CANCELLED
         lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
@@ -146,7 +141,8 @@ class _JobOrLoss:
             task_config.method.compute_dtype = planned["compute_dtype"]
         record_path = Path(task_config.results_dir) / f"{run_id}.json"
         # Only where there is no record. A run sets aside any record it will not keep before it starts
-        # (experiments.run.skip_or_set_aside), so a record there is the job's own (it died after writing it) or
+        # (experiments.harness.pipeline.skip_or_set_aside), so a record there is the job's own (it died after
+        # writing it) or
         # one the job never got to: it died while it checked it (a re-run's job skipping an ok record) or before,
         # with an earlier sweep's pointer in its folder. Writing over that one lost an ok record, and the next
         # sweep trained the run again from step 0 (benchmarks/chaos_sweep.py: a re-run's job preempted as it
