@@ -20,12 +20,17 @@ from tests.conftest import REPO
 
 TINY = ("model=llama_synthetic", "method.lora.r=4", "threads=1")
 SLURM = ("hydra/launcher=submitit_slurm",)
-# A sharded run of two ranks as one job of two tasks, long enough to be acted on mid-training
-SHARDED_ON_SLURM = (
+# The project's launcher (launcher=slurm) on this cluster: no GPUs (a GPU cluster gives each task one), no
+# memory limit, one CPU per task
+PROJECT_LAUNCHER = (
     "launcher=slurm",
-    "hydra.launcher.gpus_per_task=null",  # this cluster has no GPUs; a GPU cluster gives each task one
+    "hydra.launcher.gpus_per_task=null",
     "hydra.launcher.mem_gb=null",
     "hydra.launcher.cpus_per_task=1",
+)
+# A sharded run of two ranks as one job of two tasks, long enough to be acted on mid-training
+SHARDED_ON_SLURM = (
+    *PROJECT_LAUNCHER,
     "hydra.launcher.timeout_min=30",
     *TINY,
     "method=lora_bf16",
@@ -98,10 +103,7 @@ def test_a_failed_run_is_recorded_and_the_other_run_completes(slurm_env, tmp_pat
     # launcher=slurm is the project's preset; this cluster has no GPUs and a little memory per job
     result = sweep(
         slurm_env,
-        "launcher=slurm",
-        "hydra.launcher.gpus_per_task=null",
-        "hydra.launcher.mem_gb=null",
-        "hydra.launcher.cpus_per_task=1",
+        *PROJECT_LAUNCHER,
         *TINY,
         "train.max_steps=2",
         "hydra.searchpath=[file://tests/conf]",
@@ -245,10 +247,7 @@ def test_a_job_killed_before_its_record_gets_a_failed_record_and_the_sweep_its_s
     # launcher=slurm (the project's launcher); two runs, the long one is cancelled mid-training
     process = start_sweep(
         slurm_env,
-        "launcher=slurm",
-        "hydra.launcher.gpus_per_task=null",
-        "hydra.launcher.mem_gb=null",
-        "hydra.launcher.cpus_per_task=1",
+        *PROJECT_LAUNCHER,
         *TINY,
         "method=lora_bf16",
         "train.max_steps=2,5000",
@@ -295,10 +294,7 @@ def test_a_job_lost_before_its_run_is_planned_is_not_named_after_an_earlier_swee
     (job_folder / POINTER_NAME).write_text(json.dumps({**earlier, "error": None}))
     process = start_sweep(
         slurm_env,
-        "launcher=slurm",
-        "hydra.launcher.gpus_per_task=null",
-        "hydra.launcher.mem_gb=null",
-        "hydra.launcher.cpus_per_task=1",
+        *PROJECT_LAUNCHER,
         'hydra.launcher.setup=["sleep 120"]',  # the job waits before python starts: cancelled before planning
         *TINY,
         "method=lora_bf16",
