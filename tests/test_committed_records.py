@@ -15,9 +15,6 @@ from tests.conftest import REPO
 # says how long). A folder regenerated must leave this list: the test below fails while it is listed.
 STALE_UNTIL_REGENERATED = {
     "deploy_small": "python -m experiments.run -m experiment=deploy_small",
-    "gguf_llama_cpp": "python -m experiments.run experiment=datatypes_small +experiment/datatypes_rows=bf16 "
-    "results_dir=results/runs/gguf_llama_cpp 'export.formats=[gguf_q8_0,gguf_q5_1,gguf_q4_1,gguf_q4_0,gguf_f16]' "
-    "(with llama-cpp-python: pip install -e '.[llama_cpp]')",
     "mmlu_full_5shot": "the full 5-shot MMLU of the bundled model: about 40 minutes on 2 cores",
     "qalora_table1_small": "python -m experiments.run -m experiment=qalora_table1_small",
 }
