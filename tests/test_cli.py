@@ -84,6 +84,24 @@ def test_run_writes_one_complete_record_and_skips_it_when_rerun(tmp_path):
         assert "not a clean git commit" in again.stdout
 
 
+def test_a_training_state_left_beside_an_ok_record_is_removed_and_never_resumed(tmp_path):
+    """A job killed between its record's write and its checkpoint's removal leaves the final training state
+    behind: the next run of the configuration removes it, whether the record stands or the run is done again
+    (another commit: resuming the old code's state would skip its training)."""
+    args = (*FAST, "method=lora_bf16", f"results_dir={tmp_path}", f"checkpoint_dir={tmp_path / 'ck'}")
+    first = run_cli(*args, f"hydra.run.dir={tmp_path / 'first'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    [path] = records_in(tmp_path)
+    leftover = tmp_path / "ck" / read_record(path)["run_id"] / "train_state.pt"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"the final state of the run the record stands for")
+    again = run_cli(*args, f"hydra.run.dir={tmp_path / 'again'}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not leftover.exists()
+    record = read_record(path)  # the one that stood, or the new run's, trained from its first step
+    assert record["status"] == "ok" and record["train"]["resumed_from_step"] == 0
+
+
 @pytest.mark.parametrize("error, status", [("runtime", "failed"), ("oom", "oom")])
 def test_failure_during_a_run_is_recorded_and_exits_nonzero(tmp_path, error, status):
     result = run_cli(

@@ -364,6 +364,10 @@ def skip_or_set_aside(plan: RunPlan) -> dict | None:
     if not plan.record_path.exists():
         return None
     old = read_record(plan.record_path)
+    if old.get("status") == Status.OK.value:
+        # Its training state outlived it (killed between the record's write and the checkpoint's removal in
+        # ``execute``): the ok record stands for that state, and a run again must not resume from it.
+        shutil.rmtree(Path(plan.cfg.checkpoint_dir) / plan.run_id, ignore_errors=True)
     refusal = reuse_refusal(old, environment(plan.device))
     if plan.cfg.skip_done and refusal is None:
         print(f"skip {plan.run_id}: {plan.record_path} already says ok (same commit, same device)")
