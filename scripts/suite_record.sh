@@ -13,7 +13,7 @@ fi
 out=results/test_suite
 mkdir -p "$out"
 set +e
-.venv/bin/python -m pytest -p no:cacheprovider --junitxml="$out/junit.xml.partial" "$@"
+.venv/bin/python -m pytest -n auto -p no:cacheprovider --junitxml="$out/junit.xml.partial" "$@"
 status=$?
 set -e
 mv "$out/junit.xml.partial" "$out/junit.xml"

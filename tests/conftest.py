@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,6 +58,15 @@ def tiny_checkpoint_with_bundled_vocab():
 SLURM_SCRIPT = REPO / "scripts" / "slurm_local.sh"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups off the items
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (the README's ``-n auto``), the tests on the local Slurm cluster run in one worker
+    (``--dist loadgroup``): one cluster per session, started once, as the fixture below assumes."""
+    for item in items:
+        if "slurm_env" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture(scope="session")
 def slurm_env(tmp_path_factory):
     """One local Slurm cluster for the session's sweeps (tests/test_slurm.py, tests/test_chaos.py):
@@ -100,14 +109,21 @@ def train_losses(model: torch.nn.Module, steps: int, lr: float = 1e-2) -> list[f
     return losses
 
 
+_CLI_SERVER = None
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m experiments.run`` as a user would."""
+    """Run ``python -m experiments.run`` as a user would: a process of its own, forked from a server that
+    has paid the CLI's imports once (tests/cli_process.py). The server started with this process's
+    environment; when that has changed since (a library sets a variable when first used), a new one starts,
+    since its imports may have read the old one."""
+    global _CLI_SERVER
+    from tests.cli_process import CliServer
+
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    if _CLI_SERVER is None or not _CLI_SERVER.alive() or not _CLI_SERVER.serves(env):
+        if _CLI_SERVER is not None:
+            _CLI_SERVER.close()
+        _CLI_SERVER = CliServer(env)
+    with tempfile.TemporaryDirectory(prefix="run_cli_") as scratch:
+        return _CLI_SERVER.run(list(args), Path(cwd), Path(scratch), env, timeout)

@@ -14,13 +14,17 @@ SUBJECTS = ["abstract algebra", "high school geography", "moral scenarios"]
 
 @torch.no_grad()
 def naive_letter_logprobs(model, tokenizer, prompt: str) -> list[float]:
-    """One full forward per letter continuation, no cache, no batching: lm-eval's way."""
-    scores = []
+    """One full forward per letter continuation, no cache, no batching: lm-eval's way. Continuations whose
+    inputs are the same tokens (a one-token letter: the inputs are the context) share that forward's output,
+    as lm-eval's logits cache (HFLM's logits_cache) shares it."""
+    scores, forwards = [], {}
     for letter in mmlu_data.LETTERS:
         context = _encode(tokenizer, prompt)
         whole = _encode(tokenizer, prompt + " " + letter)
-        logits = model(input_ids=torch.tensor([whole[:-1]])).logits[0, -1].float()
-        scores.append(torch.log_softmax(logits, -1)[whole[len(context)]].item())
+        inputs = tuple(whole[:-1])
+        if inputs not in forwards:
+            forwards[inputs] = model(input_ids=torch.tensor([inputs])).logits[0, -1].float()
+        scores.append(torch.log_softmax(forwards[inputs], -1)[whole[len(context)]].item())
     return scores
 
 
