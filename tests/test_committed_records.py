@@ -14,7 +14,6 @@ from tests.conftest import REPO
 # figures they are until regenerated: each needs its experiment run again on a clean commit (the README
 # says how long). A folder regenerated must leave this list: the test below fails while it is listed.
 STALE_UNTIL_REGENERATED = {
-    "deploy_small": "python -m experiments.run -m experiment=deploy_small",
     "mmlu_full_5shot": "the full 5-shot MMLU of the bundled model: about 40 minutes on 2 cores",
     "qalora_table1_small": "python -m experiments.run -m experiment=qalora_table1_small",
 }
