@@ -17,45 +17,49 @@ sharded (their start is computed from the whole weight, which a weightless FSDP 
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from methods.adapters import LoraAdapter
 
 SIXTEEN_BIT_BASES = ("bf16", "fp16", "fp32")
 
 
-class RsLoraAdapter(LoraAdapter):
-    kind = "rslora"
-    listed = 7
+class _LoraVariant(LoraAdapter):
+    """peft's LoRA with the ``peft.LoraConfig`` options the class fixes, read from the ``lora`` block."""
+
     blocks = ("lora",)
     family = "other"
+    peft_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, lora: dict | None = None):
-        super().__init__({**(lora or {}), "use_rslora": True})
+        super().__init__({**(lora or {}), **self.peft_options})
 
 
-class PissaAdapter(LoraAdapter):
-    kind = "pissa"
-    listed = 8
-    blocks = ("lora",)
-    family = "other"
+class RsLoraAdapter(_LoraVariant):
+    kind = "rslora"
+    listed = 7
+    peft_options = {"use_rslora": True}
+
+
+class _StartsFromTheWeights(_LoraVariant):
+    """A start computed from each whole 16-bit weight, which it then rewrites."""
+
     shardable = False
     bases = SIXTEEN_BIT_BASES
+
+
+class PissaAdapter(_StartsFromTheWeights):
+    kind = "pissa"
+    listed = 8
+    peft_options = {"init_lora_weights": "pissa"}
     why_not = (
         "PiSSA leaves the base its residual after the top singular directions, which a quantized base cannot "
         "hold as it is (QPiSSA, quantizing that residual, is not built here)"
     )
 
-    def __init__(self, lora: dict | None = None):
-        super().__init__({**(lora or {}), "init_lora_weights": "pissa"})
 
-
-class OloraAdapter(LoraAdapter):
+class OloraAdapter(_StartsFromTheWeights):
     kind = "olora"
     listed = 9
-    blocks = ("lora",)
-    family = "other"
-    shardable = False
-    bases = SIXTEEN_BIT_BASES
+    peft_options = {"init_lora_weights": "olora"}
     why_not = "OLoRA rewrites the base weight it starts from, which a quantized base cannot hold as it is"
-
-    def __init__(self, lora: dict | None = None):
-        super().__init__({**(lora or {}), "init_lora_weights": "olora"})
