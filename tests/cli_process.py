@@ -19,6 +19,7 @@ Run as ``python -m tests.cli_process``: requests and replies are JSON lines on i
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -119,7 +120,7 @@ class CliServer:
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
+            bufsize=0,  # unbuffered: a reply that has arrived is in the pipe, where ``select`` sees it
         )
         self._reply(timeout=300)  # ready
         atexit.register(self.close)
@@ -137,8 +138,8 @@ class CliServer:
             self.process.stdin.close()
             self.process.wait(timeout=30)
 
-    def _reply(self, timeout: float | None) -> dict:
-        if timeout is not None and not select.select([self.process.stdout], [], [], timeout)[0]:
+    def _reply(self, timeout: float) -> dict:
+        if not select.select([self.process.stdout], [], [], timeout)[0]:
             raise TimeoutError
         line = self.process.stdout.readline()
         if not line:
@@ -155,13 +156,13 @@ class CliServer:
         request = {"args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
         command = [sys.executable, "-m", "experiments.run", *args]
         with self.lock:
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
             pid = self._reply(timeout=60)["pid"]
             try:
                 returncode = self._reply(timeout)["returncode"]
             except TimeoutError:
-                os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it may end on its own meanwhile
+                    os.killpg(pid, signal.SIGKILL)
                 self._reply(timeout=60)
                 raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
         return subprocess.CompletedProcess(command, returncode, out.read_text(), err.read_text())
