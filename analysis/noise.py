@@ -67,6 +67,13 @@ def over_seeds(values: Sequence[float], confidence: float = CONFIDENCE) -> SeedI
     return SeedInterval(mean, mean - half, mean + half, int(values.size))
 
 
+def half_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> float:
+    """Half the width of ``over_seeds``'s interval: what a table writes after "±" and a plot draws as its error
+    bar; 0 for a single seed (nothing to go on, and the Seeds column says so)."""
+    interval = over_seeds(values, confidence)
+    return 0.0 if interval.seeds < 2 else (interval.high - interval.low) / 2
+
+
 def paired_difference(
     baseline: Sequence[float], other: Sequence[float], confidence: float = CONFIDENCE
 ) -> PairedDifference:

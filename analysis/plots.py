@@ -14,7 +14,8 @@
   storage formats without fine-tuning (``analysis.tables.fidelity.datatype_fidelity``'s points),
   Pareto front marked.
 
-Every point is the mean over the seeds of a configuration's ok runs (error bars: std); a
+Every point is the mean over the seeds of a configuration's ok runs (error bars: the 95% t-interval over
+seeds, ``analysis.noise``; none for one seed); a
 configuration is what ``analysis.tables.grouping`` groups (runs that differ in nothing but the seed
 and the shots), labelled by method and then by whatever tells it apart from the others;
 a label ending in ‡ averages runs of more than one code version or device.
@@ -35,6 +36,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from analysis.load import NoRecordsError, load_runs
+from analysis.noise import half_interval
 from analysis.tables.fidelity import fidelity_points
 from analysis.tables.grouping import LABEL_COLUMNS, MIXED, configuration_groups, mixed_environment
 from experiments.harness.record import Status
@@ -60,8 +62,15 @@ MEMORY_PARTS = (
 )
 
 
+def _half_interval(values: pd.Series) -> float:
+    """The 95% interval's half-width over the seeds' values present (NaN: none present)."""
+    values = values.dropna()
+    return half_interval(values.to_numpy()) if len(values) else float("nan")
+
+
 def configurations(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per method configuration (ok runs only): means and stds over seeds, a label, a colour."""
+    """One row per method configuration (ok runs only): means over seeds and the half-widths of their 95%
+    intervals (``_ci``), a label, a colour."""
     ok = runs[runs["status"] == Status.OK].copy()
     weights = ok["weight_bytes"].astype("float64")
     ok["frozen_weight_bytes"] = (
@@ -86,10 +95,10 @@ def configurations(runs: pd.DataFrame) -> pd.DataFrame:
         row["n_seeds"] = group["seed"].nunique()
         for shots, at_shots in group.groupby("mmlu_num_fewshot"):
             acc = at_shots["mmlu_acc"].astype("float64").dropna() * 100
-            row[f"acc{int(shots)}_mean"], row[f"acc{int(shots)}_std"] = acc.mean(), acc.std(ddof=1)
+            row[f"acc{int(shots)}_mean"], row[f"acc{int(shots)}_ci"] = acc.mean(), _half_interval(acc)
         for column in numeric[1:]:
             values = group[column].astype("float64")
-            row[f"{column}_mean"], row[f"{column}_std"] = values.mean(), values.std(ddof=1)
+            row[f"{column}_mean"], row[f"{column}_ci"] = values.mean(), _half_interval(values)
         curves = [curve for curve in group["train_losses"] if isinstance(curve, list) and curve]
         row["losses"] = [list(map(float, curve)) for curve in curves]
         rows.append(row)
@@ -163,8 +172,8 @@ def plot_memory_vs_accuracy(configs: pd.DataFrame):
             ax.errorbar(
                 x[i],
                 y[i],
-                yerr=np.nan_to_num(getattr(row, f"acc{shots}_std")),
-                xerr=np.nan_to_num(getattr(row, f"{column}_std")) * scale,
+                yerr=np.nan_to_num(getattr(row, f"acc{shots}_ci")),
+                xerr=np.nan_to_num(getattr(row, f"{column}_ci")) * scale,
                 fmt=row.marker,
                 color=row.color,
                 markersize=8,
@@ -178,7 +187,7 @@ def plot_memory_vs_accuracy(configs: pd.DataFrame):
     axes[0].set_ylabel(f"MMLU accuracy, {shots}-shot (%)" if shots is not None else "MMLU accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside right center", title="method (mean ± std over seeds)")
+        fig.legend(handles, labels, loc="outside right center", title="method (mean, 95% interval over seeds)")
     fig.suptitle("Memory vs accuracy (circled: Pareto front, lower memory and higher accuracy)")
     return fig
 
@@ -195,7 +204,7 @@ def plot_throughput(configs: pd.DataFrame):
         ax.barh(
             positions,
             values,
-            xerr=np.nan_to_num(data["train_tokens_per_second_std"].to_numpy()),
+            xerr=np.nan_to_num(data["train_tokens_per_second_ci"].to_numpy()),
             color=list(data["color"]),
             capsize=3,
         )
@@ -258,8 +267,8 @@ def plot_loss_curves(configs: pd.DataFrame):
             label=f"{row.label} (n={len(curves)})",
         )
         if len(curves) > 1:
-            std = curves.std(axis=0, ddof=1)
-            ax.fill_between(x, mean - std, mean + std, color=row.color, alpha=0.15, linewidth=0)
+            half = np.array([half_interval(step) for step in curves.T])
+            ax.fill_between(x, mean - half, mean + half, color=row.color, alpha=0.15, linewidth=0)
         drawn = True
     if not drawn:
         _empty(ax, "no run with a training loss")
@@ -269,7 +278,7 @@ def plot_loss_curves(configs: pd.DataFrame):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("Optimizer step")
     ax.set_ylabel("Training loss (cross-entropy, nats/token)")
-    ax.set_title("Training loss per step (mean over seeds, band: ± std)")
+    ax.set_title("Training loss per step (mean over seeds, band: 95% interval)")
     return fig
 
 

@@ -7,7 +7,7 @@ the output depends on no optional package and is byte-for-byte stable):
 
 1. ``main``: one row per method configuration: storage, peak training memory,
    throughput, trainable parameters, MMLU 0/5-shot (overall and per category),
-   perplexity; mean ± std over seeds and the number of seeds.
+   perplexity; mean ± the half-width of its 95% t-interval over seeds, and the number of seeds.
 2. ``qlora_table4``: the QLoRA paper's Table 4 layout (data type x model x fine-tuning
    data, mean 5-shot MMLU).
 3. ``qalora_table1``: the QA-LoRA paper's Table 1 layout (method x bits, MMLU 0/5-shot

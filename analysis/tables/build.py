@@ -22,7 +22,8 @@ CAPTIONS = {
     "constants included), weights in MB (10^6 bytes), trained parameters in millions, training throughput, "
     "training loss at the first and last step, held-out perplexity, 5-shot MMLU accuracy (%), mean KL divergence "
     "(nats) of next-token distributions against the 16-bit base.",
-    "main": "Method comparison: mean ± std over seeds (Seeds: number of seeds with an ok run). "
+    "main": "Method comparison: mean ± the half-width of its 95% t-interval over seeds (Seeds: number of seeds "
+    "with an ok run; one seed: no interval). "
     "MB = 10^6 bytes, GB = 10^9 bytes; MMLU accuracy in %.",
     "qlora_table4": "Mean 5-shot MMLU accuracy (%) by data type, model and fine-tuning data, "
     "in the layout of the QLoRA paper's Table 4.",

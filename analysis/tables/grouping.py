@@ -1,5 +1,6 @@
 """Which runs a cell averages and what it shows: configurations that differ in nothing but the seed,
-their mean ± std, the runs without fine-tuning, and the mark for a cell mixing code versions or devices."""
+their mean ± the half-width of its 95% interval over seeds (analysis/noise.py), the runs without
+fine-tuning, and the mark for a cell mixing code versions or devices."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections import defaultdict
 import pandas as pd
 
 from analysis.load import STATUSES
+from analysis.noise import half_interval
 from experiments.harness.record import Status
 
 MISSING = "—"
@@ -35,14 +37,15 @@ def _fmt_stat(values: pd.Series, digits: int | str, with_n: bool = False) -> str
     spec = digits if isinstance(digits, str) else f".{digits}f"  # a str: a format spec, e.g. ".3g"
     mean = values.mean()
     text = f"{mean:{spec}}"
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    if std > 0:  # equal over seeds (storage, for one): the Seeds column says how many
-        text += f" ± {std:{spec}}"
+    half = half_interval(values.to_numpy())
+    if half > 0:  # one seed, or equal over seeds (storage, for one): the Seeds column says how many
+        text += f" ± {half:{spec}}"
     return f"{text} (n={len(values)})" if with_n else text
 
 
 def cell(runs: pd.DataFrame, column: str, *, scale: float = 1.0, digits: int | str = 1, with_n: bool = False) -> str:
-    """Mean ± std of ``column`` over the ok runs; else the failure statuses; else "—"."""
+    """Mean ± the half-width of the 95% t-interval over seeds of ``column`` over the ok runs; else the failure
+    statuses; else "—"."""
     ok = runs.loc[runs["status"] == Status.OK, column].dropna().astype("float64") * scale
     if len(ok):
         return _fmt_stat(ok, digits, with_n)
