@@ -25,11 +25,12 @@ PIP_ARGS=(-q --no-deps --only-binary=:all: --python-version 3.12 --implementatio
 # CI's versions (requirements/test.lock) of what can change a figure (transformers, peft, accelerate,
 # bitsandbytes), of what those versions need newer than the GPU image holds (transformers 5.25 needs
 # huggingface_hub 2.4, which imports httpx2; tokenizers, safetensors, regex, kernels), and of what the
-# image lacks (gguf, Hydra, submitit).
+# image lacks (gguf, Hydra, submitit; pytest-xdist, which pyproject's --dist option needs).
 LOCK=requirements/test.lock
 CARRIED=(
     bitsandbytes transformers peft accelerate huggingface_hub tokenizers safetensors kernels regex
     httpx2 httpcore2 truststore click tomlkit gguf hydra-core omegaconf hydra-submitit-launcher submitit
+    pytest-xdist execnet
 )
 WHEELS=()
 for name in "${CARRIED[@]}"; do
