@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.harness.config import CONF, compose_config  # noqa: F401 - the tests' one config composer
+from tests.cli_process import CliServer
 
 REPO = Path(__file__).resolve().parent.parent
 METHOD_CONFIGS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
@@ -118,8 +119,6 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Comp
     environment; when that has changed since (a library sets a variable when first used), a new one starts,
     since its imports may have read the old one."""
     global _CLI_SERVER
-    from tests.cli_process import CliServer
-
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     if _CLI_SERVER is None or not _CLI_SERVER.alive() or not _CLI_SERVER.serves(env):
         if _CLI_SERVER is not None:
