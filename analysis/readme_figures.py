@@ -139,9 +139,14 @@ def _mmlu_full() -> dict:
     return record
 
 
-def _record(folder: str, method: str) -> dict:
-    [record] = [r for r in records(folder) if r["method"]["name"] == method]
+def _only_record(folder: str, matches) -> dict:
+    """The one record of ``results/<folder>`` that ``matches`` (a predicate on a record)."""
+    [record] = [r for r in records(folder) if matches(r)]
     return record
+
+
+def _record(folder: str, method: str) -> dict:
+    return _only_record(folder, lambda record: record["method"]["name"] == method)
 
 
 # The record folders whose runs' environment (date, machine, versions, commits) a page quotes.
@@ -158,8 +163,7 @@ def _fidelity_reference() -> dict:
 
 def _prefix_init(init: str) -> dict:
     """The untrained prefix-tuning run of ``results/prefix_init`` whose prefixes started as ``init``."""
-    [record] = [r for r in records("prefix_init") if r["config"]["method"]["prefix"]["init"] == init]
-    return record
+    return _only_record("prefix_init", lambda record: record["config"]["method"]["prefix"]["init"] == init)
 
 
 @cache
