@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +111,43 @@ def train_losses(model: torch.nn.Module, steps: int, lr: float = 1e-2) -> list[f
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (torchrun starts each rank in a session of its own, so killing the
+    launcher's process group would leave the ranks running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()  # "pid (name) state ppid ...", the name may hold spaces
+        except OSError:
+            continue  # ended while we looked
+        parent = int(text.rsplit(") ", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(text.split(" ", 1)[0]))
+    tree, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        tree.append(pid)
+        queue.extend(children.get(pid, []))
+    return tree
+
+
+def kill_cli_when(ready, *args: str, cwd: Path = REPO, timeout: float = 180) -> None:
+    """``python -m experiments.run *args`` in the background until ``ready()`` (or it ends, or ``timeout``),
+    then SIGKILL the launcher, torchrun and every rank at once: a lost node, no cleanup."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while not ready() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    for pid in _process_tree(process.pid):
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
 
 
 _CLI_SERVER = None

@@ -2,17 +2,12 @@
 gloo on CPU."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, compose_config, run_cli
+from tests.conftest import compose_config, kill_cli_when, run_cli
 
 BASE = ("model=llama_synthetic", "train.max_steps=4", "train.batch_size=4", "threads=1")
 COMMON = (*BASE, "method.lora.r=4")
@@ -113,43 +108,6 @@ def _sharded_prediction(method: str, shards: int) -> dict:
     return predict(shape, spec_from_format(built.method_format()), TrainShape(batch=4, shards=shards))
 
 
-def _process_tree(root: int) -> list[int]:
-    """``root`` and its descendants (torchrun starts each rank in a session of its own, so killing the
-    launcher's process group would leave the ranks running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()  # "pid (name) state ppid ...", the name may hold spaces
-        except OSError:
-            continue  # ended while we looked
-        parent = int(text.rsplit(") ", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(text.split(" ", 1)[0]))
-    tree, queue = [], [root]
-    while queue:
-        pid = queue.pop()
-        tree.append(pid)
-        queue.extend(children.get(pid, []))
-    return tree
-
-
-def _kill_when(ready, *args: str, timeout: float = 180) -> None:
-    """``python -m experiments.run *args`` in the background until ``ready()`` (or it ends, or ``timeout``),
-    then SIGKILL the launcher, torchrun and every rank at once: a lost node, no cleanup."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + timeout
-    while not ready() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    for pid in _process_tree(process.pid):
-        os.kill(pid, signal.SIGKILL)
-    process.wait()
-
-
 def _saved_step(folder) -> int | None:
     import torch
 
@@ -185,7 +143,7 @@ def test_a_run_of_two_processes_killed_mid_training_resumes_from_its_checkpoint_
     cut = (*args, f"results_dir={tmp_path / 'cut'}", f"hydra.run.dir={tmp_path / 'cut_run'}")
     [run_id] = [p.stem for p in (tmp_path / "whole").glob("*.json")]  # the same config: the same run id
     folder = tmp_path / "cut" / ".checkpoints" / run_id / "train_state.sharded"
-    _kill_when(lambda: (_saved_step(folder) or 0) >= 6, *cut)
+    kill_cli_when(lambda: (_saved_step(folder) or 0) >= 6, *cut)
     saved = _saved_step(folder)
     assert saved is not None and 6 <= saved < steps, f"killed with a checkpoint at step {saved}"
     assert not list((tmp_path / "cut").glob("*.json"))
@@ -306,7 +264,7 @@ def test_a_rank_that_fails_alone_is_the_failure_the_record_names(tmp_path):
     args = (*COMMON, "method=lora_bf16", "method.base=fp32", "train.max_steps=40", "train.strategy=fsdp",
             "train.nproc=2", "train.checkpoint_every=2", f"results_dir={tmp_path / 'r'}")  # fmt: skip
     checkpoints = tmp_path / "r" / ".checkpoints"
-    _kill_when(
+    kill_cli_when(
         lambda: list(checkpoints.glob("*/train_state.sharded/progress.pt")),
         *args,
         f"hydra.run.dir={tmp_path / 'first'}",

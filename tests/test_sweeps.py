@@ -6,11 +6,7 @@ The same sweeps on a real Slurm cluster are in tests/test_slurm.py.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +17,7 @@ from hydra.errors import MissingConfigException
 from experiments.harness.plan import check_eval, instantiate_method
 from experiments.harness.record import read_record
 from experiments.harness.train import TrainSettings
-from tests.conftest import CONF, REPO, compose_config, run_cli
+from tests.conftest import CONF, REPO, compose_config, kill_cli_when, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 PAPER_TABLES = ("qlora_table4", "qalora_table1", "datatypes")
@@ -213,19 +209,9 @@ def test_a_run_killed_mid_training_continues_from_its_checkpoint_when_the_sweep_
         "results_dir=records",
         "hydra.sweep.dir=sweep",
     )
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", *args],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     checkpoints = tmp_path / "records" / ".checkpoints"
-    deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("*/train_state.pt")) and time.monotonic() < deadline and sweep.poll() is None:
-        time.sleep(0.2)
-    os.killpg(sweep.pid, signal.SIGKILL)  # a crash, an OOM kill, a lost node: no record, no cleanup
-    sweep.wait()
+    # a crash, an OOM kill, a lost node: no record, no cleanup
+    kill_cli_when(lambda: list(checkpoints.glob("*/train_state.pt")), *args, cwd=tmp_path, timeout=120)
     assert list(checkpoints.glob("*/train_state.pt")), "no checkpoint was written before the kill"
     assert not list((tmp_path / "records").glob("*.json"))
 
