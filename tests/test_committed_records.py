@@ -6,7 +6,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.harness.config import compose_config
+from experiments.harness.config import CONF, compose_config
 from experiments.harness.record import run_id_of
 from tests.conftest import REPO
 
@@ -15,7 +15,6 @@ from tests.conftest import REPO
 # says how long). A folder regenerated must leave this list: the test below fails while it is listed.
 STALE_UNTIL_REGENERATED = {
     "mmlu_full_5shot": "the full 5-shot MMLU of the bundled model: about 40 minutes on 2 cores",
-    "qalora_table1_small": "python -m experiments.run -m experiment=qalora_table1_small",
 }
 
 
@@ -28,12 +27,24 @@ def committed_records() -> dict[str, list[dict]]:
     return folders
 
 
+def preset_of(method: dict) -> str:
+    """The conf/method preset a record's method came from: its own name, or, where a sweep set the preset's
+    axes (QA-LoRA on a GPTQ base runs as qalora_gptq), the one preset of its adapter."""
+    if (CONF / "method" / f"{method['name']}.yaml").exists():
+        return method["name"]
+    files = sorted((CONF / "method").glob("*.yaml"))
+    presets = [path.stem for path in files if OmegaConf.load(path).get("adapter") == method["adapter"]]
+    assert len(presets) == 1, f"{method['name']}: no preset of that name, and adapter {method['adapter']} has {presets}"
+    return presets[0]
+
+
 def fresh_run_id(record: dict) -> str:
     """The id a run of the record's configuration computes today: the experiment and preset it names,
     composed now, with every value the record holds (what the sweep and auto resolved) over them."""
     config = record["config"]
     experiment = config.get("experiment_name")
-    fresh = compose_config(*([f"experiment={experiment}"] if experiment else []), f"method={config['method']['name']}")
+    preset = preset_of(config["method"])
+    fresh = compose_config(*([f"experiment={experiment}"] if experiment else []), f"method={preset}")
     OmegaConf.set_struct(fresh, False)
     return run_id_of(OmegaConf.merge(fresh, OmegaConf.create(config)))
 
