@@ -177,7 +177,12 @@ def run_training(plan: RunPlan, model, tokenizer, logger, topology: Topology):
 def training_checkpoint(plan: RunPlan, topology: Topology) -> Path:
     """Where the run's training state lives until its ok record is written (see ``execute``): one file, or
     for a run of several processes a folder of every rank's part (experiments/distribution/sharded_checkpoint.py)."""
-    return Path(plan.cfg.checkpoint_dir) / plan.run_id / topology.checkpoint_name
+    return run_checkpoint_folder(plan) / topology.checkpoint_name
+
+
+def run_checkpoint_folder(plan: RunPlan) -> Path:
+    """The folder of the run's training state, whatever its topology: ``checkpoint_dir/<run id>``."""
+    return Path(plan.cfg.checkpoint_dir) / plan.run_id
 
 
 def evaluate(plan: RunPlan, model, tokenizer, meter: PhaseMeter, first: bool = True) -> dict:
@@ -367,7 +372,7 @@ def skip_or_set_aside(plan: RunPlan) -> dict | None:
     if old.get("status") == Status.OK.value:
         # Its training state outlived it (killed between the record's write and the checkpoint's removal in
         # ``execute``): the ok record stands for that state, and a run again must not resume from it.
-        shutil.rmtree(Path(plan.cfg.checkpoint_dir) / plan.run_id, ignore_errors=True)
+        shutil.rmtree(run_checkpoint_folder(plan), ignore_errors=True)
     refusal = reuse_refusal(old, environment(plan.device))
     if plan.cfg.skip_done and refusal is None:
         print(f"skip {plan.run_id}: {plan.record_path} already says ok (same commit, same device)")
