@@ -22,7 +22,7 @@ python3 -m venv "$WORK/test"
 "$WORK/test/bin/ruff" format --check
 "$WORK/test/bin/lint-imports"
 set +e
-QPEFT_UNLOCKED=1 "$WORK/test/bin/python" -m pytest -n auto -q -p no:cacheprovider | tee "$WORK/pytest.log"
+QPEFT_UNLOCKED=1 "$WORK/test/bin/python" -m pytest -q -p no:cacheprovider | tee "$WORK/pytest.log"
 passed=${PIPESTATUS[0]}
 set -e
 if [ "$passed" -ne 0 ]; then
