@@ -125,15 +125,20 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "mmlu_num_fewshot": ("Int64", ("eval.mmlu.num_fewshot", "config.eval.num_fewshot")),
         "mmlu_n_questions": ("Int64", ("eval.mmlu.n_questions",)),
         "mmlu_backend": ("string", ("eval.mmlu.backend",)),
+        # each question's mark and what names the questions (paired comparisons: analysis/tables/paired.py)
+        "mmlu_correct": ("string", ("eval.mmlu.per_question.correct",)),
+        "mmlu_questions": ("string", ("eval.mmlu.per_question.questions",)),
         "perplexity": ("float64", ("eval.perplexity.perplexity",)),
         "perplexity_n_tokens": ("Int64", ("eval.perplexity.n_tokens",)),
         "perplexity_source": ("string", ("eval.perplexity.source",)),
+        "perplexity_blocks": ("object", ("eval.perplexity.blocks",)),  # sums by block of positions
         # fidelity against the 16-bit base (experiments/evaluation/fidelity.py)
         "kl_vs_base_mean": ("float64", ("eval.fidelity.vs_base.kl_mean",)),
         "kl_vs_base_median": ("float64", ("eval.fidelity.vs_base.kl_median",)),
         "kl_vs_base_p99": ("float64", ("eval.fidelity.vs_base.kl_p99",)),
         "kl_vs_base_max": ("float64", ("eval.fidelity.vs_base.kl_max",)),
         "top_token_agreement_vs_base": ("float64", ("eval.fidelity.vs_base.top_token_agreement",)),
+        "kl_vs_base_blocks": ("object", ("eval.fidelity.vs_base.blocks",)),
         # deploy formats: export name -> sub-record (load_exports makes them rows)
         "exports": ("object", ("exports",)),
         # where it ran

@@ -65,6 +65,11 @@ def test_accuracy_aggregates_over_questions_categories_and_subjects(smollm2):
     # lm-eval's groups: abstract algebra is STEM, geography social sciences, moral scenarios humanities
     assert {c: v["n"] for c, v in result["categories"].items()} == {"humanities": 4, "social_sciences": 4, "stem": 4}
     assert result["acc_subject_mean"] == pytest.approx(sum(v["acc"] for v in result["subjects"].values()) / 3)
+    # each question's mark, in (subject, index) order: what a paired comparison of two records resamples
+    ordered = sorted(result["predictions"], key=lambda p: (p["subject"], p["index"]))
+    assert result["per_question"]["correct"] == "".join("1" if p["correct"] else "0" for p in ordered)
+    fewer = evaluate_mmlu(model, tokenizer, num_fewshot=0, subjects=SUBJECTS, limit_per_subject=3, progress=False)
+    assert fewer["per_question"]["questions"] != result["per_question"]["questions"]  # other questions: not paired
 
 
 def test_long_prompts_are_truncated_from_the_left_and_counted(smollm2):
@@ -88,3 +93,6 @@ def test_perplexity_is_exp_of_mean_token_nll(smollm2):
     assert result["n_tokens"] == 126  # two windows of 64 tokens, 63 predictions each
     assert math.isclose(result["perplexity"], math.exp(result["nll"]))
     assert 1 < result["perplexity"] < 200  # a real model on English text
+    blocks = result["blocks"]  # the units of a paired comparison: one block per window of 63 predictions here
+    assert blocks["tokens"] == [63, 63]
+    assert math.exp(sum(blocks["nll"]) / 126) == pytest.approx(result["perplexity"], rel=1e-6)

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from experiments.evaluation.fidelity import (
+    BLOCK_POSITIONS,
     Reference,
     fidelity,
     kl_divergence,
+    position_blocks,
     save_reference,
     token_windows,
     window_logprobs,
@@ -74,6 +76,30 @@ def test_perplexities_are_the_evaluators(models, windows, tmp_path, tiny_spec):
 
     expected = perplexity(candidate, Ids(), ["x"], seq_len=64, progress=False)["perplexity"]
     assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_blocks_a_paired_comparison_resamples_add_up_to_the_figures(models, windows, tmp_path):
+    """The record's sums by block (the units of analysis/tables/paired.py) give back its mean KL and perplexity,
+    and say which windows they came from."""
+    import math
+
+    from experiments.evaluation.fidelity import windows_digest
+
+    reference, candidate = models
+    save_reference(reference, windows, tmp_path / "ref")
+    result = fidelity(candidate, Reference(tmp_path / "ref"), windows)
+    blocks = result["blocks"]
+    assert blocks["windows"] == windows_digest(windows) and blocks["positions"] == BLOCK_POSITIONS
+    assert sum(blocks["tokens"]) == result["n_positions"] and len(blocks["tokens"]) == len(windows)
+    assert sum(blocks["kl"]) / sum(blocks["tokens"]) == pytest.approx(result["kl_mean"], rel=1e-5)
+    assert math.exp(sum(blocks["nll"]) / sum(blocks["tokens"])) == pytest.approx(result["perplexity"], rel=1e-5)
+
+
+def test_a_window_longer_than_a_block_is_cut_into_blocks_in_order():
+    window = torch.arange(300, dtype=torch.float32)
+    blocks = position_blocks("digest", nll=[window, torch.ones(5)])
+    assert blocks["tokens"] == [128, 128, 44, 5]
+    assert blocks["nll"] == [sum(range(128)), sum(range(128, 256)), sum(range(256, 300)), 5.0]
 
 
 def test_the_stored_reference_is_two_bytes_per_vocabulary_entry(models, windows, tmp_path):

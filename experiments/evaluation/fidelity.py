@@ -35,6 +35,7 @@ from core.cache import build_once, cache_dir, content_key
 
 U16_LEVELS = 65535
 FORMAT = "qpeft-reference-logprobs/1"
+BLOCK_POSITIONS = 128  # predicted positions per unit of a paired comparison (position_blocks)
 
 
 def token_windows(
@@ -170,19 +171,46 @@ def stored_reference(
     return Reference(build_once(cache_dir() / "fidelity" / key, build))
 
 
-def kl_summary(kl: torch.Tensor, agree: torch.Tensor, nll_candidate: float, nll_reference: float) -> dict:
-    """The figures llama.cpp's ``--kl-divergence`` prints, from per-position values."""
-    kl = kl.double()
+def kl_summary(
+    kl: list[torch.Tensor], agree: torch.Tensor, nll: list[torch.Tensor], nll_reference: float, digest: str
+) -> dict:
+    """The figures llama.cpp's ``--kl-divergence`` prints, from per-position values (``kl`` and the candidate's
+    ``nll``: one tensor per window), and their sums by block (``blocks``) for paired comparisons."""
+    kl_all = torch.cat(kl).double()
+    n = kl_all.numel()
     return {
-        "kl_mean": float(kl.mean()),
-        "kl_median": float(kl.median()),
-        "kl_p99": float(torch.quantile(kl, 0.99)),
-        "kl_max": float(kl.max()),
+        "kl_mean": float(kl_all.mean()),
+        "kl_median": float(kl_all.median()),
+        "kl_p99": float(torch.quantile(kl_all, 0.99)),
+        "kl_max": float(kl_all.max()),
         "top_token_agreement": float(agree.double().mean()),
-        "perplexity": math.exp(nll_candidate / kl.numel()),
-        "reference_perplexity": math.exp(nll_reference / kl.numel()),
-        "n_positions": kl.numel(),
+        "perplexity": math.exp(float(torch.cat(nll).double().sum()) / n),
+        "reference_perplexity": math.exp(nll_reference / n),
+        "n_positions": n,
+        "blocks": position_blocks(digest, nll=nll, kl=kl),
     }
+
+
+def position_blocks(digest: str, **per_window: list[torch.Tensor]) -> dict:
+    """Per-position values summed by block, the units a paired bootstrap resamples (analysis/noise.py).
+
+    A block is ``BLOCK_POSITIONS`` consecutive predicted positions of one window (a window's last block may be
+    shorter). Not the windows themselves: a default perplexity pass has 8 windows of 512 tokens, too few units
+    for a bootstrap; 128-position blocks give 32, and each keeps neighbouring positions, whose losses are not
+    independent, inside one unit (a non-overlapping block bootstrap, Carlstein 1986). ``windows`` is
+    ``windows_digest`` of the windows, so that two records are paired only over the same tokens; each
+    keyword gives one list of sums (``nll``: summed negative log-likelihood; ``kl``: summed KL divergence) and
+    ``tokens`` the positions in each block."""
+    first = next(iter(per_window.values()))
+    sums = {name: [] for name in per_window}
+    tokens = []
+    for w, window in enumerate(first):
+        for start in range(0, window.numel(), BLOCK_POSITIONS):
+            tokens.append(min(BLOCK_POSITIONS, window.numel() - start))
+            for name, values in per_window.items():
+                block = values[w][start : start + BLOCK_POSITIONS].double().sum()
+                sums[name].append(float(f"{float(block):.7g}"))
+    return {"positions": BLOCK_POSITIONS, "windows": digest, "tokens": tokens, **sums}
 
 
 def _check_windows(reference: Reference, windows: list[list[int]]) -> None:
@@ -211,7 +239,7 @@ def compare_logprobs(
         _check_windows(reference, windows)
     kls = {name: [] for name in references}
     agrees = {name: [] for name in references}
-    nll, nll_ref, done = 0.0, dict.fromkeys(references, 0.0), 0
+    nll, nll_ref, done = [], dict.fromkeys(references, 0.0), 0
     for logprobs, targets in scored:
         logprobs, targets = logprobs.cpu().float(), targets.cpu()
         n = logprobs.shape[0]
@@ -220,9 +248,10 @@ def compare_logprobs(
             kls[name].append(kl_divergence(reference.rows(done, done + n), logprobs))
             agrees[name].append(top == torch.from_numpy(np.array(reference.top_token[done : done + n])))
             nll_ref[name] -= float(np.asarray(reference.target_logprob[done : done + n], dtype=np.float64).sum())
-        nll -= float(logprobs.gather(-1, targets[:, None]).sum())
+        nll.append(-logprobs.gather(-1, targets[:, None]).squeeze(-1))
         done += n
-    return {name: kl_summary(torch.cat(kls[name]), torch.cat(agrees[name]), nll, nll_ref[name]) for name in references}
+    digest = windows_digest(windows)
+    return {name: kl_summary(kls[name], torch.cat(agrees[name]), nll, nll_ref[name], digest) for name in references}
 
 
 def fidelity(model, reference: Reference, windows: list[list[int]], batch_size: int = 4) -> dict:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
 import math
 from collections import defaultdict
@@ -320,5 +321,18 @@ def summarize_predictions(predictions: list[dict], **extra) -> dict:
         "backend": BACKEND_NAME,
         "backend_version": BACKEND_VERSION,
         **extra,
+        "per_question": per_question(predictions),
         "predictions": predictions,
+    }
+
+
+def per_question(predictions: list[dict]) -> dict:
+    """Each question's mark, for paired comparisons between runs over the same questions (analysis/noise.py):
+    ``correct`` is one "1"/"0" per question in (subject, index) order, and ``questions`` a digest of that
+    order, so that two records are paired only when they scored the same questions."""
+    ordered = sorted(predictions, key=lambda p: (p["subject"], p["index"]))
+    names = "\n".join(f"{p['subject']}:{p['index']}" for p in ordered)
+    return {
+        "questions": hashlib.sha256(names.encode()).hexdigest()[:16],
+        "correct": "".join("1" if p["correct"] else "0" for p in ordered),
     }

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.evaluation import mmlu_data
-from experiments.evaluation.fidelity import token_windows, window_logprobs
+from experiments.evaluation.fidelity import position_blocks, token_windows, window_logprobs, windows_digest
 
 
 def heldout_texts(limit_per_subject: int, mmlu_file: str | None = None) -> list[str]:
@@ -54,15 +54,23 @@ def perplexity(
 ) -> dict:
     """exp(mean next-token NLL) over the texts joined by blank lines, in non-overlapping windows."""
     windows = text_windows(tokenizer, texts, seq_len, max_tokens, vocab_size)
-    total_nll, total_tokens = 0.0, 0
+    nll = []
     scored = window_logprobs(model, windows, batch_size)
     for logprobs, targets in tqdm(scored, total=len(windows), desc="perplexity", disable=None if progress else True,
                                   leave=False):  # fmt: skip
-        total_nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
-        total_tokens += targets.numel()
+        nll.append(-logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu())
+    return perplexity_summary(nll, seq_len, windows_digest(windows))
+
+
+def perplexity_summary(nll: list[torch.Tensor], seq_len: int, digest: str) -> dict:
+    """A record's ``eval.perplexity`` from each window's per-position negative log-likelihoods: the pooled
+    figure, and its sums by block for paired comparisons (``position_blocks``)."""
+    total_tokens = sum(window.numel() for window in nll)
+    mean_nll = float(torch.cat(nll).double().sum()) / total_tokens
     return {
-        "perplexity": math.exp(total_nll / total_tokens),
-        "nll": total_nll / total_tokens,
+        "perplexity": math.exp(mean_nll),
+        "nll": mean_nll,
         "n_tokens": total_tokens,
         "seq_len": seq_len,
+        "blocks": position_blocks(digest, nll=nll),
     }

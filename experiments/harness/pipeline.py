@@ -209,7 +209,8 @@ def fidelity_and_perplexity(plan: RunPlan, model, references: dict[str, Referenc
     compared = fidelity_against(model, references, windows, batch_size=cfg.eval.batch_size)["base"]
     results = {
         "fidelity": {
-            "vs_base": without_keys(compared, ("perplexity",)),  # the record's one perplexity is eval.perplexity
+            # the record's one perplexity (and its blocks) is eval.perplexity
+            "vs_base": without_keys(compared, ("perplexity", "blocks.nll")),
             # the stored reference's size on disk: what keeping the base's log-probabilities costs
             "reference_bytes": references["base"].meta["bytes"],
         }
@@ -221,6 +222,7 @@ def fidelity_and_perplexity(plan: RunPlan, model, references: dict[str, Referenc
             "n_tokens": compared["n_positions"],
             "seq_len": cfg.eval.perplexity.seq_len,
             "source": cfg.eval.perplexity.source,
+            "blocks": without_keys(compared["blocks"], ("kl",)),
         }
     return results
 
