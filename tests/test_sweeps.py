@@ -147,6 +147,52 @@ def test_local_launcher_is_the_default_and_slurm_is_one_override_away():
     assert slurm.max_num_timeout > 0  # a timed-out job is requeued and resumes from its checkpoint
 
 
+class FakeSlurmJob:
+    """What ``_JobOrLoss`` asks of a submitit job: its results, its result file and the cluster's state of it,
+    here a job Slurm requeued: read once as FAILED while the requeue was in flight, then PENDING, then done."""
+
+    def __init__(self, tmp_path: Path, states: list[str]):
+        self.job_id, self.states, self.cleared, self.read_mid_requeue = "7_0", states, 0, True
+        self.paths = type("Paths", (), {"result_pickle": tmp_path / "7_0_result.pkl"})()
+        self.watcher = self
+
+    def results(self):
+        from submitit.core.utils import UncompletedJobError
+
+        ended = UncompletedJobError("Job 7_0 has not produced any output (state: FAILED)")
+        if self.read_mid_requeue:  # submitit's first read, while the requeue was in flight
+            self.read_mid_requeue = False
+            raise ended
+        while not self.paths.result_pickle.exists():  # submitit waits while Slurm says it is queued or running
+            if self.get_state(self.job_id) not in ("PENDING", "RUNNING", "COMPLETED"):
+                raise ended
+        return ["the run's own result"]
+
+    def clear(self):
+        self.cleared += 1
+
+    def get_state(self, job_id, mode="standard"):
+        state = self.states.pop(0)
+        if state == "COMPLETED":  # the requeued job ran to its end
+            self.paths.result_pickle.write_text("done")
+        return state
+
+
+def test_a_job_read_as_failed_while_slurm_requeues_it_is_waited_for_not_recorded_as_lost(tmp_path, monkeypatch):
+    from hydra_plugins.qpeft_slurm import launcher
+
+    monkeypatch.setattr(launcher, "REQUEUE_RECHECK_S", 0.0)
+    lost = []
+    monkeypatch.setattr(launcher._JobOrLoss, "record_loss", lambda self, error: lost.append(error) or "lost")
+    requeued = FakeSlurmJob(tmp_path, ["PENDING", "RUNNING", "COMPLETED"])
+    assert launcher._JobOrLoss(requeued, None, [], 0).results() == ["the run's own result"]
+    assert not lost and requeued.cleared == 1  # asked Slurm afresh, not submitit's cached FAILED
+    # a job that really ended without a result is still recorded as lost, after one more look
+    (tmp_path / "dead").mkdir()
+    dead = FakeSlurmJob(tmp_path / "dead", ["FAILED"])
+    assert launcher._JobOrLoss(dead, None, [], 0).results() == ["lost"] and len(lost) == 1
+
+
 def test_checkpoints_live_under_the_results_folder_and_out_of_git():
     cfg = compose_job(["results_dir=results/some_table"])
     assert cfg.checkpoint_dir == "results/some_table/.checkpoints"

@@ -3,6 +3,8 @@ format x an adapter (``methods``, the README's all-methods table)."""
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from analysis.load import MMLU_CATEGORIES
@@ -15,8 +17,10 @@ from analysis.tables.grouping import (
     marked,
     n_seeds,
     runs_summary,
+    untrained_runs,
 )
 from analysis.tables.labels import CATEGORY_LABELS, KL_DIGITS
+from experiments.harness.record import Status
 
 
 def main_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -53,6 +57,41 @@ def _config_label(group: pd.DataFrame, column: str) -> str:
     return MISSING if pd.isna(value) else value
 
 
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def _untrained_perplexity(untrained: pd.DataFrame, like: pd.Series, stored_as) -> float:
+    """Mean perplexity of the ok untrained runs of ``like``'s model on ``like``'s text whose base ``stored_as``
+    picks (a boolean mask over ``untrained``)."""
+    same_text = [
+        untrained[column].astype("string").fillna("") == ("" if pd.isna(like[column]) else str(like[column]))
+        for column in ("model", "perplexity_source", "perplexity_n_tokens")
+    ]
+    same = untrained[(untrained["status"] == Status.OK) & same_text[0] & same_text[1] & same_text[2] & stored_as]
+    return float(same["perplexity"].mean()) if len(same) else math.nan
+
+
+def recovered(runs: pd.DataFrame, group: pd.DataFrame) -> str:
+    """The share of the post-training quantization gap a fine-tuned run on a quantized base closes:
+    (ppl_PTQ - ppl_method) / (ppl_PTQ - ppl_16-bit), where PTQ is the same base (quantizer and format: RTN and
+    GPTQ store the same INT-k groups) without fine-tuning and 16-bit the 16-bit base without it, on the same
+    text; over 100% where fine-tuning lowers the perplexity below the 16-bit base's. "—" where either run is
+    missing, for a 16-bit base, and for untrained rows."""
+    untrained = untrained_runs(runs)
+    ok = group[(group["status"] == Status.OK) & group["perplexity"].notna()]
+    if ok.empty or ok.index.isin(untrained.index).any():
+        return MISSING
+    first = ok.iloc[0]
+    if first["quant_format"] in SIXTEEN_BIT or pd.isna(first["base"]):
+        return MISSING
+    same_base = (untrained["base"] == first["base"]) & (untrained["quant_format"] == first["quant_format"])
+    ptq = _untrained_perplexity(untrained, first, same_base.fillna(False))
+    sixteen = _untrained_perplexity(untrained, first, untrained["quant_format"].isin(SIXTEEN_BIT).fillna(False))
+    if math.isnan(ptq) or math.isnan(sixteen) or ptq <= sixteen:
+        return MISSING
+    return f"{100 * (ptq - ok['perplexity'].mean()) / (ptq - sixteen):.0f}"
+
+
 def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every method configuration side by side: what it stores and trains, how fast, where it ends up."""
     rows = []
@@ -74,6 +113,7 @@ def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "Train tok/s": cell(group, "train_tokens_per_second", digits=0),
                 "Loss first -> last": loss if trained else MISSING,
                 "Perplexity": cell(group, "perplexity", digits=2),
+                "PTQ gap recovered %": recovered(runs, group),
                 "MMLU 5-shot %": cell(five, "mmlu_acc", scale=100),
                 "KL vs 16-bit": cell(group, "kl_vs_base_mean", digits=KL_DIGITS),
                 "Seeds": marked(str(n_seeds(group)), group),

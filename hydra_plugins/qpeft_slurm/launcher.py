@@ -21,6 +21,7 @@ everything else is submitit's and hydra-submitit-launcher's own behaviour.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,12 @@ class RecordingSlurmLauncher(SlurmLauncher):
         return config
 
 
+# What a job read as ended is asked again after, and the Slurm states that mean it is still in the queue
+# (submitit's own list of unfinished states, less UNKNOWN: a job Slurm no longer knows is not waited for).
+REQUEUE_RECHECK_S = 5.0
+STILL_QUEUED = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "READY")
+
+
 class _JobOrLoss:
     def __init__(self, job, launcher: RecordingSlurmLauncher, overrides: list[str], job_num: int):
         self.job, self.launcher, self.overrides, self.job_num = job, launcher, overrides, job_num
@@ -99,10 +106,28 @@ class _JobOrLoss:
     def results(self) -> list[Any]:
         from submitit.core.utils import FailedJobError, UncompletedJobError
 
-        try:
-            return self.job.results()
-        except (UncompletedJobError, FailedJobError) as error:
-            return [self.record_loss(error)]
+        while True:
+            try:
+                return self.job.results()
+            except FailedJobError as error:  # the run raised: its own error says why
+                return [self.record_loss(error)]
+            except UncompletedJobError as error:
+                if not self.back_in_queue():
+                    return [self.record_loss(error)]
+
+    def back_in_queue(self) -> bool:
+        """Whether a job read as ended without a result is queued or running again, asked after a pause.
+
+        Slurm requeues a preempted job (submitit's signal handler asks it to) through states that a status
+        read at the wrong moment can take for an end: the sweep then wrote a lost-job record for a run that
+        went on and finished (seen once under load on the local cluster, as FAILED). submitit caches the
+        state of a job it took for finished, so the cache is cleared before asking again."""
+        time.sleep(REQUEUE_RECHECK_S)
+        if self.job.paths.result_pickle.exists():
+            return True  # it finished meanwhile: results() reads it
+        self.job.watcher.clear()
+        state = (self.job.watcher.get_state(self.job.job_id, mode="force") or "UNKNOWN").split()[0]
+        return state.upper() in STILL_QUEUED
 
     def record_loss(self, error: Exception) -> JobReturn:
         from submitit.core.utils import UncompletedJobError
