@@ -13,6 +13,9 @@
 - ``fidelity_vs_bits``: KL divergence against the 16-bit base by bits per parameter for the
   storage formats without fine-tuning (``analysis.tables.fidelity.datatype_fidelity``'s points),
   Pareto front marked.
+- ``paired_differences``: each configuration's difference from base_bf16 in 5-shot MMLU, perplexity and KL
+  divergence with its 95% paired bootstrap interval (``analysis.tables.paired``), hollow where within noise;
+  written only where the records pair (they hold per-question marks and per-block sums).
 
 Every point is the mean over the seeds of a configuration's ok runs (error bars: the 95% t-interval over
 seeds, ``analysis.noise``; none for one seed); a
@@ -39,6 +42,7 @@ from analysis.load import NoRecordsError, load_runs
 from analysis.noise import half_interval
 from analysis.tables.fidelity import fidelity_points
 from analysis.tables.grouping import LABEL_COLUMNS, MIXED, configuration_groups, mixed_environment
+from analysis.tables.paired import paired_rows, paired_table
 from experiments.harness.record import Status
 
 DPI = 150
@@ -307,8 +311,44 @@ def plot_fidelity_vs_bits(runs: pd.DataFrame):
     return fig
 
 
+def plot_paired_differences(runs: pd.DataFrame):
+    """Each configuration's difference from the baseline (``analysis.tables.paired``, base_bf16) with its 95%
+    paired bootstrap interval: 5-shot MMLU (percentage points, over questions), perplexity and mean KL
+    divergence (over blocks of positions). Hollow markers: within noise (the interval covers zero)."""
+    rows = [row for row in paired_rows(runs) if not row.is_baseline]
+    panels = (
+        ("MMLU 5-shot (points)", lambda row: row.mmlu[5], 100),
+        ("Perplexity", lambda row: row.perplexity, 1),
+        ("Mean KL vs 16-bit (nats)", lambda row: row.kl, 1),
+    )
+    height = 1.6 + 0.32 * max(len(rows), 1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(11, height), sharey=True, layout="constrained")
+    positions = np.arange(len(rows))[::-1]  # first configuration on top
+    labels = [f"{row.method} ({row.settings})" if row.settings else row.method for row in rows]
+    for ax, (title, difference_of, scale) in zip(axes, panels):
+        drawn = False
+        for position, row in zip(positions, rows):
+            difference = difference_of(row)
+            if difference is None:
+                continue
+            d, low, high = (scale * v for v in (difference.difference, difference.low, difference.high))
+            ax.errorbar(
+                d, position, xerr=[[d - low], [high - d]], fmt="o", color="C0", capsize=3,
+                markerfacecolor="white" if difference.within_noise else "C0",
+            )  # fmt: skip
+            drawn = True
+        ax.axvline(0.0, color="0.3", linewidth=1)
+        ax.set_xlabel(f"{title}: difference from base_bf16")
+        ax.grid(axis="y", visible=False)
+        if not drawn:
+            _empty(ax, "no run paired with the baseline")
+    axes[0].set_yticks(positions, labels)
+    fig.suptitle("Against the 16-bit base without fine-tuning: 95% paired bootstrap intervals (hollow: within noise)")
+    return fig
+
+
 # Plots of the runs themselves (not of configurations): they read fields configurations() does not carry.
-RUN_PLOTS = {"fidelity_vs_bits": plot_fidelity_vs_bits}
+RUN_PLOTS = {"fidelity_vs_bits": plot_fidelity_vs_bits, "paired_differences": plot_paired_differences}
 
 PLOTS = {
     "memory_vs_accuracy": plot_memory_vs_accuracy,
@@ -336,6 +376,8 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
         for name, plot in PLOTS.items():
             written += save(plot(configs), out, name)
         for name, plot in RUN_PLOTS.items():
+            if name == "paired_differences" and paired_table(runs).empty:
+                continue  # records without per-unit values, or without a baseline run: nothing to draw
             written += save(plot(runs), out, name)
     return written
 

@@ -83,3 +83,12 @@ def test_a_baseline_without_runs_is_refused_in_one_line_naming_the_choices(tmp_p
     assert code == 2 and "\n" not in error
     assert "dora_bf16" in error and "['base_bf16', 'lora_bf16']" in error
     assert not (tmp_path / "tables").exists()  # refused before anything was written
+
+
+def test_the_paired_plot_is_drawn_where_the_records_pair_and_nowhere_else(runs, tmp_path):
+    from analysis.plots import write_plots
+
+    written = {path.name for path in write_plots(runs[0], tmp_path / "paired")}
+    assert {"paired_differences.png", "paired_differences.pdf"} <= written
+    unpaired = load_runs_from([make_record("base_bf16"), make_record("lora_bf16")])
+    assert not any(path.stem == "paired_differences" for path in write_plots(unpaired, tmp_path / "unpaired"))

@@ -13,6 +13,8 @@ speaks of the units drawn, not of the seeds; the main table's ± speaks of the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -73,75 +75,39 @@ def _baseline_runs(baselines: list[pd.DataFrame], column: str, key) -> pd.DataFr
     return baselines[0].iloc[:0]
 
 
-def _show(difference: PairedDifference, spec: str, scale: float = 1.0) -> str:
+def _show(difference: PairedDifference | None, spec: str, scale: float = 1.0) -> str:
+    if difference is None:
+        return MISSING
     mark = f"{WITHIN_NOISE} " if difference.within_noise else ""
     d, low, high = (scale * v for v in (difference.difference, difference.low, difference.high))
     return f"{mark}{d:+{spec}} [{low:+{spec}}, {high:+{spec}}]"
 
 
-def _mmlu_cell(group: pd.DataFrame, baselines: list[pd.DataFrame], shots: int) -> tuple[str, int | None]:
-    """MMLU accuracy at ``shots`` against the baseline's, paired over questions, and the number of questions."""
+def _mmlu_difference(group: pd.DataFrame, baselines: list[pd.DataFrame], shots: int):
+    """(MMLU accuracy at ``shots`` minus the baseline's, paired over questions; the number of questions)."""
     at_shots = [runs[runs["mmlu_num_fewshot"] == shots] for runs in (group, *baselines)]
     mine = at_shots[0][(at_shots[0]["status"] == Status.OK) & at_shots[0]["mmlu_questions"].notna()]
     if mine.empty:
-        return MISSING, None
+        return None, None
     key = mine["mmlu_questions"].iloc[0]
     mine, theirs = _with_units(mine, "mmlu_questions", key), _baseline_runs(at_shots[1:], "mmlu_questions", key)
     if theirs.empty:
-        return MISSING, None
-    difference = paired_difference(_mean_marks(theirs), _mean_marks(mine))
-    return _show(difference, ".1f", 100), len(mine["mmlu_correct"].iloc[0])
+        return None, None
+    return paired_difference(_mean_marks(theirs), _mean_marks(mine)), len(mine["mmlu_correct"].iloc[0])
 
 
-def _pooled_cell(group: pd.DataFrame, baselines: list[pd.DataFrame], column: str, value: str, pool, spec: str):
-    """A figure pooled over blocks (``pool(sum of value, sum of positions)``) against the baseline's, paired over
-    blocks, and the number of blocks."""
+def _pooled_difference(group: pd.DataFrame, baselines: list[pd.DataFrame], column: str, value: str, pool):
+    """(A figure pooled over blocks, ``pool(sum of value, sum of positions)``, minus the baseline's, paired over
+    blocks; the number of blocks)."""
     mine = group[(group["status"] == Status.OK) & group[column].notna()]
     if mine.empty:
-        return MISSING, None
+        return None, None
     key = _units_key(mine[column].iloc[0])
     mine, theirs = _with_units(mine, column, key), _baseline_runs(baselines, column, key)
     if theirs.empty:
-        return MISSING, None
+        return None, None
     baseline_sums, sums = _summed_blocks(theirs, column, value), _summed_blocks(mine, column, value)
-    return _show(paired_pooled_difference(baseline_sums, sums, pool), spec), key[2]
-
-
-def paired_table(runs: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> pd.DataFrame:
-    """One row per configuration of a model that has a ``baseline`` run: its differences from the baseline's."""
-    groups = configuration_groups(runs, LABEL_COLUMNS)
-    baselines: dict[str, list[pd.DataFrame]] = {}
-    for key, _, group in groups:
-        if dict(zip(LABEL_COLUMNS, key))["method"] == baseline:
-            baselines.setdefault(dict(zip(LABEL_COLUMNS, key))["model"], []).append(group)
-    rows = []
-    for key, distinction, group in groups:
-        first = dict(zip(LABEL_COLUMNS, key))
-        if first["model"] not in baselines:
-            continue
-        model_baselines = baselines[first["model"]]
-        row = {"Model": first["model"], "Method": first["method"], "Settings": distinction}
-        questions = None
-        for shots in SHOTS:
-            row[f"MMLU {shots}-shot Δ pp"], n = _mmlu_cell(group, model_baselines, shots)
-            questions = questions or n
-        row["Perplexity Δ"], blocks = _pooled_cell(
-            group, model_baselines, "perplexity_blocks", "nll", _perplexity, ".2f"
-        )
-        row["KL vs 16-bit Δ"], kl_blocks = _pooled_cell(
-            group, model_baselines, "kl_vs_base_blocks", "kl", _mean_per_position, KL_DIGITS
-        )
-        row["Questions"] = str(questions) if questions else MISSING
-        row["Blocks"] = str(blocks or kl_blocks) if (blocks or kl_blocks) else MISSING
-        if any(group is theirs for theirs in model_baselines):
-            row.update({name: BASELINE for name in row if "Δ" in name and row[name] != MISSING})
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    differences = [name for name in table if "Δ" in name]
-    if table.empty or table[differences].isin([MISSING, BASELINE]).all(axis=None):
-        return pd.DataFrame()  # records without per-unit values (written before they were): nothing to pair
-    unmeasured = [name for name in differences if (table[name] == MISSING).all()]  # e.g. a shot count never run
-    return drop_empty_settings(table.drop(columns=unmeasured))
+    return paired_pooled_difference(baseline_sums, sums, pool), key[2]
 
 
 def _perplexity(total_nll, positions):
@@ -150,3 +116,80 @@ def _perplexity(total_nll, positions):
 
 def _mean_per_position(total, positions):
     return total / positions
+
+
+@dataclass
+class PairedRow:
+    """One configuration against the baseline: each figure's paired difference (None: not measured on the
+    baseline's units), and the units paired."""
+
+    model: str
+    method: str
+    settings: str
+    is_baseline: bool
+    mmlu: dict[int, PairedDifference | None]  # by number of shots; accuracy as a fraction
+    perplexity: PairedDifference | None
+    kl: PairedDifference | None
+    questions: int | None
+    blocks: int | None
+
+
+def paired_rows(runs: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> list[PairedRow]:
+    """Each configuration of a model that has a ``baseline`` run, against the first baseline configuration
+    scored on its units."""
+    groups = configuration_groups(runs, LABEL_COLUMNS)
+    baselines: dict[str, list[pd.DataFrame]] = {}
+    for key, _, group in groups:
+        labels = dict(zip(LABEL_COLUMNS, key))
+        if labels["method"] == baseline:
+            baselines.setdefault(labels["model"], []).append(group)
+    rows = []
+    for key, distinction, group in groups:
+        labels = dict(zip(LABEL_COLUMNS, key))
+        if labels["model"] not in baselines:
+            continue
+        theirs = baselines[labels["model"]]
+        mmlu = {shots: _mmlu_difference(group, theirs, shots) for shots in SHOTS}
+        perplexity, blocks = _pooled_difference(group, theirs, "perplexity_blocks", "nll", _perplexity)
+        kl, kl_blocks = _pooled_difference(group, theirs, "kl_vs_base_blocks", "kl", _mean_per_position)
+        rows.append(
+            PairedRow(
+                model=labels["model"],
+                method=labels["method"],
+                settings=distinction,
+                is_baseline=any(group is baseline_group for baseline_group in theirs),
+                mmlu={shots: difference for shots, (difference, _) in mmlu.items()},
+                perplexity=perplexity,
+                kl=kl,
+                questions=next((n for _, n in mmlu.values() if n), None),
+                blocks=blocks or kl_blocks,
+            )
+        )
+    return rows
+
+
+def paired_table(runs: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> pd.DataFrame:
+    """One row per configuration of a model that has a ``baseline`` run: its differences from the baseline's."""
+    table_rows = []
+    for row in paired_rows(runs, baseline):
+        cells = {f"MMLU {shots}-shot Δ pp": _show(row.mmlu[shots], ".1f", 100) for shots in SHOTS}
+        cells["Perplexity Δ"] = _show(row.perplexity, ".2f")
+        cells["KL vs 16-bit Δ"] = _show(row.kl, KL_DIGITS)
+        if row.is_baseline:
+            cells = {name: BASELINE if text != MISSING else text for name, text in cells.items()}
+        table_rows.append(
+            {
+                "Model": row.model,
+                "Method": row.method,
+                "Settings": row.settings,
+                **cells,
+                "Questions": str(row.questions) if row.questions else MISSING,
+                "Blocks": str(row.blocks) if row.blocks else MISSING,
+            }
+        )
+    table = pd.DataFrame(table_rows)
+    differences = [name for name in table if "Δ" in name]
+    if table.empty or table[differences].isin([MISSING, BASELINE]).all(axis=None):
+        return pd.DataFrame()  # records without per-unit values (written before they were): nothing to pair
+    unmeasured = [name for name in differences if (table[name] == MISSING).all()]  # e.g. a shot count never run
+    return drop_empty_settings(table.drop(columns=unmeasured))
