@@ -152,7 +152,7 @@ def _record(folder: str, method: str) -> dict:
 # The record folders whose runs' environment (date, machine, versions, commits) a page quotes.
 RECORD_FOLDERS = (
     "mmlu_full_5shot", "methods_small", "prefix_init", "datatypes_small", "gguf_llama_cpp", "deploy_small",
-    "qalora_table1_small",
+    "qalora_table1_small", "comparison_small",
 )  # fmt: skip
 
 
@@ -218,7 +218,13 @@ def suite() -> dict:
 def _suite_environment() -> str:
     run = suite()
     bf16 = "with" if run["native_bf16"] else "without"
-    return f"commit {run['git_commit'][:7]}, {run['cpu']} ({run['cpu_cores']} cores, {bf16} native bf16), {run['date']}"
+    # runs recorded before env.json named pytest's arguments ran on pytest-xdist workers (-n auto)
+    args = " ".join(run.get("pytest_args", ["-n", "auto"]))
+    how = f"`python -m pytest {args}`" if args else "`python -m pytest`, one process as below"
+    return (
+        f"{how}, commit {run['git_commit'][:7]}, {run['cpu']} ({run['cpu_cores']} cores, {bf16} native bf16), "
+        f"{run['date']}"
+    )
 
 
 def _chaos_summary() -> str:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Run the whole test suite on a clean commit and keep what it measured, for the README's figures
-# (analysis/readme_figures.py): results/test_suite/junit.xml (pytest's own report: counts, seconds)
-# and results/test_suite/env.json (commit, machine, date).
+# Run the whole test suite on a clean commit as the README's command and CI run it (one process) and keep
+# what it measured, for the README's figures (analysis/readme_figures.py): results/test_suite/junit.xml
+# (pytest's own report: counts, seconds) and results/test_suite/env.json (commit, machine, date, the
+# pytest arguments).
 #
-#   scripts/suite_record.sh        # from the repository root, with the README's test install in .venv
+#   scripts/suite_record.sh          # from the repository root, with the README's test install in .venv
+#   scripts/suite_record.sh -n auto  # the same on pytest-xdist workers (env.json says so)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! git diff --quiet || ! git diff --cached --quiet; then
@@ -13,11 +15,11 @@ fi
 out=results/test_suite
 mkdir -p "$out"
 set +e
-.venv/bin/python -m pytest -n auto -p no:cacheprovider --junitxml="$out/junit.xml.partial" "$@"
+.venv/bin/python -m pytest -p no:cacheprovider --junitxml="$out/junit.xml.partial" "$@"
 status=$?
 set -e
 mv "$out/junit.xml.partial" "$out/junit.xml"
-.venv/bin/python - "$out/env.json" <<'PY'
+.venv/bin/python - "$out/env.json" "$@" <<'PY'
 import json, platform, subprocess, sys
 from datetime import datetime, timezone
 
@@ -30,6 +32,7 @@ env = {
     "cpu_cores": len([line for line in open("/proc/cpuinfo") if line.startswith("processor")]),
     "native_bf16": any(flag in flags for flag in ("avx512_bf16", "amx_bf16")),
     "python": platform.python_version(),
+    "pytest_args": sys.argv[2:],
 }
 open(sys.argv[1], "w").write(json.dumps(env, indent=1) + "\n")
 PY
