@@ -92,3 +92,12 @@ def test_the_paired_plot_is_drawn_where_the_records_pair_and_nowhere_else(runs, 
     assert {"paired_differences.png", "paired_differences.pdf"} <= written
     unpaired = load_runs_from([make_record("base_bf16"), make_record("lora_bf16")])
     assert not any(path.stem == "paired_differences" for path in write_plots(unpaired, tmp_path / "unpaired"))
+
+
+def test_a_single_question_or_block_is_no_paired_comparison_and_no_crash():
+    one = np.array([True]), np.array([128 * 3.0])
+    records = [
+        with_units(make_record("base_bf16"), *one, questions="one"),
+        with_units(make_record("lora_bf16"), *one, questions="one"),
+    ]
+    assert paired_table(load_runs_from(records)).empty

@@ -27,6 +27,7 @@ DEFAULT_BASELINE = "base_bf16"
 WITHIN_NOISE = "≈"
 BASELINE = "baseline"
 SHOTS = (0, 5)
+MIN_UNITS = 2  # a single question or block: nothing to resample
 
 
 def baseline_choices(runs: pd.DataFrame) -> list[str]:
@@ -91,9 +92,10 @@ def _mmlu_difference(group: pd.DataFrame, baselines: list[pd.DataFrame], shots: 
         return None, None
     key = mine["mmlu_questions"].iloc[0]
     mine, theirs = _with_units(mine, "mmlu_questions", key), _baseline_runs(at_shots[1:], "mmlu_questions", key)
-    if theirs.empty:
+    questions = len(mine["mmlu_correct"].iloc[0])
+    if theirs.empty or questions < MIN_UNITS:
         return None, None
-    return paired_difference(_mean_marks(theirs), _mean_marks(mine)), len(mine["mmlu_correct"].iloc[0])
+    return paired_difference(_mean_marks(theirs), _mean_marks(mine)), questions
 
 
 def _pooled_difference(group: pd.DataFrame, baselines: list[pd.DataFrame], column: str, value: str, pool):
@@ -104,7 +106,7 @@ def _pooled_difference(group: pd.DataFrame, baselines: list[pd.DataFrame], colum
         return None, None
     key = _units_key(mine[column].iloc[0])
     mine, theirs = _with_units(mine, column, key), _baseline_runs(baselines, column, key)
-    if theirs.empty:
+    if theirs.empty or key[2] < MIN_UNITS:
         return None, None
     baseline_sums, sums = _summed_blocks(theirs, column, value), _summed_blocks(mine, column, value)
     return paired_pooled_difference(baseline_sums, sums, pool), key[2]
