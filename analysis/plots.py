@@ -42,7 +42,7 @@ from analysis.load import NoRecordsError, load_runs
 from analysis.noise import half_interval
 from analysis.tables.fidelity import fidelity_points
 from analysis.tables.grouping import LABEL_COLUMNS, MIXED, configuration_groups, mixed_environment
-from analysis.tables.paired import paired_rows, paired_table
+from analysis.tables.paired import paired_rows
 from experiments.harness.record import Status
 
 DPI = 150
@@ -316,6 +316,8 @@ def plot_paired_differences(runs: pd.DataFrame):
     paired bootstrap interval: 5-shot MMLU (percentage points, over questions), perplexity and mean KL
     divergence (over blocks of positions). Hollow markers: within noise (the interval covers zero)."""
     rows = [row for row in paired_rows(runs) if not row.is_baseline]
+    if not any(any(row.mmlu.values()) or row.perplexity or row.kl for row in rows):
+        return None  # records without per-unit values, or without a baseline run: nothing to draw
     panels = (
         ("MMLU 5-shot (points)", lambda row: row.mmlu[5], 100),
         ("Perplexity", lambda row: row.perplexity, 1),
@@ -376,9 +378,9 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
         for name, plot in PLOTS.items():
             written += save(plot(configs), out, name)
         for name, plot in RUN_PLOTS.items():
-            if name == "paired_differences" and paired_table(runs).empty:
-                continue  # records without per-unit values, or without a baseline run: nothing to draw
-            written += save(plot(runs), out, name)
+            fig = plot(runs)
+            if fig is not None:  # a plot with nothing to draw returns None
+                written += save(fig, out, name)
     return written
 
 
