@@ -57,6 +57,9 @@ class Adapter:
     lora: LoraSettings | None = None  # the low-rank settings, for the record and the memory model
     # Trains under FSDP (train.strategy=fsdp): peft's LoRA layers are, to FSDP, weights like any other.
     shardable: ClassVar[bool] = False
+    # Trains on packed rows (train.packing): each example attends only to itself when the model sees the
+    # packed layout in its position ids; not so for an adapter that feeds the attention a cache (prefix).
+    packs: ClassVar[bool] = True
     # The base loader attaches the checkpoint's 16-bit weights for ``add`` (LoftQ's initialisation).
     needs_original_weights: ClassVar[bool] = False
     # Attaches through peft to a base's layers: a base that takes no peft adapters (``takes_peft_adapters``)
@@ -246,6 +249,7 @@ class PrefixAdapter(Adapter):
     listed = 4
     family = "prompt"
     mergeable = False
+    packs = False  # its prefix reaches the attention as a cache, under which transformers reads no packed layout
     INITS = ("activations", "random")
     DEFAULTS: ClassVar[dict] = {
         "num_virtual_tokens": 16,

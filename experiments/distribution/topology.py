@@ -78,6 +78,10 @@ class SingleProcess:
         """A step's loss over the whole batch: this process's."""
         return loss
 
+    def total(self, count: int) -> float:
+        """A count over every process: this process's."""
+        return count
+
     def should_resume(self, path: Path | None) -> bool:
         return path is not None and path.exists()
 
@@ -137,6 +141,10 @@ class _Ranks:
     def mean_loss(self, loss: float) -> float:
         """The global batch's mean loss, on every rank."""
         return self.ranks.sum(loss) / self.ranks.world
+
+    def total(self, count: int) -> float:
+        """A count summed over the ranks, on every rank."""
+        return self.ranks.sum(count)
 
     def should_resume(self, path: Path | None) -> bool:
         # rank 0 decides for all: ranks may see a shared file system differently

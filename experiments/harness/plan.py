@@ -134,6 +134,19 @@ def check_eval(cfg: DictConfig):
         raise ConfigError(str(error)) from None
 
 
+def check_packing(method: Method) -> None:
+    """train.packing on an adapter whose examples would see each other in a packed row: refused."""
+    from methods.registry import adapter_class, adapter_kinds
+
+    kind = method.method_format().adapter
+    if not adapter_class(kind).packs:
+        packing = [k for k in adapter_kinds() if adapter_class(k).packs and adapter_class(k).trainable]
+        raise ConfigError(
+            f"train.packing=true with method.adapter={kind}: its examples would attend to each other in a packed "
+            f"row; use train.packing=false (packing takes {', '.join(packing)})"
+        )
+
+
 def plan_run(cfg: DictConfig) -> RunPlan:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -154,6 +167,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
             raise ConfigError(
                 "export.formats: exports are written from an unsharded model; use train.strategy=single or ddp"
             )
+    if settings.packing:
+        check_packing(method)
     if settings.strategy == "ddp" and not method.trainable:
         raise ConfigError(f"train.strategy=ddp: method {method.name} trains nothing; use train.strategy=single")
     if settings.checkpoint_every == 0 and slurm_info() is not None:

@@ -130,7 +130,7 @@ NOT_RESULT_KEYS = (
 # Keys added after records were made, at the value that runs exactly as before the key existed: left out
 # of the run id and of a table cell's settings at that value, so that the records made before them keep
 # their id (a new capability at its neutral setting changes no result). Any other value is kept.
-NEUTRAL_DEFAULTS = {"train.strategy": "single", "train.nproc": 1}
+NEUTRAL_DEFAULTS = {"train.strategy": "single", "train.nproc": 1, "train.packing": False, "train.loss": "full"}
 # Left out of what makes two runs one table cell, besides NOT_RESULT_KEYS: the seed (a cell
 # is the mean over seeds), the experiment's name (a label), the device asked for (the device
 # used is in ``env``; a table marks a cell whose runs used different devices) and the model's

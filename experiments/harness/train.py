@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from core.errors import ConfigError
 from experiments.distribution.topology import SingleProcess, Topology
-from experiments.harness.data import BatchSource
+from experiments.harness.data import BatchSource, pack
+from experiments.harness.loss import LOSSES, forward_loss
 from experiments.harness.measure import optimizer_state_bytes, paged_state_bytes
 from methods.upcast import model_compute_dtype
 
@@ -53,6 +54,10 @@ class TrainSettings:
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = False
     group_by_length: bool = False
+    # several examples per row, each attending only to itself (experiments/harness/data.py's ``pack``)
+    packing: bool = False
+    # full: the model's own loss from its logits; chunked: never the whole logits (experiments/harness/loss.py)
+    loss: str = "full"
     compile: bool = False
     max_seq_len: int = 512
     train_on_prompt: bool = True
@@ -86,6 +91,8 @@ class TrainSettings:
             raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"train.loss={self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"train.lr_scheduler={self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         self._check_strategy()
@@ -108,6 +115,11 @@ class TrainSettings:
             )
         if self.compile:
             raise ConfigError(f"train.strategy={self.strategy} does not compile yet: use train.compile=false")
+        if self.strategy == "fsdp" and self.loss == "chunked":
+            raise ConfigError(
+                "train.loss=chunked with train.strategy=fsdp: the chunked loss reads the whole output layer, which "
+                "FSDP shards; use train.loss=full, or train.strategy=ddp"
+            )
         if self.strategy == "fsdp" and self.optimizer != "adamw_torch":
             raise ConfigError(
                 f"train.optimizer={self.optimizer} with train.strategy=fsdp: bitsandbytes' optimizers update whole "
@@ -125,7 +137,9 @@ class TrainSettings:
 @dataclass
 class TrainResult:
     steps: int = 0
-    tokens: int = 0
+    tokens: int = 0  # real tokens the model read, padding not counted
+    target_tokens: int = 0  # of which the loss predicted
+    padded_tokens: int = 0  # positions computed that held no token: rows' padding (less with train.packing)
     measured_tokens: int = 0
     measured_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
@@ -147,6 +161,8 @@ class TrainResult:
         return {
             "steps": self.steps,
             "tokens": self.tokens,
+            "target_tokens": self.target_tokens,
+            "padded_tokens": self.padded_tokens,
             "tokens_per_second": self.tokens_per_second,
             "measured_tokens": self.measured_tokens,
             "measured_seconds": round(self.measured_seconds, 3),
@@ -262,12 +278,16 @@ def bucket_width(width: int, max_width: int) -> int:
 
 
 def pad_to_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
-    """Right-pad a collated batch (experiments.harness.data.collate) to ``width``: attention 0, label -100."""
+    """Right-pad a collated batch (experiments.harness.data.collate) to ``width``: attention 0, label -100;
+    a packed one (``pack``) with position ids that make the padding a sequence of its own."""
     extra = width - batch["input_ids"].shape[1]
     if extra <= 0:
         return batch
     fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
-    return {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()}
+    padded = {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()}
+    if "position_ids" in batch:
+        padded["position_ids"][:, -extra:] = torch.arange(extra)
+    return padded
 
 
 def _sync(device: torch.device):
@@ -315,18 +335,22 @@ def train(
         step = result.steps
         _sync(device)
         started = time.perf_counter()
-        step_loss, step_tokens, compiles = 0.0, 0, False
+        step_loss, step_tokens, step_targets, computed, compiles = 0.0, 0, 0, 0, False
         for micro in range(settings.grad_accum):
             batch = batches.micro_batch(step * settings.grad_accum + micro)
+            step_tokens += int(batch["attention_mask"].sum())  # of the global batch, on every rank
+            step_targets += int((batch["labels"][:, 1:] != -100).sum())
+            batch, weight = topology.local_batch(batch)  # a rank's rows and its part of the global mean loss
+            if settings.packing:
+                batch = pack(batch, settings.max_seq_len)
             if settings.compile:
                 batch = pad_to_width(batch, bucket_width(batch["input_ids"].shape[1], settings.max_seq_len))
                 compiles |= batch["input_ids"].shape[1] not in compiled_widths
                 compiled_widths.add(batch["input_ids"].shape[1])
-            step_tokens += int(batch["attention_mask"].sum())  # of the global batch, on every rank
-            batch, weight = topology.local_batch(batch)  # a rank's rows and its part of the global mean loss
+            computed += batch["input_ids"].numel()  # this rank's positions, padding included
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
-                loss = forward(**batch).loss * weight / settings.grad_accum
+                loss = forward_loss(forward, model, batch, settings.loss) * weight / settings.grad_accum
             scaler.scale(loss).backward()
             step_loss += loss.item()
         step_loss = topology.mean_loss(step_loss)  # the global batch's mean loss, on every rank
@@ -343,6 +367,8 @@ def train(
 
         result.steps += 1
         result.tokens += step_tokens
+        result.target_tokens += step_targets
+        result.padded_tokens += int(topology.total(computed)) - step_tokens
         result.losses.append(round(step_loss, 6))
         if compiles:
             result.compile_seconds += elapsed
