@@ -62,6 +62,23 @@ def tiny_checkpoint_with_bundled_vocab():
 SLURM_SCRIPT = REPO / "scripts" / "slurm_local.sh"
 
 
+def share_cores_between_workers() -> int | None:
+    """Under pytest-xdist, each worker's torch, and every process its tests start, computes on its share of
+    the cores: two workers on two cores, each computing with two threads, had OpenMP's threads spin for
+    each other's cores, and ``-n auto`` was barely faster than one process (the GPU check's dry run took
+    328 s beside another worker, 114 s alone). Returns the threads per worker (None: not under xdist)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return None
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the processes the tests start read it as torch starts
+    torch.set_num_threads(threads)
+    return threads
+
+
+share_cores_between_workers()
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups off the items
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (the README's ``-n auto``), the tests on the local Slurm cluster run in one worker
