@@ -176,6 +176,18 @@ def _bench_memory() -> dict:
     return run
 
 
+def _packing_row(method: str, setting: str) -> dict:
+    """A row of results/bench_packing's summary (benchmarks/bench_packing.py)."""
+    rows = _bench("bench_packing/bench_packing.json")["summary"]
+    return next(r for r in rows if r["method"] == method and r["setting"] == setting)
+
+
+def _packing_environment() -> str:
+    run = _bench("bench_packing/bench_packing.json")
+    dtype = "native bf16" if run["cpu_native_bf16"] else "no native bf16"
+    return f"`{run['command'].strip()}`, commit {run['commit']}, {run['cpu']} ({dtype}), {run['date']}"
+
+
 def _gpu_bench(name: str) -> dict:
     return _bench(f"gpu/check/{name}.json")
 
@@ -299,6 +311,15 @@ FIGURES: dict[str, Callable[[], str]] = {
     "mmlu_full.tokens_forward_per_question": lambda: (
         f"{_mmlu_full()['eval']['mmlu']['tokens_forward'] / _mmlu_full()['eval']['mmlu']['n_questions']:.0f}"
     ),
+    "bench_packing.environment": _packing_environment,
+    **{
+        f"bench_packing.{method}.{setting}.{key}": (
+            lambda method=method, setting=setting, key=key, form=form: form.format(_packing_row(method, setting)[key])
+        )
+        for method in ("lora_bf16", "qlora_nf4")
+        for setting in ("plain", "packed", "packed_chunked")
+        for key, form in (("speedup_vs_plain", "{:.2f}"), ("padded_share", "{:.0%}"), ("tokens_per_second", "{:.0f}"))
+    },
     "gpu.h100.device": lambda: f"**{_gpu_bench('llama2_7b_b1_s512')['device']}**",
     "gpu.h100.versions": lambda: ", ".join(
         f"{name} {version}" for name, version in _gpu_bench("llama2_7b_b1_s512")["versions"].items()

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         spread = max(abs(a - b) / abs(b) for other in losses for a, b in zip(other, losses[0]))
         print(f"{method}: losses of every setting within {spread:.1e} (relative) of plain's")
     report = {
-        "command": "python -m benchmarks.bench_packing " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m benchmarks.bench_packing", *(sys.argv[1:] if argv is None else argv)]),
         "commit": subprocess.run(
             ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
         ).stdout.strip(),
