@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Run the whole test suite on a clean commit as the README's command and CI run it (one process) and keep
+# Run the whole test suite on a clean commit (pass -n auto to run it as the README's command and CI do) and keep
 # what it measured, for the README's figures (analysis/readme_figures.py): results/test_suite/junit.xml
 # (pytest's own report: counts, seconds) and results/test_suite/env.json (commit, machine, date, the
 # pytest arguments).
 #
-#   scripts/suite_record.sh          # from the repository root, with the README's test install in .venv
-#   scripts/suite_record.sh -n auto  # the same on pytest-xdist workers (env.json says so)
+#   scripts/suite_record.sh -n auto  # from the repository root, with the README's test install in .venv:
+#                                    # pytest-xdist workers, as the README and CI run it (env.json says so)
+#   scripts/suite_record.sh          # one process
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! git diff --quiet || ! git diff --cached --quiet; then
