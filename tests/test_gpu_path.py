@@ -172,7 +172,7 @@ def test_compiled_training_pads_to_bucketed_widths_and_times_compiles_apart(cpu,
 
 
 def test_bucket_width_pads_to_powers_of_two_within_the_maximum():
-    from experiments.harness.train import bucket_width, pad_to_width
+    from experiments.harness.data import bucket_width, pad_to_width
 
     assert [bucket_width(w, 512) for w in (1, 64, 65, 200, 300, 512)] == [64, 64, 128, 256, 512, 512]
     assert bucket_width(700, 600) == 700  # never shorter than the batch

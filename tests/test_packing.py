@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from experiments.harness.data import BatchSource, TokenizedExample, collate, pack
+from experiments.harness.data import BatchSource, TokenizedExample, bucket_width, collate, pack, pad_to_width
 from experiments.harness.models import random_llama_spec
-from experiments.harness.train import TrainSettings, bucket_width, pad_to_width, train
+from experiments.harness.train import TrainSettings, train
 from methods.base import LoadContext
 from tests.conftest import run_cli
 from tests.test_methods import make_method

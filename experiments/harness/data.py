@@ -13,7 +13,9 @@ modelling) or the response only (QLoRA's default for instruction data). Padding 
 never in the loss and never counted as a trained token.
 
 Batches depend only on (seed, step): each epoch is a permutation drawn from
-``seed + epoch``, so a resumed run sees exactly the batches it would have seen.
+``seed + epoch``, so a resumed run sees exactly the batches it would have seen. A micro-batch is
+right-padded rows (``collate``), laid out packed (``pack``, ``train.packing``) or padded to a few
+fixed widths for a compiled model (``bucket_width``, ``pad_to_width``) by the training loop.
 """
 
 from __future__ import annotations
@@ -199,6 +201,34 @@ def pack(batch: dict[str, torch.Tensor], capacity: int) -> dict[str, torch.Tenso
             start += n
         positions[r, start:] = torch.arange(width - start)  # the padding tail: a sequence of its own
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
+MIN_BUCKET_WIDTH = 64
+
+
+def bucket_width(width: int, max_width: int) -> int:
+    """The padded width a compiled model sees: the next power of two from 64, at most ``max_width``.
+
+    A compiled graph is specialised to its input shape; padding every batch to one of a few
+    widths bounds the compilations to about log2(max_width / 64) + 1, all early in training.
+    """
+    bucket = MIN_BUCKET_WIDTH
+    while bucket < width:
+        bucket *= 2
+    return max(width, min(bucket, max_width))
+
+
+def pad_to_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+    """Right-pad a collated batch (``collate``) to ``width``: attention 0, label -100;
+    a packed one (``pack``) with position ids that make the padding a sequence of its own."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    padded = {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()}
+    if "position_ids" in batch:
+        padded["position_ids"][:, -extra:] = torch.arange(extra)
+    return padded
 
 
 def calibration_segments(

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from core.errors import ConfigError
 from experiments.distribution.topology import SingleProcess, Topology
-from experiments.harness.data import BatchSource, pack
+from experiments.harness.data import BatchSource, bucket_width, pack, pad_to_width
 from experiments.harness.loss import LOSSES, forward_loss
 from experiments.harness.measure import optimizer_state_bytes, paged_state_bytes
 from methods.upcast import model_compute_dtype
@@ -260,34 +260,6 @@ def repage_optimizer_state(optimizer) -> int:
                     state[key] = buffer
                     moved += 1
     return moved
-
-
-MIN_BUCKET_WIDTH = 64
-
-
-def bucket_width(width: int, max_width: int) -> int:
-    """The padded width a compiled model sees: the next power of two from 64, at most ``max_width``.
-
-    A compiled graph is specialised to its input shape; padding every batch to one of a few
-    widths bounds the compilations to about log2(max_width / 64) + 1, all early in training.
-    """
-    bucket = MIN_BUCKET_WIDTH
-    while bucket < width:
-        bucket *= 2
-    return max(width, min(bucket, max_width))
-
-
-def pad_to_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
-    """Right-pad a collated batch (experiments.harness.data.collate) to ``width``: attention 0, label -100;
-    a packed one (``pack``) with position ids that make the padding a sequence of its own."""
-    extra = width - batch["input_ids"].shape[1]
-    if extra <= 0:
-        return batch
-    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
-    padded = {key: torch.nn.functional.pad(value, (0, extra), value=fill.get(key, 0)) for key, value in batch.items()}
-    if "position_ids" in batch:
-        padded["position_ids"][:, -extra:] = torch.arange(extra)
-    return padded
 
 
 def _sync(device: torch.device):
