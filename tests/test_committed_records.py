@@ -75,3 +75,15 @@ def test_the_main_job_finds_its_reference_rows_on_this_cpu():
         cfg = compose_config("experiment=quickstart", f"method={method}")
         resolve_auto_compute_dtype(cfg.method, torch.device("cpu"))
         assert run_id_of(cfg) in reference, f"{method}: no committed reference for this CPU's compute path"
+
+
+def test_the_sweep_table_says_which_compute_dtype_each_row_and_its_reference_row_used():
+    from experiments.harness.summary import format_table
+    from experiments.harness.sweep_summary import load_reference
+
+    reference = load_reference(str(REPO / "results" / "quickstart"))
+    for record in reference.values():  # a fresh run of the same configuration, here the committed one again
+        header, _, row, reference_row = format_table([record], reference).splitlines()
+        compute = header.split().index("compute")
+        assert row.split()[compute] == record["method"]["compute_dtype"] in ("bfloat16", "float32")
+        assert reference_row.split()[compute] == record["method"]["compute_dtype"]

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-COLUMNS = ("method", "status", "bits/param", "weight MB", "peak MB", "train tok/s", "loss first->last", "MMLU acc")
+# compute: the dtype the run computed in (compute_dtype auto takes float32 on a CPU without native bf16), so that a
+# reference row from another kind of CPU says which path it ran
+COLUMNS = (
+    "method",
+    "status",
+    "compute",
+    "bits/param",
+    "weight MB",
+    "peak MB",
+    "train tok/s",
+    "loss first->last",
+    "MMLU acc",
+)
 
 
 def _fmt(value, spec: str) -> str:
@@ -23,6 +35,7 @@ def table_row(record: dict) -> list[str]:
     return [
         method_name(record),
         record.get("status", "?"),
+        method.get("compute_dtype") or "—",
         _fmt(method.get("weight_bits_per_param"), ".3f"),
         _fmt(method.get("weight_bytes") and method["weight_bytes"] / 1e6, ".1f"),
         _fmt(peak and peak / 1e6, ".0f"),
