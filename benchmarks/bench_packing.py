@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     from core.compute_dtype import CPU_BF16_FLAGS
     from core.cpu import cpu_flags, cpu_model_name
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     device = torch.device(args.device)
     data = load_data(args)
     runs = [run_one(method, setting, args, device, data) for method in args.methods for setting in ORDER]
@@ -156,10 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         spread = max(abs(a - b) / abs(b) for other in losses for a, b in zip(other, losses[0]))
         print(f"{method}: losses of every setting within {spread:.1e} (relative) of plain's")
     report = {
-        "command": " ".join(["python -m benchmarks.bench_packing", *(sys.argv[1:] if argv is None else argv)]),
-        "commit": subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
-        ).stdout.strip(),
+        "command": " ".join(["python -m benchmarks.bench_packing", *argv]),
+        "commit": subprocess.run(GIT_DESCRIBE, capture_output=True, text=True).stdout.strip(),
         "cpu": cpu_model_name(),
         "cpu_native_bf16": bool(cpu_flags() & set(CPU_BF16_FLAGS)),
         "torch": torch.__version__,

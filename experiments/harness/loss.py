@@ -32,8 +32,9 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropies of ``hidden @ weight.T`` against ``targets``, scaled by ``scale``; both
-    gradients are computed in the forward, one chunk of rows at a time."""
+    """Sum of cross-entropies of ``hidden @ weight.T`` against ``targets`` (every row a target: ``chunked_loss``
+    drops the others), scaled by ``scale``; both gradients are computed in the forward, one chunk of rows at a
+    time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, chunk):
@@ -44,11 +45,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (h @ weight.T).to(_wide(hidden.dtype))  # as transformers' loss upcasts 16-bit logits
             total += torch.nn.functional.cross_entropy(logits, t, reduction="sum")
-            # d(loss)/d(logits): softmax minus the one-hot target, on the rows that have a target
+            # d(loss)/d(logits): softmax minus the one-hot target
             grad = torch.softmax(logits, dim=-1)
-            rows = (t != -100).nonzero().flatten()
-            grad[rows, t[rows]] -= 1.0
-            grad[t == -100] = 0.0
+            grad[torch.arange(len(t), device=t.device), t] -= 1.0
             grad = (grad * scale).to(hidden.dtype)
             grad_hidden[start : start + chunk] = grad @ weight
             if grad_weight is not None:
@@ -60,7 +59,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        weight_grad = (grad_weight * grad_output).to(grad_weight.dtype) if ctx.weight_grad else None
+        weight_grad = grad_weight * grad_output if ctx.weight_grad else None
         return grad_hidden * grad_output.to(grad_hidden.dtype), weight_grad, None, None, None
 
 
