@@ -153,8 +153,8 @@ def test_an_undeclared_format_or_member_fails_naming_what_to_declare(plugins):
     from methods.adapters import Adapter
     from methods.registry import WeightFormat
 
-    with pytest.raises(ValueError, match="weight format 'hqq' is not declared"):
-        MethodSpec("hqq_lora", "hqq", 4, 64)
+    with pytest.raises(ValueError, match="weight format 'awq' is not declared"):
+        MethodSpec("awq_lora", "awq", 4, 64)
 
     class Halfway(WeightFormat):  # declares its name only
         names = ("halfway",)

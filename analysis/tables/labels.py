@@ -25,8 +25,9 @@ KL_DIGITS = ".3g"  # KL divergence spans 1e-5 (8-bit) to nats (2-bit): significa
 
 def storage_label(family, quant_format, bits, group_size) -> str:
     """How the fidelity tables name a storage format: "NFloat4", "INT3 RTN g32", "INT4 GPTQ g32"."""
-    if family in ("rtn", "gptq", "qalora", "qlora_gptq") and not pd.isna(bits) and not pd.isna(group_size):
-        kind = {"rtn": "RTN", "gptq": "GPTQ", "qalora": "QA-LoRA", "qlora_gptq": "GPTQ"}[family]
+    kinds = {"rtn": "RTN", "gptq": "GPTQ", "qalora": "QA-LoRA", "qlora_gptq": "GPTQ", "hqq": "HQQ"}
+    if family in kinds and not pd.isna(bits) and not pd.isna(group_size):
+        kind = kinds[family]
         return f"INT{int(bits)} {kind} g{int(group_size)}"
     return DATA_TYPE_LABELS.get(quant_format, quant_format if isinstance(quant_format, str) else MISSING)
 
