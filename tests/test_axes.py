@@ -17,6 +17,7 @@ TINY = {
     "prefix": {"num_virtual_tokens": 4},
     "llama_adapter": {"adapter_len": 4},
     "loftq": {"iterations": 2},
+    "vera": {"r": 8},
     "bits": 4,
     "group_size": 32,
     "calibration": {"n_samples": 4, "seq_len": 32},

@@ -68,7 +68,6 @@ def test_stored_bytes_are_counted_from_the_tensors_the_same_on_both_cpu_paths_an
 
 
 def test_lora_on_hqq_merges_into_plain_weights_that_compute_what_the_quantized_model_does(tiny_spec, cpu):
-    from methods.loading import causal_lm
     from methods.merge import load_merged_weights, merged_weights
     from tests.conftest import train_losses
 
@@ -81,11 +80,7 @@ def test_lora_on_hqq_merges_into_plain_weights_that_compute_what_the_quantized_m
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=batch).logits
-    plain = causal_lm(tiny_spec.path, dtype=torch.float32) if tiny_spec.path else None
-    if plain is None:
-        from methods.random_base import build_random_base
-
-        plain = build_random_base(tiny_spec.random_shape, cpu, torch.float32, None)
+    plain = build("fp32", "none").load_base(tiny_spec, LoadContext(cpu, model_spec=tiny_spec))
     load_merged_weights(plain, merged_weights(model, torch.float32))
     plain.eval()
     with torch.no_grad():

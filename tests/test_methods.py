@@ -22,6 +22,7 @@ EXPECTED_BITS = {
 # Small enough for the tiny model: a rank-4 adapter, 8 calibration segments of 64 tokens.
 TINY_OVERRIDES = {
     "lora": ["method.lora.r=4"],
+    "vera": ["method.vera.r=8"],
     "calibration": ["method.calibration.n_samples=8", "method.calibration.seq_len=64"],
 }
 
