@@ -132,6 +132,11 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "perplexity_n_tokens": ("Int64", ("eval.perplexity.n_tokens",)),
         "perplexity_source": ("string", ("eval.perplexity.source",)),
         "perplexity_blocks": ("object", ("eval.perplexity.blocks",)),  # sums by block of positions
+        # the loss on general text as training starts and after it (experiments/evaluation/forgetting.py)
+        "forgetting": ("float64", ("eval.forgetting.forgetting",)),
+        "general_loss_before": ("float64", ("eval.forgetting.loss_before",)),
+        "general_loss_after": ("float64", ("eval.forgetting.loss_after",)),
+        "forgetting_source": ("string", ("eval.forgetting.source",)),
         # fidelity against the 16-bit base (experiments/evaluation/fidelity.py)
         "kl_vs_base_mean": ("float64", ("eval.fidelity.vs_base.kl_mean",)),
         "kl_vs_base_median": ("float64", ("eval.fidelity.vs_base.kl_median",)),

@@ -661,3 +661,15 @@ def test_the_methods_table_says_how_much_of_the_quantization_gap_fine_tuning_rec
     assert trained["lora_bf16"] == "—"  # a 16-bit base has no quantization gap
     assert trained["qalora"] == "—"  # no RTN run without fine-tuning here, and GPTQ's does not stand in
     assert set(table.loc[table["Settings"].str.contains("max_steps=0"), "PTQ gap recovered %"]) == {"—"}
+
+
+def test_the_methods_table_shows_forgetting_where_runs_measured_it_and_leaves_the_column_out_elsewhere():
+    from analysis.tables.comparison import methods_table
+
+    plain = [make_record("lora_bf16", seed=seed) for seed in (0, 1)]
+    assert "Forgetting (nats)" not in methods_table(load_runs_from(plain)).columns
+    measured = json.loads(json.dumps(plain))
+    for record, rise in zip(measured, (0.010, 0.014)):
+        record["eval"]["forgetting"] = {"loss_before": 2.0, "loss_after": 2.0 + rise, "forgetting": rise}
+    row = methods_table(load_runs_from(measured)).set_index("Method").loc["lora_bf16"]
+    assert row["Forgetting (nats)"].startswith("0.0120 ± ")  # the mean over seeds and its interval

@@ -14,6 +14,7 @@ from analysis.tables.grouping import (
     cell,
     configuration_groups,
     drop_empty_settings,
+    drop_unmeasured,
     marked,
     n_seeds,
     runs_summary,
@@ -92,6 +93,10 @@ def recovered(runs: pd.DataFrame, group: pd.DataFrame) -> str:
     return f"{100 * (ptq - ok['perplexity'].mean()) / (ptq - sixteen):.0f}"
 
 
+# Figures only some experiments measure (eval.forgetting): a table without any leaves the column out.
+OPTIONAL_COLUMNS = ("Forgetting (nats)",)
+
+
 def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every method configuration side by side: what it stores and trains, how fast, where it ends up."""
     rows = []
@@ -116,7 +121,8 @@ def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "PTQ gap recovered %": recovered(runs, group),
                 "MMLU 5-shot %": cell(five, "mmlu_acc", scale=100),
                 "KL vs 16-bit": cell(group, "kl_vs_base_mean", digits=KL_DIGITS),
+                "Forgetting (nats)": cell(group, "forgetting", digits=4),
                 "Seeds": marked(str(n_seeds(group)), group),
             }
         )
-    return drop_empty_settings(pd.DataFrame(rows))
+    return drop_unmeasured(drop_empty_settings(pd.DataFrame(rows)), OPTIONAL_COLUMNS)

@@ -153,6 +153,12 @@ def drop_empty_settings(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def drop_unmeasured(table: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """``table`` without those of ``columns`` that no row measured (every cell "—")."""
+    empty = [column for column in columns if column in table and table[column].eq(MISSING).all()]
+    return table.drop(columns=empty)
+
+
 def post_training_families() -> set[str]:
     """The families of runs that never train (rows "without fine-tuning"): each registered base format's
     family without an adapter (methods/registry.py), so a new base's untrained rows join these tables too."""

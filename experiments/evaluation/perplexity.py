@@ -31,6 +31,13 @@ def heldout_texts(limit_per_subject: int, mmlu_file: str | None = None) -> list[
     return texts
 
 
+def wikitext2_texts() -> list[str]:
+    """WikiText-2's test split, its non-empty lines (``datasets``: the network, or a filled cache)."""
+    from datasets import load_dataset
+
+    return [t for t in load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"] if t.strip()]
+
+
 @torch.no_grad()
 def text_windows(
     tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None, vocab_size: int | None = None

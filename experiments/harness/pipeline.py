@@ -32,8 +32,9 @@ from experiments.evaluation.fidelity import (
     stored_reference,
     window_logprobs,
 )
+from experiments.evaluation.forgetting import forgetting_summary, general_loss
 from experiments.evaluation.mmlu import evaluate_mmlu
-from experiments.evaluation.perplexity import heldout_texts, perplexity, text_windows
+from experiments.evaluation.perplexity import heldout_texts, perplexity, text_windows, wikitext2_texts
 from experiments.harness.data import BatchSource, calibration_segments, tokenize_examples
 from experiments.harness.loggers import NullLogger, make_logger
 from experiments.harness.measure import PhaseMeter
@@ -107,6 +108,10 @@ def execute(plan: RunPlan) -> dict:
 
         placed = topology.place(method, plan.model_spec, context, with_adapters, load_phase, described)
         model = placed.model
+        general_before = None
+        if plan.measures_forgetting and topology.evaluates:  # the model as training starts
+            with meter.phase(Phase.FORGETTING_BEFORE):
+                general_before = general_text_loss(plan, model, tokenizer)
         if method.trainable and plan.train_settings.max_steps > 0:
             with meter.phase(Phase.TRAIN) as phase:
                 result = run_training(plan, model, tokenizer, logger, topology)
@@ -129,6 +134,12 @@ def execute(plan: RunPlan) -> dict:
         record.memory.update({key: record.method.get(key) for key in MEMORY_PARTS})
         if topology.evaluates:
             record.eval = evaluate(plan, model, tokenizer, meter, topology.writes_record)
+            if general_before is not None:
+                with meter.phase(Phase.EVAL_FORGETTING):
+                    general_after = general_text_loss(plan, model, tokenizer)
+                record.eval["forgetting"] = forgetting_summary(
+                    general_before, general_after, cfg.eval.forgetting.source
+                )
             if plan.measures_fidelity:
                 with meter.phase(Phase.EVAL_FIDELITY):
                     record.eval.update(fidelity_and_perplexity(plan, model, references, windows))
@@ -227,6 +238,12 @@ def fidelity_and_perplexity(plan: RunPlan, model, references: dict[str, Referenc
     return results
 
 
+def general_text_loss(plan: RunPlan, model, tokenizer) -> dict:
+    """The model's loss on the run's general text (``eval.forgetting``), measured before and after training."""
+    cfg = plan.cfg
+    return general_loss(model, tokenizer, cfg.eval.forgetting, cfg.eval.batch_size, plan.model_spec.vocab_size)
+
+
 def score_mmlu(cfg, model, tokenizer, predictions_path: Path | None) -> dict:
     """MMLU accuracy on the configured questions; each question's prediction goes to ``predictions_path``
     (None: not written)."""
@@ -257,9 +274,7 @@ def perplexity_texts(cfg) -> list[str]:
     if ppl_cfg.source == "mmlu_heldout":
         return heldout_texts(ppl_cfg.texts_per_subject, cfg.mmlu_file)
     if ppl_cfg.source == "wikitext2":
-        from datasets import load_dataset
-
-        return [t for t in load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"] if t.strip()]
+        return wikitext2_texts()
     raise AssertionError(ppl_cfg.source)  # check_eval accepted it: a source added there must be added here
 
 

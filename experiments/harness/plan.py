@@ -23,6 +23,7 @@ from experiments.deploy.export import ExportSettings, check_exports
 from experiments.deploy.gguf_export import check_gguf_source
 from experiments.distribution.ranks import inside_ranks, rank_device
 from experiments.evaluation import mmlu_data
+from experiments.evaluation.forgetting import FORGETTING_SOURCES
 from experiments.harness.data import load_examples
 from experiments.harness.models import ModelSpec, model_shape, resolve_model
 from experiments.harness.record import folder_digest, run_id_of, slurm_info
@@ -54,6 +55,12 @@ class RunPlan:
     def measures_fidelity(self) -> bool:
         """KL divergence against the 16-bit base: asked for, or needed by the exports."""
         return not self.model_spec.synthetic and bool(self.cfg.eval.fidelity.enabled or self.exports.formats)
+
+    @property
+    def measures_forgetting(self) -> bool:
+        """The loss on general text before and after training (experiments/evaluation/forgetting.py)."""
+        forgetting = self.cfg.eval.get("forgetting")
+        return not self.model_spec.synthetic and bool(forgetting and forgetting.enabled)
 
 
 def device_for_id(requested: str, device: torch.device) -> str:
@@ -127,6 +134,20 @@ def check_eval(cfg: DictConfig):
             f"eval.perplexity.seq_len={ev.perplexity.seq_len!r}: must be an integer of at least 2 "
             "(a window predicts its tokens after the first)"
         )
+    forgetting = ev.get("forgetting")
+    if forgetting and forgetting.enabled:
+        if forgetting.source not in FORGETTING_SOURCES:
+            raise ConfigError(
+                f"eval.forgetting.source={forgetting.source!r} is not one of {', '.join(FORGETTING_SOURCES)}"
+            )
+        if not isinstance(forgetting.seq_len, int) or forgetting.seq_len < 2:
+            raise ConfigError(f"eval.forgetting.seq_len={forgetting.seq_len!r}: must be an integer of at least 2")
+        if forgetting.max_tokens is not None and (
+            not isinstance(forgetting.max_tokens, int) or forgetting.max_tokens < 2
+        ):
+            raise ConfigError(
+                f"eval.forgetting.max_tokens={forgetting.max_tokens!r}: must be an integer of at least 2 or null"
+            )
     subjects = list(ev.subjects) if ev.subjects is not None else None
     try:
         mmlu_data.check_subjects(subjects)

@@ -70,11 +70,13 @@ class Phase(str, Enum):
     CALIBRATION_DATA = "calibration_data"
     LOAD = "load"
     QUANTIZE = "quantize"  # instead of load or finalize, for the step a method quantizes in
+    FORGETTING_BEFORE = "forgetting_before"  # the general-text loss as training starts (eval.forgetting)
     TRAIN = "train"
     FINALIZE = "finalize"
     EVAL_MMLU = "eval_mmlu"
     EVAL_PERPLEXITY = "eval_perplexity"
     EVAL_FIDELITY = "eval_fidelity"
+    EVAL_FORGETTING = "eval_forgetting"
     EXPORT = "export"
 
     def __str__(self) -> str:
@@ -130,7 +132,14 @@ NOT_RESULT_KEYS = (
 # Keys added after records were made, at the value that runs exactly as before the key existed: left out
 # of the run id and of a table cell's settings at that value, so that the records made before them keep
 # their id (a new capability at its neutral setting changes no result). Any other value is kept.
-NEUTRAL_DEFAULTS = {"train.strategy": "single", "train.nproc": 1, "train.packing": False, "train.loss": "full"}
+NEUTRAL_DEFAULTS = {
+    "train.strategy": "single",
+    "train.nproc": 1,
+    "train.packing": False,
+    "train.loss": "full",
+    # a whole block: neutral while it is exactly its default (off)
+    "eval.forgetting": {"enabled": False, "source": "python_docs", "seq_len": 512, "max_tokens": 4096},
+}
 # Left out of what makes two runs one table cell, besides NOT_RESULT_KEYS: the seed (a cell
 # is the mean over seeds), the experiment's name (a label), the device asked for (the device
 # used is in ``env``; a table marks a cell whose runs used different devices) and the model's
@@ -231,9 +240,16 @@ def flatten(config: dict, prefix: str = "") -> dict:
 def result_config(config: dict) -> dict:
     """What of a resolved ``config`` determines a run's result: without NOT_RESULT_KEYS, and without the
     NEUTRAL_DEFAULTS keys where they hold their neutral value (the run id hashes this)."""
-    flat = flatten(config)
-    neutral = [key for key, value in NEUTRAL_DEFAULTS.items() if key in flat and flat[key] == value]
+    neutral = [key for key, value in NEUTRAL_DEFAULTS.items() if _at(config, key) == value]
     return without_keys(config, (*NOT_RESULT_KEYS, *neutral))
+
+
+def _at(config: dict, dotted: str):
+    """The value at a dotted path of a nested ``config`` (a whole block for a block's path); None if absent."""
+    node = config
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def comparison_settings(config: dict, model_id: str | None) -> dict:
