@@ -118,6 +118,7 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "train_peak_memory_bytes": ("Int64", ("train.peak_memory_bytes", "phases.train.peak_memory_bytes")),
         "train_wall_s": ("float64", ("train.wall_s", "phases.train.wall_s")),
         "train_losses": ("object", ("train.losses",)),
+        "adapter_file_bytes": ("Int64", ("train.adapter_file.bytes",)),  # the trained adapter as saved
         # evaluation
         "mmlu_acc": ("float64", ("eval.mmlu.acc",)),
         "mmlu_acc_subject_mean": ("float64", ("eval.mmlu.acc_subject_mean",)),

@@ -93,8 +93,9 @@ def recovered(runs: pd.DataFrame, group: pd.DataFrame) -> str:
     return f"{100 * (ptq - ok['perplexity'].mean()) / (ptq - sixteen):.0f}"
 
 
-# Figures only some experiments measure (eval.forgetting): a table without any leaves the column out.
-OPTIONAL_COLUMNS = ("Forgetting (nats)",)
+# Figures only some records hold (eval.forgetting; the adapter file, saved since 2026-12-05): a table
+# without any leaves the column out.
+OPTIONAL_COLUMNS = ("Adapter file MB", "Forgetting (nats)")
 
 
 def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -115,6 +116,7 @@ def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "Bits/param": cell(group, "weight_bits_per_param", digits=3),
                 "Weight MB": cell(group, "weight_bytes", scale=1e-6),
                 "Trainable M": cell(group, "trainable_params", scale=1e-6, digits=3),
+                "Adapter file MB": cell(group, "adapter_file_bytes", scale=1e-6, digits=2),
                 "Train tok/s": cell(group, "train_tokens_per_second", digits=0),
                 "Loss first -> last": loss if trained else MISSING,
                 "Perplexity": cell(group, "perplexity", digits=2),

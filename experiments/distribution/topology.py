@@ -61,6 +61,7 @@ class SingleProcess:
 
     writes_record = True  # the record, the logger's run, the MMLU predictions file
     evaluates = True  # finalize, evaluate and export the trained model
+    saves_adapter = True  # the trained adapter, as its library saves it (experiments/harness/adapter_file.py)
     checkpoint_name = "train_state.pt"
 
     def place(self, method, model_spec, context, with_adapters, load_phase, described) -> Placed:
@@ -206,6 +207,7 @@ class Replicated(_Ranks):
     def __init__(self, ranks: Ranks):
         super().__init__(ranks)
         self.evaluates = ranks.is_first
+        self.saves_adapter = ranks.is_first  # every replica holds the same adapter
 
     def place(self, method, model_spec, context, with_adapters, load_phase, described) -> Placed:
         return _whole(method, model_spec, context, with_adapters, load_phase)
@@ -218,6 +220,8 @@ class Sharded(_Ranks):
     """``train.strategy=fsdp``: FSDP2 shards the model over the ranks; all of them evaluate."""
 
     evaluates = True  # each forward all-gathers every rank's shards
+    # Each rank holds a shard of the adapter: it is kept in the run's sharded training checkpoint only.
+    saves_adapter = False
 
     def place(self, method, model_spec, context, with_adapters, load_phase, described) -> Placed:
         """Each rank's shards of the model, described whole before sharding (``described`` gets it at once,

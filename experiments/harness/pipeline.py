@@ -35,6 +35,7 @@ from experiments.evaluation.fidelity import (
 from experiments.evaluation.forgetting import forgetting_summary, general_loss
 from experiments.evaluation.mmlu import evaluate_mmlu
 from experiments.evaluation.perplexity import heldout_texts, perplexity, text_windows, wikitext2_texts
+from experiments.harness.adapter_file import save_trained_adapter
 from experiments.harness.data import BatchSource, calibration_segments, tokenize_examples
 from experiments.harness.loggers import NullLogger, make_logger
 from experiments.harness.measure import PhaseMeter
@@ -119,6 +120,8 @@ def execute(plan: RunPlan) -> dict:
             record.train = {**result.as_dict(), "peak_memory_bytes": phase.peak_memory_bytes, "wall_s": None}
             record.memory["optimizer_state_bytes"] = result.optimizer_state_bytes
             record.memory["optimizer_paged_bytes"] = result.optimizer_paged_bytes
+            if plan.cfg.save_adapter and topology.saves_adapter:
+                record.train["adapter_file"] = save_trained_adapter(model, plan.output_dir)
         load, trained = meter.phases.get(Phase.LOAD) or meter.phases.get(Phase.QUANTIZE), meter.phases.get(Phase.TRAIN)
         topology.account_memory(  # each rank's part of the trained model, before finalize changes it
             model,

@@ -122,6 +122,7 @@ NOT_RESULT_KEYS = (
     "results_dir",
     "checkpoint_dir",
     "skip_done",
+    "save_adapter",
     "logger",
     "threads",
     "reference_results",
