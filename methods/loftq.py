@@ -27,6 +27,7 @@ from methods.base import ADAPTER_INIT_ATTR
 
 # Set on a model by ``QLoRA.load_base`` for a LoftQ adapter: {linear name: 16-bit weight}.
 ORIGINAL_WEIGHTS_ATTR = "qpeft_original_weights"
+FOUR_BIT_BASES = ("nf4", "nf4_dq", "fp4", "fp4_dq")  # the bitsandbytes 4-bit bases a start can re-quantize
 
 
 def original_weights(model_spec: ModelSpec, targets: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -83,34 +84,59 @@ def loftq_layer(layer, weight: torch.Tensor, rank: int, scaling: float, iteratio
     return lora_a, lora_b, error, plain_error, weight.pow(2).sum().item()
 
 
-def apply_loftq(model: torch.nn.Module, iterations: int, adapter_name: str = "default") -> dict:
-    """LoftQ on every peft LoRA layer of ``model`` whose base is bitsandbytes 4-bit, from the 16-bit weights
-    ``QLoRA.load_base`` attached; returns (and sets on the model) the record's ``loftq`` figures."""
+@torch.no_grad()
+def qpissa_layer(layer, weight: torch.Tensor, rank: int, scaling: float) -> tuple:
+    """QPiSSA (the PiSSA paper's quantized form) on one peft LoRA layer over a bitsandbytes 4-bit base: the
+    adapter takes W's top-r singular directions (s B A, as peft's PiSSA splits them) and the base stores the
+    quantized residual q(W - s B A); same return as ``loftq_layer``."""
+    weight = weight.float()
+    base = layer.get_base_layer()
+    plain_error = (weight - _requantize(base, weight)).pow(2).sum().item()
+    lora_b, lora_a = _low_rank(weight / scaling, rank)
+    quantized = _requantize(base, weight - scaling * (lora_b @ lora_a))
+    error = (weight - quantized - scaling * (lora_b @ lora_a)).pow(2).sum().item()
+    return lora_a, lora_b, error, plain_error, weight.pow(2).sum().item()
+
+
+def initialise_4bit_lora(model: torch.nn.Module, name: str, layer_start, settings: dict, adapter: str = "default"):
+    """Start every peft LoRA layer of ``model`` over a bitsandbytes 4-bit base from the 16-bit weights
+    ``QLoRA.load_base`` attached: ``layer_start(layer, weight, rank, scaling)`` requantizes the base and gives
+    (A, B, errors...). Returns (and sets on the model as the record's ``name`` section) ``settings`` with the
+    relative errors ||W - Q - sBA|| / ||W|| it starts from and plain QLoRA's ||W - q(W)|| / ||W||."""
     from peft.tuners.lora.bnb import Linear4bit
 
     originals = getattr(model.get_base_model(), ORIGINAL_WEIGHTS_ATTR)
     errors = plain_errors = norms = 0.0
     layers = 0
-    for name, module in model.get_base_model().named_modules():
+    for module_name, module in model.get_base_model().named_modules():
         if not isinstance(module, Linear4bit):
             continue
-        lora_a, lora_b, error, plain_error, norm = loftq_layer(
-            module, originals[name], module.r[adapter_name], module.scaling[adapter_name], iterations
+        lora_a, lora_b, error, plain_error, norm = layer_start(
+            module, originals[module_name], module.r[adapter], module.scaling[adapter]
         )
-        module.lora_A[adapter_name].weight.data.copy_(lora_a)
-        module.lora_B[adapter_name].weight.data.copy_(lora_b)
+        module.lora_A[adapter].weight.data.copy_(lora_a)
+        module.lora_B[adapter].weight.data.copy_(lora_b)
         errors, plain_errors, norms, layers = errors + error, plain_errors + plain_error, norms + norm, layers + 1
     if not layers:
-        raise RuntimeError("LoftQ found no LoRA layer over a bitsandbytes 4-bit base")
+        raise RuntimeError(f"{name} found no LoRA layer over a bitsandbytes 4-bit base")
     delattr(model.get_base_model(), ORIGINAL_WEIGHTS_ATTR)  # the 16-bit copy is not kept through training
     figures = {
-        "iterations": iterations,
+        **settings,
         "layers": layers,
         "init_rel_error": (errors / norms) ** 0.5,
         "qlora_init_rel_error": (plain_errors / norms) ** 0.5,
     }
-    setattr(model, ADAPTER_INIT_ATTR, {"loftq": figures})
+    setattr(model, ADAPTER_INIT_ATTR, {name: figures})
     return figures
+
+
+def apply_loftq(model: torch.nn.Module, iterations: int) -> dict:
+    """LoftQ on every peft LoRA layer of ``model`` whose base is bitsandbytes 4-bit; the record's ``loftq``."""
+
+    def start(layer, weight, rank, scaling):
+        return loftq_layer(layer, weight, rank, scaling, iterations)
+
+    return initialise_4bit_lora(model, "loftq", start, {"iterations": iterations})
 
 
 class LoftQAdapter(LoraAdapter):
@@ -120,7 +146,7 @@ class LoftQAdapter(LoraAdapter):
     listed = 3
     blocks = ("lora", "loftq")
     needs_original_weights = True
-    bases = ("nf4", "nf4_dq", "fp4", "fp4_dq")
+    bases = FOUR_BIT_BASES
     why_not = "LoftQ re-quantizes a bitsandbytes 4-bit base (nf4, nf4_dq, fp4, fp4_dq)"
 
     @classmethod

@@ -126,16 +126,19 @@ def test_committed_preset_records_are_what_the_presets_build_now():
     assert checked >= 7
 
 
-def test_loftq_starts_closer_to_the_16bit_weights_than_qlora(tiny_spec, cpu):
-    """The record's errors are what the model holds: dequantized base + s B A against the 16-bit weights."""
+@pytest.mark.parametrize("adapter, section", [("loftq", "loftq"), ("pissa", "qpissa")])
+def test_loftq_and_qpissa_start_closer_to_the_16bit_weights_than_qlora(adapter, section, tiny_spec, cpu):
+    """The record's errors are what the model holds: dequantized base + s B A against the 16-bit weights.
+    LoftQ alternates quantizing and a low-rank fit; QPiSSA quantizes what W's top-r directions leave."""
     import bitsandbytes as bnb
 
     from methods.loftq import original_weights
 
-    method = build("nf4", "loftq", compute_dtype="float32", lora={"r": 8}, loftq={"iterations": 3})
+    method = build("nf4", adapter, compute_dtype="float32", lora={"r": 8}, loftq={"iterations": 3})
+    assert method.name == {"loftq": "loftq_nf4", "pissa": "qpissa_nf4"}[adapter]
     model = method.add_adapters(method.load_base(tiny_spec, LoadContext(cpu, model_spec=tiny_spec)))
-    figures = method.describe(model)["loftq"]
-    assert figures["iterations"] == 3 and figures["layers"] == 14
+    figures = method.describe(model)[section]
+    assert figures["layers"] == 14 and figures.get("iterations", 3) == 3
     assert figures["init_rel_error"] < figures["qlora_init_rel_error"]
     weights = original_weights(tiny_spec, method.storage_targets())
     errors = norms = 0.0

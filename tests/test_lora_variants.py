@@ -53,8 +53,10 @@ def test_a_trained_variant_merges_into_plain_weights_with_its_logits(adapter, ti
         assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("adapter, reason", [("pissa", "QPiSSA"), ("olora", "cannot hold")])
-def test_pissa_and_olora_refuse_a_quantized_base_in_one_line(adapter, reason):
+@pytest.mark.parametrize(
+    "adapter, base, reason", [("pissa", "int8", "other quantized formats"), ("olora", "nf4", "cannot hold")]
+)
+def test_pissa_and_olora_refuse_a_base_they_cannot_start_from_in_one_line(adapter, base, reason):
     with pytest.raises(ConfigError, match=reason) as refused:
-        build("nf4", adapter, lora={"r": 4})
+        build(base, adapter, lora={"r": 4})
     assert "\n" not in str(refused.value)
