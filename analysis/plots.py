@@ -89,6 +89,8 @@ def configurations(runs: pd.DataFrame) -> pd.DataFrame:
     numeric = [
         "mmlu_acc",
         "weight_bytes",
+        "weight_bits_per_param",
+        "kl_vs_base_mean",
         "train_peak_memory_bytes",
         "train_tokens_per_second",
         *(part for part, _ in MEMORY_PARTS),
@@ -311,6 +313,36 @@ def plot_fidelity_vs_bits(runs: pd.DataFrame):
     return fig
 
 
+def plot_kl_vs_bits(configs: pd.DataFrame):
+    """Every configuration, fine-tuned or not: mean KL divergence against the 16-bit base (95% interval over
+    seeds) by bits per parameter, with the Pareto front (no other configuration is both smaller and closer).
+    None when no configuration measured its KL divergence."""
+    if configs.empty or "kl_vs_base_mean_mean" not in configs:
+        return None
+    data = configs.dropna(subset=["kl_vs_base_mean_mean", "weight_bits_per_param_mean"])
+    data = data[data["kl_vs_base_mean_mean"] > 0]  # the log scale has no 0: the 16-bit base against itself
+    if data.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
+    x, y = data["weight_bits_per_param_mean"].to_numpy(), data["kl_vs_base_mean_mean"].to_numpy()
+    for i, row in enumerate(data.itertuples()):
+        error = np.nan_to_num(row.kl_vs_base_mean_ci)
+        ax.errorbar(
+            x[i], y[i], yerr=[[min(error, 0.999 * y[i])], [error]], fmt=row.marker, color=row.color,
+            markersize=7, capsize=3, label=row.label,
+        )  # fmt: skip
+    front = pareto_front(x, -y)
+    ax.step(x[front], y[front], where="post", color="0.2", linestyle="--", linewidth=1, label="Pareto front")
+    ax.scatter(x[front], y[front], s=180, facecolors="none", edgecolors="0.2", linewidths=1.1)
+    ax.set_yscale("log")
+    ax.set_xlabel("Bits per parameter of the block linears (quantization constants included)")
+    ax.set_ylabel("KL divergence to the 16-bit base (nats, log scale)")
+    ax.margins(x=0.1)
+    fig.legend(loc="outside right center", title="method (mean, 95% interval over seeds)")
+    ax.set_title("KL vs bits, fine-tuned and not (circled: Pareto front, fewer bits and lower KL)")
+    return fig
+
+
 def plot_paired_differences(runs: pd.DataFrame):
     """Each configuration's difference from the baseline (``analysis.tables.paired``, base_bf16) with its 95%
     paired bootstrap interval: 5-shot MMLU (percentage points, over questions), perplexity and mean KL
@@ -357,6 +389,7 @@ PLOTS = {
     "throughput": plot_throughput,
     "memory_breakdown": plot_memory_breakdown,
     "loss_curves": plot_loss_curves,
+    "kl_vs_bits": plot_kl_vs_bits,  # None without KL divergences: not drawn
 }
 
 
@@ -375,10 +408,9 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
     written = []
     with plt.rc_context(STYLE):
         configs = configurations(runs)
-        for name, plot in PLOTS.items():
-            written += save(plot(configs), out, name)
-        for name, plot in RUN_PLOTS.items():
-            fig = plot(runs)
+        figures = [(name, plot(configs)) for name, plot in PLOTS.items()]
+        figures += [(name, plot(runs)) for name, plot in RUN_PLOTS.items()]
+        for name, fig in figures:
             if fig is not None:  # a plot with nothing to draw returns None
                 written += save(fig, out, name)
     return written

@@ -673,3 +673,19 @@ def test_the_methods_table_shows_forgetting_where_runs_measured_it_and_leaves_th
         record["eval"]["forgetting"] = {"loss_before": 2.0, "loss_after": 2.0 + rise, "forgetting": rise}
     row = methods_table(load_runs_from(measured)).set_index("Method").loc["lora_bf16"]
     assert row["Forgetting (nats)"].startswith("0.0120 ± ")  # the mean over seeds and its interval
+
+
+def test_the_kl_vs_bits_plot_draws_every_configuration_that_measured_kl_and_nothing_otherwise():
+    from analysis.plots import configurations, plot_kl_vs_bits
+
+    plain = [make_record("qlora_nf4", seed=seed) for seed in (0, 1)]
+    assert plot_kl_vs_bits(configurations(load_runs_from(plain))) is None  # no KL measured: no plot
+    measured = json.loads(json.dumps(plain))
+    for record, kl in zip(measured, (0.20, 0.24)):
+        record["eval"]["fidelity"] = {"vs_base": {"kl_mean": kl}}
+    configs = configurations(load_runs_from(measured))
+    assert configs["kl_vs_base_mean_mean"].iloc[0] == pytest.approx(0.22)
+    assert configs["kl_vs_base_mean_ci"].iloc[0] > 0  # two seeds: an interval to draw
+    fig = plot_kl_vs_bits(configs)
+    [ax] = [ax for ax in fig.axes if ax.get_yscale() == "log"]
+    assert "qlora_nf4" in [text.get_text() for text in fig.legends[0].get_texts()]
