@@ -1,0 +1,35 @@
+"""The comparison experiments (conf/experiment/comparison_small.yaml, comparison.yaml): every row passes the
+checks a run makes before any work, on the model it names, the 7B one included (offline: its shape is known)."""
+
+import pytest
+import yaml
+
+from core.shapes import LLAMA_PRESETS
+from experiments.harness.plan import check_eval, check_packing, instantiate_method
+from experiments.harness.train import TrainSettings
+from tests.conftest import CONF, compose_config
+
+SHAPES = {"comparison_small": {"hidden_size": 576, "intermediate_size": 1536}, "comparison": LLAMA_PRESETS["llama2_7b"]}
+
+
+def _sweep(experiment: str) -> dict:
+    return yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text())["hydra"]["sweeper"]["params"]
+
+
+def test_both_comparisons_run_the_same_configurations_on_three_seeds():
+    small, large = _sweep("comparison_small"), _sweep("comparison")
+    assert small["method"] == large["method"] and small["seed"] == large["seed"] == "0,1,2"
+
+
+@pytest.mark.parametrize("experiment", sorted(SHAPES))
+@pytest.mark.parametrize("method", _sweep("comparison_small")["method"].split(","))
+def test_every_row_passes_the_first_checks_a_run_makes(experiment, method):
+    pytest.importorskip("hqq") if method == "qlora_hqq" else None
+    cfg = compose_config(f"experiment={experiment}", f"method={method}", "method.compute_dtype=bfloat16")
+    built = instantiate_method(cfg)
+    settings = TrainSettings(**cfg.train)
+    if settings.packing:
+        check_packing(built)
+    check_eval(cfg)
+    built.validate(SHAPES[experiment])
+    assert cfg.eval.forgetting.enabled and cfg.eval.fidelity.enabled and built.trainable
