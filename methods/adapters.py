@@ -72,6 +72,9 @@ class Adapter:
     # receives the base's name; None: the base's Method class, which calls ``add``.
     method: ClassVar[type | None] = None
     base_argument: ClassVar[str | None] = None
+    # Data its start is computed from (a methods.base.CalibrationSettings: EVA's activations); the base's Method
+    # takes it as its own ``calibration``, so the harness cuts the segments and attaches them to the base.
+    calibration = None
     # Fragments of its tensors' names, trained and frozen (``lora_``; VeRA's shared ``vera_A``): storage
     # counts them as adapter bytes, not base weight. Trained tensors count as adapter bytes without one.
     markers: ClassVar[tuple[str, ...]] = ()

@@ -8,7 +8,9 @@ in this order, always through the members below (never probing for others):
    ``core.errors.ConfigError`` (one line naming the problem and the valid choices) if the
    method cannot run on that model (e.g. a group size that does not divide a layer's inputs).
 2. If ``calibration`` is set: the harness cuts calibration segments (phase ``calibration_data``)
-   and hands them over in ``LoadContext.calibration``.
+   and hands them over in ``LoadContext.calibration``. An adapter whose start is computed from data
+   (EVA) declares ``Adapter.calibration``; its base's Method takes it as its own, and its ``load_base``
+   attaches the segments to the base (``attach_calibration``) for ``add_adapters``.
 3. ``load_base(model_spec, context)``: the frozen base, on ``context.device``, in the method's
    storage format (phase ``load``, or ``quantize`` when ``quantize_phase == "load"``).
 4. ``add_adapters(model)``: the trainable parts (default: none). The harness counts the
@@ -72,6 +74,9 @@ CALIBRATION_SOURCES = ("train", "c4")
 # Set on a model by a step that folds its trained parameters away (a merge), so that
 # ``trained_parameters`` still counts them afterwards.
 TRAINED_PARAMS_ATTR = "qpeft_trained_params"
+# Set on a base by ``attach_calibration``: the calibration segments' token ids, for an adapter whose start is
+# computed from data (EVA), which reads them in ``add``.
+CALIBRATION_ATTR = "qpeft_calibration"
 # Set on a model by an adapter whose initialisation is measured (LoftQ): record sections, merged by ``describe``.
 ADAPTER_INIT_ATTR = "qpeft_adapter_init"
 
@@ -156,6 +161,13 @@ class MethodFormat:
             "compute_dtype": self.compute_dtype,
             "lora": self.lora.as_dict() if self.lora is not None else None,
         }
+
+
+def attach_calibration(model: torch.nn.Module, context: LoadContext) -> torch.nn.Module:
+    """``model`` with the context's calibration segments attached for ``add_adapters`` (if there are any)."""
+    if context.calibration is not None:
+        setattr(model, CALIBRATION_ATTR, context.calibration)
+    return model
 
 
 def trained_parameters(model: torch.nn.Module) -> int:

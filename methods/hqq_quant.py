@@ -27,7 +27,7 @@ from core.errors import ConfigError
 from core.shapes import LLAMA_BLOCK_LINEARS
 from core.tensors import tensor_bytes
 from methods.adapters import Adapter, LoraAdapter
-from methods.base import LoadContext, Method, MethodFormat
+from methods.base import LoadContext, Method, MethodFormat, attach_calibration
 from methods.int_quant import replace_linears
 from methods.loading import load_pretrained
 from methods.registry import BaseFormat, WeightFormat
@@ -95,6 +95,7 @@ class HQQ(Method):
         self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
         self.adapter = adapter if adapter is not None else LoraAdapter(lora)
         self.trainable, self.mergeable = self.adapter.trainable, self.adapter.mergeable
+        self.calibration = self.adapter.calibration  # data an adapter starts from (EVA), else None
 
     def validate(self, shape: dict):
         for key in ("hidden_size", "intermediate_size"):
@@ -107,7 +108,7 @@ class HQQ(Method):
     def load_base(self, model_spec, context: LoadContext):
         model = load_pretrained(model_spec, context.device, self.compute_dtype)
         quantize_linears_hqq(model, LLAMA_BLOCK_LINEARS, self.bits, self.group_size, self.compute_dtype)
-        return model
+        return attach_calibration(model, context)
 
     def add_adapters(self, model):
         return self.adapter.add(model)

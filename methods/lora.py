@@ -14,7 +14,7 @@ import torch
 
 from core.compute_dtype import SIXTEEN_BIT_BASES
 from methods.adapters import Adapter, LoraAdapter
-from methods.base import LoadContext, Method, MethodFormat
+from methods.base import LoadContext, Method, MethodFormat, attach_calibration
 from methods.loading import load_16bit
 from methods.registry import base_format
 from methods.settings import dtype_name, parse_16bit_compute_dtype, parse_dtype
@@ -40,6 +40,7 @@ class LoRA(Method):
         self.compute_dtype = parse_16bit_compute_dtype(compute_dtype, dtype)  # "auto" resolved: the dtype that runs
         self.adapter = adapter if adapter is not None else LoraAdapter(lora)
         self.mergeable = self.adapter.mergeable
+        self.calibration = self.adapter.calibration  # data an adapter starts from (EVA), else None
 
     builds_on_meta = True  # a 16-bit base and peft's adapters: rank 0 loads, the others receive shards
 
@@ -48,7 +49,7 @@ class LoRA(Method):
             super().prepare_sharding()  # float16 would need a sharded gradient scaler: not wired
 
     def load_base(self, model_spec, context: LoadContext):
-        return load_16bit(model_spec, context.device, self.dtype, self.compute_dtype)
+        return attach_calibration(load_16bit(model_spec, context.device, self.dtype, self.compute_dtype), context)
 
     def add_adapters(self, model):
         return self.adapter.add(model)

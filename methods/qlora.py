@@ -31,7 +31,7 @@ import torch
 from core.errors import ConfigError
 from core.tensors import tensor_bytes
 from methods.adapters import Adapter, LoraAdapter
-from methods.base import LoadContext, Method, MethodFormat
+from methods.base import LoadContext, Method, MethodFormat, attach_calibration
 from methods.loading import load_pretrained
 from methods.registry import BaseFormat, WeightFormat
 from methods.settings import dtype_name, parse_dtype
@@ -64,6 +64,7 @@ class QLoRA(Method):
         self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
         self.adapter = adapter if adapter is not None else LoraAdapter(lora)
         self.trainable, self.mergeable = self.adapter.trainable, self.adapter.mergeable
+        self.calibration = self.adapter.calibration  # data an adapter starts from (EVA), else None
         self.quant_storage = torch.uint8  # the dtype bitsandbytes packs 4-bit codes into
 
     def prepare_sharding(self):
@@ -99,7 +100,7 @@ class QLoRA(Method):
             from methods.loftq import ORIGINAL_WEIGHTS_ATTR, original_weights
 
             setattr(model, ORIGINAL_WEIGHTS_ATTR, original_weights(model_spec, self.storage_targets()))
-        return model
+        return attach_calibration(model, context)
 
     def add_adapters(self, model):
         return self.adapter.add(model)

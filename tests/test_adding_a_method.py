@@ -137,7 +137,7 @@ def test_the_new_base_trains_and_storage_merge_and_memory_model_know_it(plugins,
     assert {key: predicted[key] for key in COMPARED} == {key: record[key] for key in COMPARED}
     dense = merged_weights(model, torch.float32)
     assert all(torch.isfinite(tensor).all() for tensor in dense.values())
-    assert set(valid_adapters("int8_rtn")) == {"none", "lora", "rslora", "prefix", "llama_adapter", "vera"}
+    assert set(valid_adapters("int8_rtn")) == {"none", "lora", "rslora", "prefix", "llama_adapter", "vera", "eva"}
     with pytest.raises(ConfigError, match="int8_rtn: peft's DoRA reads a base layer's weight as dense"):
         check_axes("int8_rtn", "dora")
     with pytest.raises(ConfigError, match="int8_rtn: LoftQ re-quantizes a bitsandbytes 4-bit base"):

@@ -18,6 +18,7 @@ TINY = {
     "llama_adapter": {"adapter_len": 4},
     "loftq": {"iterations": 2},
     "vera": {"r": 8},
+    "eva": {"n_samples": 4, "seq_len": 32, "batch_size": 2},
     "bits": 4,
     "group_size": 32,
     "calibration": {"n_samples": 4, "seq_len": 32},
@@ -30,6 +31,12 @@ def _compute_dtype(base: str) -> str | None:
     return "bfloat16" if base == "gptq" else "float32"  # GPTQModel's kernels compute in 16 bits
 
 
+def _context(method, tiny_spec, cpu) -> LoadContext:
+    """What the harness hands ``load_base``: calibration segments where the method asks for them."""
+    calibration = [torch.randint(0, 256, (32,)).tolist() for _ in range(4)] if method.calibration else None
+    return LoadContext(cpu, calibration=calibration, model_spec=tiny_spec)
+
+
 @pytest.mark.parametrize("base, adapter", valid_pairs(), ids=lambda value: str(value))
 def test_every_valid_pair_loads_trains_merges_and_describes(base, adapter, tiny_spec, cpu):
     from methods.merge import merged_weights
@@ -38,8 +45,7 @@ def test_every_valid_pair_loads_trains_merges_and_describes(base, adapter, tiny_
         pytest.importorskip("gptqmodel" if base == "gptq" else "bitsandbytes")
     method = build(base, adapter, compute_dtype=_compute_dtype(base), **TINY)
     assert method.name == method_name(base, adapter)
-    calibration = [torch.randint(0, 256, (32,)).tolist() for _ in range(4)] if method.calibration else None
-    context = LoadContext(cpu, calibration=calibration, model_spec=tiny_spec)
+    context = _context(method, tiny_spec, cpu)
     torch.manual_seed(0)
     model = method.add_adapters(method.load_base(tiny_spec, context))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -66,7 +72,7 @@ BF16_COMPUTE_PATHS = ("bfloat16", "float32")
 def test_every_adapter_on_a_bf16_base_trains_in_both_compute_paths(adapter, compute_dtype, tiny_spec, cpu):
     method = build("bf16", adapter, compute_dtype=compute_dtype, **TINY)
     torch.manual_seed(0)
-    model = method.add_adapters(method.load_base(tiny_spec, LoadContext(cpu, model_spec=tiny_spec)))
+    model = method.add_adapters(method.load_base(tiny_spec, _context(method, tiny_spec, cpu)))
     if method.trainable:
         losses = train_losses(model, steps=4)
         assert losses[-1] < losses[0], losses

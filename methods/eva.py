@@ -1,0 +1,80 @@
+"""EVA: Explained Variance Adaptation (Paischer et al. 2024, "One Initialization to Rule them All: Fine-tuning
+via Explained Variance Adaptation", arXiv 2410.07170), peft's ``init_lora_weights="eva"``.
+
+LoRA's A starts as the top right-singular vectors of each layer's inputs on the fine-tuning data (computed by
+incremental PCA over a few batches), B at zero, so training starts from the base model but along the
+directions its inputs actually vary in. With ``rho`` > 1 the ranks are redistributed between layers by
+explained variance, keeping the total rank budget: a layer whose inputs need more directions gets more. So
+the trainable parameter count differs a little from LoRA's at the same ``r`` (the record counts it).
+
+The data are calibration segments of the run's training texts (``eva.n_samples`` x ``eva.seq_len`` tokens),
+cut by the harness as for GPTQ and handed to ``add`` on the base (methods/base.py, ``CALIBRATION_ATTR``). It
+attaches to every base peft's LoRA wraps (16-bit, bitsandbytes, HQQ: the activations are the base's); it
+merges as LoRA; it is not sharded (the SVD needs every layer's inputs in one process).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from core.errors import ConfigError
+from methods.adapters import LoraAdapter, checked_settings
+from methods.base import CALIBRATION_ATTR, CalibrationSettings
+
+
+class EvaAdapter(LoraAdapter):
+    kind = "eva"
+    listed = 11
+    blocks = ("lora", "eva")
+    family = "other"
+    shardable = False
+    # peft's EvaConfig default rho; 16 segments of 512 tokens in batches of 4 (peft asks for batches of at
+    # least r rows of tokens: each batch holds 2,048)
+    DEFAULTS: ClassVar[dict] = {"rho": 2.0, "n_samples": 16, "seq_len": 512, "batch_size": 4}
+
+    @classmethod
+    def run_name(cls, base, quantized):
+        return f"{cls.kind}_{base}"
+
+    def __init__(self, lora: dict | None = None, eva: dict | None = None):
+        super().__init__(lora)
+        self.options = checked_settings(eva, self.DEFAULTS, "eva")
+        if not isinstance(self.options["rho"], (int, float)) or self.options["rho"] < 1:
+            raise ConfigError(f"method.eva.rho={self.options['rho']!r}: must be at least 1 (1: every layer keeps r)")
+        for key in ("n_samples", "seq_len", "batch_size"):
+            if not isinstance(self.options[key], int) or self.options[key] < 1:
+                raise ConfigError(f"method.eva.{key}={self.options[key]!r}: must be a positive integer")
+        self.calibration = CalibrationSettings(
+            source="train", n_samples=self.options["n_samples"], seq_len=self.options["seq_len"]
+        )
+
+    def add(self, model):
+        from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
+
+        segments = getattr(model, CALIBRATION_ATTR, None)
+        if segments is None:
+            raise RuntimeError(
+                "EVA starts from the run's data: its base's load_base attaches the calibration segments "
+                f"(methods.base.attach_calibration, {CALIBRATION_ATTR}) from LoadContext.calibration"
+            )
+        delattr(model, CALIBRATION_ATTR)
+        config = self.lora.peft_config()
+        config.init_lora_weights, config.eva_config = "eva", EvaConfig(rho=float(self.options["rho"]))
+        model = get_peft_model(model, config)
+        device = next(p.device for p in model.parameters())
+        ids = torch.tensor(segments, dtype=torch.long)
+        batches = [
+            {"input_ids": rows.to(device), "attention_mask": torch.ones_like(rows, device=device)}
+            for rows in ids.split(self.options["batch_size"])
+        ]
+        initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+        for parameter in model.parameters():  # peft writes A in the activations' dtype: LoRA's train in float32
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+        model.enable_input_require_grads()  # gradient checkpointing on a frozen base needs inputs that require grad
+        return model
+
+    def settings(self):
+        return {"eva": dict(self.options)}
