@@ -138,6 +138,7 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "general_loss_before": ("float64", ("eval.forgetting.loss_before",)),
         "general_loss_after": ("float64", ("eval.forgetting.loss_after",)),
         "forgetting_source": ("string", ("eval.forgetting.source",)),
+        "forgetting_blocks": ("object", ("eval.forgetting.blocks",)),  # the after-loss's sums by block
         # fidelity against the 16-bit base (experiments/evaluation/fidelity.py)
         "kl_vs_base_mean": ("float64", ("eval.fidelity.vs_base.kl_mean",)),
         "kl_vs_base_median": ("float64", ("eval.fidelity.vs_base.kl_median",)),

@@ -101,3 +101,19 @@ def test_a_single_question_or_block_is_no_paired_comparison_and_no_crash():
         with_units(make_record("lora_bf16"), *one, questions="one"),
     ]
     assert paired_table(load_runs_from(records)).empty
+
+
+def test_the_general_text_loss_after_training_is_paired_over_its_blocks(runs):
+    """eval.forgetting's after-training loss by block: 0.05 nats more at every position is beyond noise."""
+    import json
+
+    records = []
+    for method, shift in (("base_bf16", 0.0), ("lora_bf16", 0.05)):
+        record = make_record(method, shots=5)
+        nll = 128 * (2.5 + shift + np.random.default_rng(1).normal(0, 0.2, BLOCKS))
+        blocks = {"positions": 128, "windows": "g", "tokens": [128] * BLOCKS, "nll": nll.tolist()}
+        record["eval"]["forgetting"] = {"loss_after": float(nll.sum() / (128 * BLOCKS)), "blocks": blocks}
+        records.append(json.loads(json.dumps(record)))
+    table = paired_table(load_runs_from(records)).set_index("Method")
+    assert table.loc["base_bf16", "General-text loss Δ"] == BASELINE
+    assert table.loc["lora_bf16", "General-text loss Δ"].startswith("+0.0500 [")

@@ -2,8 +2,9 @@
 could explain.
 
 For every configuration, the difference from the baseline configuration (``--baseline``, by method name; the
-16-bit base without fine-tuning by default) of MMLU accuracy, paired over questions, and of perplexity and mean
-KL divergence against the 16-bit base, paired over blocks of predicted positions (experiments/evaluation/
+16-bit base without fine-tuning by default) of MMLU accuracy, paired over questions, and of perplexity, mean
+KL divergence against the 16-bit base and the loss on general text after training (``eval.forgetting``),
+paired over blocks of predicted positions (experiments/evaluation/
 fidelity.py's ``position_blocks``), each with its 95% paired bootstrap interval (analysis/noise.py). A
 difference whose interval covers zero is marked as within noise. Runs are paired only over the same units:
 the same questions (``mmlu_questions``), the same token windows (``windows`` of the blocks). Over several
@@ -132,6 +133,7 @@ class PairedRow:
     mmlu: dict[int, PairedDifference | None]  # by number of shots; accuracy as a fraction
     perplexity: PairedDifference | None
     kl: PairedDifference | None
+    general_loss: PairedDifference | None  # nats per position on the general text, after training
     questions: int | None
     blocks: int | None
 
@@ -154,6 +156,7 @@ def paired_rows(runs: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> list[Pa
         mmlu = {shots: _mmlu_difference(group, theirs, shots) for shots in SHOTS}
         perplexity, blocks = _pooled_difference(group, theirs, "perplexity_blocks", "nll", _perplexity)
         kl, kl_blocks = _pooled_difference(group, theirs, "kl_vs_base_blocks", "kl", _mean_per_position)
+        general, _ = _pooled_difference(group, theirs, "forgetting_blocks", "nll", _mean_per_position)
         rows.append(
             PairedRow(
                 model=labels["model"],
@@ -163,6 +166,7 @@ def paired_rows(runs: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> list[Pa
                 mmlu={shots: difference for shots, (difference, _) in mmlu.items()},
                 perplexity=perplexity,
                 kl=kl,
+                general_loss=general,
                 questions=next((n for _, n in mmlu.values() if n), None),
                 blocks=blocks or kl_blocks,
             )
@@ -177,6 +181,7 @@ def paired_table(runs: pd.DataFrame, baseline: str = DEFAULT_BASELINE) -> pd.Dat
         cells = {f"MMLU {shots}-shot Δ pp": _show(row.mmlu[shots], ".1f", 100) for shots in SHOTS}
         cells["Perplexity Δ"] = _show(row.perplexity, ".2f")
         cells["KL vs 16-bit Δ"] = _show(row.kl, KL_DIGITS)
+        cells["General-text loss Δ"] = _show(row.general_loss, ".4f")
         if row.is_baseline:
             cells = {name: BASELINE if text != MISSING else text for name, text in cells.items()}
         table_rows.append(
