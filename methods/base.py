@@ -65,6 +65,7 @@ FAMILIES = {
     "qlora_gptq": "QLoRA fine-tune, merged, then GPTQ (QA-LoRA Table 1's 'QLoRA w/ GPTQ')",
     "rtn": "post-training round-to-nearest INT-k, no fine-tuning",
     "hqq": "post-training HQQ (half-quadratic, calibration-free) INT-k groups, no fine-tuning",
+    "torchao": "a torchao weight-only format (int8, int4, NF4), no fine-tuning",
     "bnb": "a bitsandbytes NF4/FP4/LLM.int8 base, no fine-tuning: the data type alone",
     "prompt": "prefix tuning or LLaMA-Adapter (trained prompts, weights untouched) on a 16-bit or bitsandbytes base",
     "other": "a row no paper table holds (a new Adapter's default; LoRA on a base no paper trained on): its own rows",

@@ -17,7 +17,7 @@ CPU_TORCH=torch==2.13.0  # the CPU wheel the README's main job installs first
 echo "scratch: $WORK"
 
 python3 -m venv "$WORK/test"
-"$WORK/test/bin/pip" install -q -e '.[test,gptq,hqq]'
+"$WORK/test/bin/pip" install -q -e '.[test,gptq,hqq,torchao]'
 "$WORK/test/bin/ruff" check
 "$WORK/test/bin/ruff" format --check
 "$WORK/test/bin/lint-imports"
@@ -47,7 +47,7 @@ write_lock() {  # write_lock VENV FILE WHAT
     mv "$file.partial" "$file"
 }
 mkdir -p requirements
-write_lock "$WORK/test" requirements/test.lock "test install (.[test,gptq,hqq])"
+write_lock "$WORK/test" requirements/test.lock "test install (.[test,gptq,hqq,torchao])"
 write_lock "$WORK/cpu" requirements/cpu.lock "main job's install (the CPU torch, then .)"
 git diff --stat requirements/
 echo "locks updated; commit them with the suite's summary: $summary"

@@ -43,6 +43,8 @@ def test_every_valid_pair_loads_trains_merges_and_describes(base, adapter, tiny_
 
     if base == "gptq" or adapter == "loftq":
         pytest.importorskip("gptqmodel" if base == "gptq" else "bitsandbytes")
+    if base == "torchao_int4" and not torch.cuda.is_available():
+        pytest.skip("torchao's int4 layouts run on CUDA only (tests/test_torchao.py checks the refusal)")
     method = build(base, adapter, compute_dtype=_compute_dtype(base), **TINY)
     assert method.name == method_name(base, adapter)
     context = _context(method, tiny_spec, cpu)

@@ -134,7 +134,7 @@ def lock_pins(name: str) -> dict[str, str]:
 
 def test_both_readme_commands_install_the_locked_stack():
     test_command, main_job = readme_commands()
-    assert "pip install -c requirements/test.lock -e '.[test,gptq,hqq]'" in test_command
+    assert "pip install -c requirements/test.lock -e '.[test,gptq,hqq,torchao]'" in test_command
     assert "pip install -c requirements/cpu.lock -e ." in main_job
     test_lock, cpu_lock = lock_pins("test.lock"), lock_pins("cpu.lock")
     assert cpu_lock["torch"] == re.search(r"torch==([\w.+]+)", main_job).group(1)  # the CPU wheel named first
