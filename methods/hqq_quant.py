@@ -19,6 +19,7 @@ This module declares the ``hqq`` base format and its weight format (storage, mer
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -74,6 +75,17 @@ def quantize_linears_hqq(model, target_modules, bits: int, group_size: int, comp
         return layer
 
     return replace_linears(model, target_modules, make)
+
+
+@functools.cache
+def _hqq_linear_class():
+    """hqq's ``HQQLinear``, or None without the extra (then no model holds its layers); asked once, since
+    storage and merge ask every module of a model."""
+    try:
+        from hqq.core.quantize import HQQLinear
+    except ImportError:
+        return None
+    return HQQLinear
 
 
 class HQQ(Method):
@@ -137,11 +149,8 @@ class HqqGroups(WeightFormat):
 
     @classmethod
     def holds(cls, module):
-        try:
-            from hqq.core.quantize import HQQLinear
-        except ImportError:  # without the extra no model holds its layers
-            return False
-        return isinstance(module, HQQLinear)
+        layer_class = _hqq_linear_class()
+        return layer_class is not None and isinstance(module, layer_class)
 
     @classmethod
     def storage_parts(cls, module):

@@ -13,10 +13,7 @@ from tests.conftest import REPO
 # Folders whose records predate the config's base/adapter axes (and export, eval.fidelity), kept as the
 # figures they are until regenerated: each needs its experiment run again on a clean commit (the README
 # says how long). A folder regenerated must leave this list: the test below fails while it is listed.
-STALE_UNTIL_REGENERATED: dict[str, str] = {
-    "comparison_small": "its experiment grew to 13 configurations x 3 seeds with forgetting (2026-12-05); the "
-    "records in the folder are the two-seed run of 8 configurations until the new run (about 90 minutes) lands",
-}
+STALE_UNTIL_REGENERATED: dict[str, str] = {}
 
 
 def committed_records() -> dict[str, list[dict]]:
