@@ -408,9 +408,10 @@ def write_plots(runs: pd.DataFrame, out: Path) -> list[Path]:
     written = []
     with plt.rc_context(STYLE):
         configs = configurations(runs)
-        figures = [(name, plot(configs)) for name, plot in PLOTS.items()]
-        figures += [(name, plot(runs)) for name, plot in RUN_PLOTS.items()]
-        for name, fig in figures:
+        drawn = [(name, lambda plot=plot: plot(configs)) for name, plot in PLOTS.items()]
+        drawn += [(name, lambda plot=plot: plot(runs)) for name, plot in RUN_PLOTS.items()]
+        for name, draw in drawn:  # one figure open at a time: each is saved and closed before the next
+            fig = draw()
             if fig is not None:  # a plot with nothing to draw returns None
                 written += save(fig, out, name)
     return written

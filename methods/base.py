@@ -191,6 +191,16 @@ class Method:
     # hold it; False for adapters that are not weights (prefix tuning, LLaMA-Adapter).
     mergeable: bool = True
 
+    def take_adapter(self, adapter, lora: dict | None) -> None:
+        """For a base's Method: the adapter it trains (a methods.adapters.Adapter; LoRA with ``lora`` when
+        methods/compose.py passes none) and what follows from it: whether the method trains and merges, and
+        the data the adapter starts from (EVA's calibration, else None)."""
+        from methods.adapters import LoraAdapter
+
+        self.adapter = adapter if adapter is not None else LoraAdapter(lora)
+        self.trainable, self.mergeable = self.adapter.trainable, self.adapter.mergeable
+        self.calibration = self.adapter.calibration
+
     def validate(self, shape: dict) -> None:
         """Fail before any work (ConfigError) if the method cannot run on a model of this shape
         (the checkpoint's config.json numbers; empty for a model built without one)."""

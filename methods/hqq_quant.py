@@ -27,9 +27,9 @@ import torch
 from core.errors import ConfigError
 from core.shapes import LLAMA_BLOCK_LINEARS
 from core.tensors import tensor_bytes
-from methods.adapters import Adapter, LoraAdapter
+from methods.adapters import Adapter
 from methods.base import LoadContext, Method, MethodFormat, attach_calibration
-from methods.int_quant import replace_linears
+from methods.int_quant import check_group_divides, replace_linears
 from methods.loading import load_pretrained
 from methods.registry import BaseFormat, WeightFormat
 from methods.settings import dtype_name, parse_dtype
@@ -105,17 +105,10 @@ class HQQ(Method):
         self.name, self.bits, self.group_size = name, bits, group_size
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
         self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
-        self.adapter = adapter if adapter is not None else LoraAdapter(lora)
-        self.trainable, self.mergeable = self.adapter.trainable, self.adapter.mergeable
-        self.calibration = self.adapter.calibration  # data an adapter starts from (EVA), else None
+        self.take_adapter(adapter, lora)
 
     def validate(self, shape: dict):
-        for key in ("hidden_size", "intermediate_size"):
-            if shape.get(key) and shape[key] % self.group_size:
-                raise ConfigError(
-                    f"method.group_size={self.group_size} does not divide the model's {key} ({shape[key]}): "
-                    "HQQ groups a row's input channels"
-                )
+        check_group_divides(self.group_size, shape, "HQQ groups a row's input channels")
 
     def load_base(self, model_spec, context: LoadContext):
         model = load_pretrained(model_spec, context.device, self.compute_dtype)

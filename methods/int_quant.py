@@ -49,6 +49,17 @@ def check_model_shape(bits: int, group_size: int, shape: dict):
             check_format(bits, group_size, shape[key])
 
 
+def check_group_divides(group_size: int, shape: dict, why: str = "") -> None:
+    """Before any work: ``group_size`` divides the model's hidden and intermediate sizes (the inputs of its
+    block linears), else a one-line ConfigError saying which does not (and ``why``, when given)."""
+    for key in ("hidden_size", "intermediate_size"):
+        if shape.get(key) and shape[key] % group_size:
+            reason = f": {why}" if why else ""
+            raise ConfigError(
+                f"method.group_size={group_size} does not divide the model's {key} ({shape[key]}){reason}"
+            )
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes (any shape, numel a multiple of 8) -> uint8 bytes, numel * bits / 8 of them."""
     chunks = codes.reshape(-1, CODES_PER_CHUNK).to(torch.int64)

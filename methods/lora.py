@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from core.compute_dtype import SIXTEEN_BIT_BASES
-from methods.adapters import Adapter, LoraAdapter
+from methods.adapters import Adapter
 from methods.base import LoadContext, Method, MethodFormat, attach_calibration
 from methods.loading import load_16bit
 from methods.registry import base_format
@@ -38,9 +38,7 @@ class LoRA(Method):
         self.dtype_name = dtype
         self.dtype = parse_dtype(dtype, "method.dtype")
         self.compute_dtype = parse_16bit_compute_dtype(compute_dtype, dtype)  # "auto" resolved: the dtype that runs
-        self.adapter = adapter if adapter is not None else LoraAdapter(lora)
-        self.mergeable = self.adapter.mergeable
-        self.calibration = self.adapter.calibration  # data an adapter starts from (EVA), else None
+        self.take_adapter(adapter, lora)
 
     builds_on_meta = True  # a 16-bit base and peft's adapters: rank 0 loads, the others receive shards
 

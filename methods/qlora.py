@@ -30,7 +30,7 @@ import torch
 
 from core.errors import ConfigError
 from core.tensors import tensor_bytes
-from methods.adapters import Adapter, LoraAdapter
+from methods.adapters import Adapter
 from methods.base import LoadContext, Method, MethodFormat, attach_calibration
 from methods.loading import load_pretrained
 from methods.registry import BaseFormat, WeightFormat
@@ -62,9 +62,7 @@ class QLoRA(Method):
         self.double_quant = bool(double_quant)
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
         self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
-        self.adapter = adapter if adapter is not None else LoraAdapter(lora)
-        self.trainable, self.mergeable = self.adapter.trainable, self.adapter.mergeable
-        self.calibration = self.adapter.calibration  # data an adapter starts from (EVA), else None
+        self.take_adapter(adapter, lora)
         self.quant_storage = torch.uint8  # the dtype bitsandbytes packs 4-bit codes into
 
     def prepare_sharding(self):

@@ -29,9 +29,9 @@ import torch
 from core.errors import ConfigError
 from core.shapes import LLAMA_BLOCK_LINEARS
 from core.tensors import tensor_bytes
-from methods.adapters import Adapter, LoraAdapter
+from methods.adapters import Adapter
 from methods.base import LoadContext, Method, MethodFormat, attach_calibration
-from methods.int_quant import replace_linears
+from methods.int_quant import check_group_divides, replace_linears
 from methods.loading import load_pretrained
 from methods.registry import BaseFormat, WeightFormat
 from methods.settings import dtype_name, parse_dtype
@@ -90,9 +90,7 @@ class TorchAO(Method):
         self.name, self.scheme, self.group_size = name, scheme, group_size
         self.compute_dtype = parse_dtype(compute_dtype, "method.compute_dtype")
         self.compute_dtype_name = dtype_name(self.compute_dtype)  # "auto" resolved: the dtype that runs
-        self.adapter = adapter if adapter is not None else LoraAdapter(lora)
-        self.trainable, self.mergeable = self.adapter.trainable, self.adapter.mergeable
-        self.calibration = self.adapter.calibration  # data an adapter starts from (EVA), else None
+        self.take_adapter(adapter, lora)
 
     def validate(self, shape: dict):
         if self.scheme == "int4" and not torch.cuda.is_available():
@@ -101,11 +99,7 @@ class TorchAO(Method):
                 "kernel (plain needs mslk, tile_packed_to_4d tinygemm); on CPU use method.base=hqq or rtn at 4 bits"
             )
         if self.scheme == "int4":
-            for key in ("hidden_size", "intermediate_size"):
-                if shape.get(key) and shape[key] % self.group_size:
-                    raise ConfigError(
-                        f"method.group_size={self.group_size} does not divide the model's {key} ({shape[key]})"
-                    )
+            check_group_divides(self.group_size, shape)
 
     def load_base(self, model_spec, context: LoadContext):
         model = load_pretrained(model_spec, context.device, self.compute_dtype)
