@@ -171,6 +171,19 @@ def attach_calibration(model: torch.nn.Module, context: LoadContext) -> torch.nn
     return model
 
 
+def take_calibration(model: torch.nn.Module, adapter: str) -> torch.Tensor:
+    """The calibration segments ``attach_calibration`` put on ``model``, as a (segments, tokens) tensor of token
+    ids, removed from the model; a RuntimeError naming ``adapter`` if its base's loader attached none."""
+    segments = getattr(model, CALIBRATION_ATTR, None)
+    if segments is None:
+        raise RuntimeError(
+            f"{adapter} starts from the run's data: its base's load_base attaches the calibration segments "
+            f"(methods.base.attach_calibration, {CALIBRATION_ATTR}) from LoadContext.calibration"
+        )
+    delattr(model, CALIBRATION_ATTR)
+    return torch.tensor(segments, dtype=torch.long)
+
+
 def trained_parameters(model: torch.nn.Module) -> int:
     """Parameters that were trained: those that require grad, or what a merge recorded it folded away."""
     return getattr(model, TRAINED_PARAMS_ATTR, None) or trainable_parameters(model)

@@ -21,7 +21,7 @@ import torch
 
 from core.errors import ConfigError
 from methods.adapters import LoraAdapter, checked_settings
-from methods.base import CALIBRATION_ATTR, CalibrationSettings
+from methods.base import CalibrationSettings, take_calibration
 
 
 class EvaAdapter(LoraAdapter):
@@ -53,18 +53,11 @@ class EvaAdapter(LoraAdapter):
     def add(self, model):
         from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
 
-        segments = getattr(model, CALIBRATION_ATTR, None)
-        if segments is None:
-            raise RuntimeError(
-                "EVA starts from the run's data: its base's load_base attaches the calibration segments "
-                f"(methods.base.attach_calibration, {CALIBRATION_ATTR}) from LoadContext.calibration"
-            )
-        delattr(model, CALIBRATION_ATTR)
+        ids = take_calibration(model, "EVA")
         config = self.lora.peft_config()
         config.init_lora_weights, config.eva_config = "eva", EvaConfig(rho=float(self.options["rho"]))
         model = get_peft_model(model, config)
         device = next(p.device for p in model.parameters())
-        ids = torch.tensor(segments, dtype=torch.long)
         batches = [
             {"input_ids": rows.to(device), "attention_mask": torch.ones_like(rows, device=device)}
             for rows in ids.split(self.options["batch_size"])

@@ -19,6 +19,7 @@ TINY = {
     "loftq": {"iterations": 2},
     "vera": {"r": 8},
     "eva": {"n_samples": 4, "seq_len": 32, "batch_size": 2},
+    "corda": {"n_samples": 4, "seq_len": 32},
     "bits": 4,
     "group_size": 32,
     "calibration": {"n_samples": 4, "seq_len": 32},

@@ -17,6 +17,7 @@ TINY_OVERRIDES = {
     "lora": ["method.lora.r=4"],
     "vera": ["method.vera.r=8"],
     "eva": ["method.eva.n_samples=8", "method.eva.seq_len=64", "method.eva.batch_size=4"],
+    "corda": ["method.corda.n_samples=8", "method.corda.seq_len=64"],
     "calibration": ["method.calibration.n_samples=8", "method.calibration.seq_len=64"],
 }
 SUBJECTS = ("anatomy", "astronomy")
