@@ -103,7 +103,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     return ((grouped - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).reshape(out_features, in_features)
 
 
-class _RecomputedWeightLinear(torch.autograd.Function):
+class RecomputedWeightLinear(torch.autograd.Function):
     """x @ W^T with W dequantized in forward and again in backward, never saved."""
 
     @staticmethod
@@ -169,7 +169,7 @@ class GroupQuantLinear(torch.nn.Module):
         return weight
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _RecomputedWeightLinear.apply(x, self)
+        out = RecomputedWeightLinear.apply(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

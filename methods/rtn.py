@@ -67,5 +67,5 @@ class RTNBase(BaseFormat):
     names: ClassVar[dict] = {"rtn": {}}
     method = RTN
     takes_peft_adapters = False
-    why_no_peft = "peft adapters do not wrap our INT-k layers; the rtn base takes qalora or none"
+    why_no_peft = "peft adapters do not wrap our INT-k layers; the rtn base takes qalora, qat or none"
     family = "rtn"
