@@ -184,7 +184,8 @@ class LoraAdapter(Adapter):
     def wraps(cls, module):
         from peft.tuners.lora import LoraLayer
 
-        return isinstance(module, LoraLayer)
+        # not peft's QA-LoRA layers (methods/peft_qalora.py): peft cannot give their delta weight
+        return isinstance(module, LoraLayer) and not getattr(module, "qalora_group_size", None)
 
     @classmethod
     def merged_weight(cls, module, base_weight):

@@ -172,15 +172,17 @@ def quantize_checkpoint(
     )
 
 
-def load_quantized(folder: Path, device: torch.device, dtype: torch.dtype):
-    """The GPTQ checkpoint as a Hugging Face model computing in ``dtype`` (GPTQModel picks the kernel).
+def load_quantized(folder: Path, device: torch.device, dtype: torch.dtype, trainable: bool = False):
+    """The GPTQ checkpoint as a Hugging Face model computing in ``dtype`` (GPTQModel picks the kernel; one that
+    passes gradients to its inputs when an adapter trains on it: its CPU AVX-512 kernel is inference-only).
 
     Without a dtype GPTQModel chooses one itself ("auto"), and a record naming the method's
     compute dtype would describe another run than the one measured.
     """
     gptqmodel = _import_gptqmodel()
+    backend = gptqmodel.BACKEND.AUTO_TRAINABLE if trainable else gptqmodel.BACKEND.AUTO
     with _quiet():
-        wrapped = gptqmodel.GPTQModel.load(str(folder), device=str(device), dtype=dtype)
+        wrapped = gptqmodel.GPTQModel.load(str(folder), device=str(device), dtype=dtype, backend=backend)
     model = wrapped.model
     model.requires_grad_(False)
     model.config.use_cache = False
@@ -254,7 +256,11 @@ class GPTQ(Method):
         compute_dtype: str = "bfloat16",
         batch_size: int = 4,
         calibration: dict | None = None,
+        adapter=None,  # methods/compose.py passes it: none, or peft's QA-LoRA (methods/peft_qalora.py)
     ):
+        from methods.adapters import NoAdapter
+
+        self.take_adapter(adapter if adapter is not None else NoAdapter(), None)
         check_format(bits, group_size)
         self.calibration = CalibrationSettings.from_config(calibration)
         check_calibration(self.calibration, batch_size)
@@ -298,23 +304,29 @@ class GPTQ(Method):
         )
 
     def load_base(self, model_spec, context: LoadContext):
-        return load_quantized(self.quantize_path(model_spec.path, context), context.device, self.compute_dtype)
+        folder = self.quantize_path(model_spec.path, context)
+        return load_quantized(folder, context.device, self.compute_dtype, trainable=self.trainable)
+
+    def add_adapters(self, model):
+        return self.adapter.add(model)
 
     def method_format(self) -> MethodFormat:
         return MethodFormat(
             name=self.name,
-            family=GPTQBase.family,
+            family=GPTQBase.family_with(self.adapter),
             quant_format=f"int{self.bits}-g{self.group_size}",
             weight_format="gptq",
             bits=self.bits,
             block_size=self.group_size,
             compute_dtype=self.compute_dtype_name,  # the loaded model's dtype (load_quantized)
-            adapter="none",
+            adapter=self.adapter.kind,
+            lora=self.adapter.lora,
             settings={
                 "group_size": self.group_size,
                 "sym": self.sym,
                 "desc_act": self.desc_act,
                 "calibration": self.calibration.as_dict(),
+                **self.adapter.settings(),
             },
         )
 
@@ -362,6 +374,8 @@ class GPTQBase(BaseFormat):
     method = GPTQ
     takes_peft_adapters = False
     why_no_peft = (
-        "peft adapters on GPTQ layers are not wired here; gptq takes qalora or none (or use method=qlora_gptq)"
+        "peft's LoRA on GPTQ layers is not wired here; gptq takes qalora, peft_qalora or none (or use "
+        "method=qlora_gptq)"
     )
     family = "gptq"
+    trained_family = "other"
