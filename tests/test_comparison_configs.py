@@ -24,7 +24,9 @@ def test_both_comparisons_run_the_same_configurations_on_three_seeds():
 @pytest.mark.parametrize("experiment", sorted(SHAPES))
 @pytest.mark.parametrize("method", _sweep("comparison_small")["method"].split(","))
 def test_every_row_passes_the_first_checks_a_run_makes(experiment, method):
-    pytest.importorskip("hqq") if method == "qlora_hqq" else None
+    extra = {"qlora_hqq": "hqq", "qalora_gptq": "gptqmodel", "peft_qalora": "gptqmodel"}.get(method)
+    extra = extra or ("torchao" if "torchao" in method else None)
+    pytest.importorskip(extra) if extra else None
     cfg = compose_config(f"experiment={experiment}", f"method={method}", "method.compute_dtype=bfloat16")
     built = instantiate_method(cfg)
     settings = TrainSettings(**cfg.train)
