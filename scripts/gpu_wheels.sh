@@ -38,6 +38,8 @@ for name in "${CARRIED[@]}"; do
     WHEELS+=("$pin")
 done
 ANTLR=$(grep -i "^antlr4-python3-runtime==" "$LOCK")
+# train.kernels=liger (the [liger] extra, CUDA only: no CPU install takes it, so test.lock does not pin it)
+WHEELS+=("liger-kernel==0.8.5")
 
 rm -rf .whl && mkdir -p .whl
 "$PY" -m pip download "${PIP_ARGS[@]}" -d .whl "${WHEELS[@]}" 2>&1 | grep -v "^WARNING: Location" || true

@@ -43,6 +43,9 @@ def records_in(folder):
         (["method=qalora", "train.strategy=fsdp", "train.nproc=2"], "cannot train sharded"),
         (["train.strategy=fsdp", "train.nproc=2", "export.formats=[nf4]"], "use train.strategy=single"),
         (["train.strategy=fsdp", "train.nproc=2", "train.compile=true"], "does not compile yet"),
+        (["train.kernels=triton"], "is not one of none, liger"),
+        (["train.kernels=liger", "device=cpu"], "train.kernels=liger needs a CUDA GPU"),
+        (["train.kernels=liger", "train.loss=chunked"], "Liger brings its own fused linear cross-entropy"),
         (
             ["train.strategy=fsdp", "train.nproc=2", "train.optimizer=paged_adamw_32bit"],
             "use train.optimizer=adamw_torch",

@@ -138,6 +138,7 @@ NEUTRAL_DEFAULTS = {
     "train.nproc": 1,
     "train.packing": False,
     "train.loss": "full",
+    "train.kernels": "none",
     # a whole block: neutral while it is exactly its default (off)
     "eval.forgetting": {"enabled": False, "source": "python_docs", "seq_len": 512, "max_tokens": 4096},
 }
@@ -166,6 +167,7 @@ PACKAGES = (
     "gptqmodel",
     "optimum",
     "torchao",
+    "liger-kernel",
     "gguf",
     "lm-eval",
     "datasets",

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from core.errors import ConfigError
 from experiments.distribution.topology import SingleProcess, Topology
 from experiments.harness.data import BatchSource, bucket_width, pack, pad_to_width
+from experiments.harness.kernels import apply_kernels, check_kernels, check_kernels_device
 from experiments.harness.loss import LOSSES, forward_loss
 from experiments.harness.measure import optimizer_state_bytes, paged_state_bytes
 from methods.upcast import model_compute_dtype
@@ -58,6 +59,9 @@ class TrainSettings:
     packing: bool = False
     # full: the model's own loss from its logits; chunked: never the whole logits (experiments/harness/loss.py)
     loss: str = "full"
+    # none, or liger: Liger-Kernel's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy
+    # (experiments/harness/kernels.py)
+    kernels: str = "none"
     compile: bool = False
     max_seq_len: int = 512
     train_on_prompt: bool = True
@@ -93,6 +97,7 @@ class TrainSettings:
             raise ConfigError(f"train.optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.loss not in LOSSES:
             raise ConfigError(f"train.loss={self.loss!r} is not one of {', '.join(LOSSES)}")
+        check_kernels(self.kernels, self.loss)
         if self.lr_scheduler not in SCHEDULERS:
             raise ConfigError(f"train.lr_scheduler={self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         self._check_strategy()
@@ -128,6 +133,7 @@ class TrainSettings:
             )
 
     def check_device(self, device: torch.device):
+        check_kernels_device(self.kernels, device)
         if self.optimizer != "adamw_torch" and device.type != "cuda":
             raise ConfigError(
                 f"train.optimizer={self.optimizer} uses bitsandbytes' CUDA optimizers; on {device.type} use adamw_torch"
@@ -283,6 +289,7 @@ def train(
     topology = topology or SingleProcess()
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_kernels(model, settings.kernels)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     # Compiled: one static graph per bucketed width (see bucket_width), so the measured steps
