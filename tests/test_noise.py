@@ -70,3 +70,17 @@ def test_a_pooled_perplexity_difference_is_exp_of_summed_losses_over_summed_toke
 def test_rows_scored_on_other_units_are_refused_in_one_line():
     with pytest.raises(ValueError, match="same units on both sides"):
         paired_difference([1.0, 0.0, 1.0], [1.0, 0.0])
+
+
+def test_a_figure_equal_over_seeds_shows_no_interval():
+    """Storage is the same for every seed: 116,413,376 bytes scaled to MB read "116.4 ± 0.0" before, from the
+    float rounding of the mean."""
+    import pandas as pd
+
+    from analysis.tables.grouping import cell
+    from experiments.harness.record import Status
+
+    runs = pd.DataFrame({"status": [Status.OK.value] * 3, "weight_bytes": [116413376] * 3})
+    assert cell(runs, "weight_bytes", scale=1e-6) == "116.4"
+    runs["weight_bytes"] = [1.0, 2.0, 3.0]
+    assert cell(runs, "weight_bytes").startswith("2.0 ± ")

@@ -37,8 +37,10 @@ def _fmt_stat(values: pd.Series, digits: int | str, with_n: bool = False) -> str
     spec = digits if isinstance(digits, str) else f".{digits}f"  # a str: a format spec, e.g. ".3g"
     mean = values.mean()
     text = f"{mean:{spec}}"
-    half = half_interval(values.to_numpy())
-    if half > 0:  # one seed, or equal over seeds (storage, for one): the Seeds column says how many
+    # one seed, or equal over seeds (storage, for one): no interval, the Seeds column says how many (the float
+    # rounding of a scaled mean of equal values is no spread)
+    half = half_interval(values.to_numpy()) if values.nunique() > 1 else 0.0
+    if half > 0:
         text += f" ± {half:{spec}}"
     return f"{text} (n={len(values)})" if with_n else text
 
