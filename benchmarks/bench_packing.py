@@ -111,9 +111,9 @@ def run_bare(method: str, args, device: torch.device, data: dict) -> dict:
     ``model(**batch).loss`` on the plain padded batches. Of the harness only the batches (the same rows as
     ``plain``) and the one load function (methods/loading.py, which keeps the Hub's kernels off) are used."""
     from omegaconf import OmegaConf
-    from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, get_scheduler
 
+    from benchmarks.bare_loop import bare_lora
     from experiments.harness.data import BatchSource
     from methods.loading import load_pretrained
 
@@ -133,17 +133,7 @@ def run_bare(method: str, args, device: torch.device, data: dict) -> dict:
     model = load_pretrained(data["spec"], device, compute, quantization)
     lora = method_cfg["lora"]
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=list(lora["target_modules"]),
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = bare_lora(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -241,9 +241,9 @@ def run_reference(args, device: torch.device, optimizer: str) -> dict:
     random base), with the same LoRA settings, optimizer, clipping and batch as the harness's qlora_nf4."""
     import bitsandbytes as bnb
     from omegaconf import OmegaConf
-    from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig
 
+    from benchmarks.bare_loop import bare_lora
     from methods.random_base import build_random_base
 
     cfg = compose("qlora_nf4", args, optimizer)
@@ -264,17 +264,7 @@ def run_reference(args, device: torch.device, optimizer: str) -> dict:
     model.requires_grad_(False)
     model.config.use_cache = False
     torch.manual_seed(0)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=list(lora["target_modules"]),
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = bare_lora(model, lora)
     model.enable_input_require_grads()
     load = {**_peaks(device), "wall_s": time.perf_counter() - started}
     _reset(device)

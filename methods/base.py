@@ -171,6 +171,17 @@ def attach_calibration(model: torch.nn.Module, context: LoadContext) -> torch.nn
     return model
 
 
+def training_texts_calibration(options: dict, block: str, counts: tuple[str, ...] = ()) -> CalibrationSettings:
+    """For an adapter whose start is computed from the run's data (EVA, CorDA): ``options``' segments of the
+    training texts, after checking that they and ``counts`` (more of its options) are positive integers."""
+    from core.errors import ConfigError
+
+    for key in ("n_samples", "seq_len", *counts):
+        if not isinstance(options[key], int) or isinstance(options[key], bool) or options[key] < 1:
+            raise ConfigError(f"method.{block}.{key}={options[key]!r}: must be a positive integer")
+    return CalibrationSettings(source="train", n_samples=options["n_samples"], seq_len=options["seq_len"])
+
+
 def take_calibration(model: torch.nn.Module, adapter: str) -> torch.Tensor:
     """The calibration segments ``attach_calibration`` put on ``model``, as a (segments, tokens) tensor of token
     ids, removed from the model; a RuntimeError naming ``adapter`` if its base's loader attached none."""

@@ -25,7 +25,7 @@ import torch
 
 from core.errors import ConfigError
 from methods.adapters import LoraAdapter, checked_settings
-from methods.base import CalibrationSettings, take_calibration
+from methods.base import take_calibration, training_texts_calibration
 from methods.lora_variants import SIXTEEN_BIT_BASES
 
 MODES = ("ipm",)
@@ -57,12 +57,7 @@ class CordaAdapter(LoraAdapter):
             )
         if self.options["mode"] not in MODES:
             raise ConfigError(f"method.corda.mode={self.options['mode']!r} is not one of {', '.join(MODES)}")
-        for key in ("n_samples", "seq_len"):
-            if not isinstance(self.options[key], int) or self.options[key] < 1:
-                raise ConfigError(f"method.corda.{key}={self.options[key]!r}: must be a positive integer")
-        self.calibration = CalibrationSettings(
-            source="train", n_samples=self.options["n_samples"], seq_len=self.options["seq_len"]
-        )
+        self.calibration = training_texts_calibration(self.options, "corda")
 
     def add(self, model):
         from peft import get_peft_model

@@ -21,7 +21,7 @@ import torch
 
 from core.errors import ConfigError
 from methods.adapters import LoraAdapter, checked_settings
-from methods.base import CalibrationSettings, take_calibration
+from methods.base import take_calibration, training_texts_calibration
 
 
 class EvaAdapter(LoraAdapter):
@@ -43,12 +43,7 @@ class EvaAdapter(LoraAdapter):
         self.options = checked_settings(eva, self.DEFAULTS, "eva")
         if not isinstance(self.options["rho"], (int, float)) or self.options["rho"] < 1:
             raise ConfigError(f"method.eva.rho={self.options['rho']!r}: must be at least 1 (1: every layer keeps r)")
-        for key in ("n_samples", "seq_len", "batch_size"):
-            if not isinstance(self.options[key], int) or self.options[key] < 1:
-                raise ConfigError(f"method.eva.{key}={self.options[key]!r}: must be a positive integer")
-        self.calibration = CalibrationSettings(
-            source="train", n_samples=self.options["n_samples"], seq_len=self.options["seq_len"]
-        )
+        self.calibration = training_texts_calibration(self.options, "eva", counts=("batch_size",))
 
     def add(self, model):
         from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
