@@ -212,11 +212,9 @@ def layer_codes(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return codes.reshape(out_features, in_features).to(torch.uint8), scales, zeros
 
 
-def gptq_quantize_to_group_linears(
-    model, model_spec, target_modules, bits: int, group_size: int, context: LoadContext
-) -> int:
-    """Replace the target linears of ``model`` by GroupQuantLinear layers holding GPTQ's codes."""
-    folder = quantize_checkpoint(
+def quantize_gptq_checkpoint(model_spec, bits: int, group_size: int, context: LoadContext) -> Path:
+    """The cached asymmetric GPTQ checkpoint (no act-order) a QA-LoRA base is made from."""
+    return quantize_checkpoint(
         model_spec.path,
         context.calibration,
         bits=bits,
@@ -226,6 +224,13 @@ def gptq_quantize_to_group_linears(
         batch_size=DEFAULT_GPTQ_BATCH_SIZE,
         cache_root=cache_dir() / "gptq",
     )
+
+
+def gptq_quantize_to_group_linears(
+    model, model_spec, target_modules, bits: int, group_size: int, context: LoadContext
+) -> int:
+    """Replace the target linears of ``model`` by GroupQuantLinear layers holding GPTQ's codes."""
+    folder = quantize_gptq_checkpoint(model_spec, bits, group_size, context)
     # fp16, the dtype of GPTQ's scales: codes, scales and zeros read back exactly (layer_codes)
     quantized = load_quantized(folder, torch.device("cpu"), torch.float16)
     layers = {name: m for name, m in quantized.named_modules() if is_gptq_layer(m)}

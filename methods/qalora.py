@@ -42,13 +42,29 @@ from methods.storage import ceil_div
 
 POOLINGS = ("mean", "sum")
 BASE_QUANTIZERS = ("rtn", "gptq")
+# plain: our INT-k layer, dequantized in PyTorch each step; gptqmodel: GPTQModel's layer for the base's product
+# (its kernel for the device: Marlin / Triton / ExLlama class on CUDA, its torch kernel on CPU), gptq base only
+KERNELS = ("plain", "gptqmodel")
 EXPORT_FORMAT = "qpeft-int-group/1"
 
 
-class QALoRALinear(torch.nn.Module):
-    """A GroupQuantLinear plus the group-pooled adapter B @ A."""
+def as_group_linear(layer) -> GroupQuantLinear:
+    """``layer`` as our INT-k layer: itself, or a GPTQModel layer's codes, scales and zeros read back exactly."""
+    if isinstance(layer, GroupQuantLinear):
+        return layer
+    from methods.gptq import layer_codes
 
-    def __init__(self, base: GroupQuantLinear, lora: LoraSettings, pooling: str):
+    codes, scales, zeros = layer_codes(layer)
+    bias = getattr(layer, "bias", None)
+    group = GroupQuantLinear.from_quantized(codes, scales, zeros, layer.bits, layer.group_size, bias)
+    return group.to(scales.device)
+
+
+class QALoRALinear(torch.nn.Module):
+    """An INT-k group layer plus the group-pooled adapter B @ A. The base is our GroupQuantLinear (dequantized
+    in PyTorch), or with ``kernel: gptqmodel`` GPTQModel's own layer, whose kernel computes the base's product."""
+
+    def __init__(self, base, lora: LoraSettings, pooling: str):
         super().__init__()
         self.base = base
         self.pooling = pooling
@@ -74,7 +90,7 @@ class QALoRALinear(torch.nn.Module):
     @torch.no_grad()
     def merged(self) -> GroupQuantLinear:
         """The base with the adapter folded into its zero points (zeros become fp32)."""
-        base = self.base
+        base = as_group_linear(self.base)
         delta = self.scaling * (self.qalora_B.double() @ self.qalora_A.double())  # D_out x groups
         if self.pooling == "mean":
             delta = delta / base.group_size
@@ -104,8 +120,17 @@ class QALoRA(Method):
         merge: bool = True,
         lora: dict | None = None,
         calibration: dict | None = None,
+        kernel: str = "plain",
     ):
         check_format(bits, group_size)
+        if kernel not in KERNELS:
+            raise ConfigError(f"method.kernel={kernel!r} is not one of {', '.join(KERNELS)}")
+        if kernel == "gptqmodel" and base_quantizer != "gptq":
+            raise ConfigError(
+                "method.kernel=gptqmodel computes with GPTQModel's layers, which only the gptq base has; "
+                "use method.base=gptq, or method.kernel=plain"
+            )
+        self.kernel = kernel
         if pooling not in POOLINGS:
             raise ConfigError(f"method.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
         if base_quantizer not in BASE_QUANTIZERS:
@@ -126,6 +151,11 @@ class QALoRA(Method):
         check_model_shape(self.bits, self.group_size, shape)
 
     def load_base(self, model_spec, context: LoadContext):
+        if self.kernel == "gptqmodel":
+            from methods.gptq import load_quantized, quantize_gptq_checkpoint
+
+            folder = quantize_gptq_checkpoint(model_spec, self.bits, self.group_size, context)
+            return load_quantized(folder, context.device, self.compute_dtype, trainable=True)
         model = load_pretrained(model_spec, context.device, self.compute_dtype)
         if self.base_quantizer == "gptq":
             from methods.gptq import gptq_quantize_to_group_linears
@@ -139,9 +169,11 @@ class QALoRA(Method):
         return model
 
     def add_adapters(self, model):
+        from methods.storage import is_gptq_layer
+
         swap_modules(
             model,
-            lambda name, child: isinstance(child, GroupQuantLinear),
+            lambda name, child: isinstance(child, GroupQuantLinear) or is_gptq_layer(child),
             lambda name, child: QALoRALinear(child, self.lora, self.pooling),
         )
         return model.to(next(model.parameters()).device)
@@ -178,6 +210,7 @@ class QALoRA(Method):
                 "pooling": self.pooling,
                 "merged": self.merge,
                 "calibration": self.calibration.as_dict() if self.calibration else None,
+                **({"kernel": self.kernel} if self.kernel != "plain" else {}),
             },
         )
 

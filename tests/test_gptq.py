@@ -8,7 +8,7 @@ pytest.importorskip("gptqmodel", reason="GPTQ methods need the [gptq] extra: pip
 from core.shapes import LLAMA_BLOCK_LINEARS  # noqa: E402
 from methods.base import LoadContext  # noqa: E402
 from methods.gptq import GPTQ, layer_codes, load_quantized, quantize_checkpoint  # noqa: E402
-from methods.int_quant import dequantize, rtn_quantize  # noqa: E402
+from methods.int_quant import GroupQuantLinear, dequantize, rtn_quantize  # noqa: E402
 from methods.loading import load_pretrained  # noqa: E402
 from methods.qalora import QALoRA, QALoRALinear  # noqa: E402
 from methods.storage import is_gptq_layer  # noqa: E402
@@ -113,3 +113,54 @@ def test_qalora_on_a_gptq_base_merges_exactly(tiny_spec, calibration):
         after = method.finalize(model, None)(tokens).logits
     assert (after - before).abs().max() < 1e-3
     assert method.describe(model)["base_quantizer"] == "gptq"
+
+
+def test_qalora_on_gptqmodels_kernels_computes_and_trains_as_the_plain_path_and_merges_exactly(tiny_spec, calibration):
+    """method.kernel=gptqmodel: GPTQModel's layer computes the base's product; outputs, adapter gradients and the
+    exact merge into INT-k zero points are the plain path's (both from the same cached GPTQ checkpoint)."""
+    settings = dict(
+        bits=4,
+        group_size=GROUP,
+        base_quantizer="gptq",
+        compute_dtype="float16",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        calibration={"n_samples": 16, "seq_len": 64},
+    )
+    context = LoadContext(torch.device("cpu"), calibration=calibration)
+    models = {}
+    for kernel in ("plain", "gptqmodel"):
+        method = QALoRA("qalora", kernel=kernel, **settings)
+        base = method.load_base(tiny_spec, context)
+        torch.manual_seed(0)  # the same A in both
+        models[kernel] = (method, method.add_adapters(base))
+    plain, fused = (models[k][1] for k in ("plain", "gptqmodel"))
+    plain_layer, fused_layer = (m.model.layers[0].mlp.down_proj for m in (plain, fused))
+    assert isinstance(plain_layer.base, GroupQuantLinear) and not isinstance(fused_layer.base, GroupQuantLinear)
+    for model in (plain, fused):
+        for module in model.modules():
+            if isinstance(module, QALoRALinear):
+                module.qalora_B.data.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, tiny_spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    for kernel, model in (("plain", plain), ("gptqmodel", fused)):
+        logits = model(tokens).logits.float()
+        logits.square().mean().backward()
+        layer = model.model.layers[0].mlp.down_proj
+        outputs[kernel] = (logits.detach(), layer.qalora_A.grad.clone(), layer.qalora_B.grad.clone())
+    for got, want in zip(outputs["gptqmodel"], outputs["plain"]):  # float16 products in another order
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max() + 1e-3
+    method = models["gptqmodel"][0]
+    with torch.no_grad():
+        before = fused(tokens).logits.float()
+        after = method.finalize(fused, None)(tokens).logits.float()
+    assert (after - before).abs().max() <= 1e-2 * before.abs().max()
+    assert method.describe(fused)["kernel"] == "gptqmodel" and method.describe(fused)["merged"]
+
+
+def test_gptqmodels_kernels_need_the_gptq_base():
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="method.kernel=gptqmodel computes with GPTQModel's layers"):
+        QALoRA("qalora", base_quantizer="rtn", kernel="gptqmodel")
+    with pytest.raises(ConfigError, match=r"method.kernel='marlin' is not one of plain, gptqmodel"):
+        QALoRA("qalora", base_quantizer="gptq", kernel="marlin")

@@ -139,6 +139,7 @@ NEUTRAL_DEFAULTS = {
     "train.packing": False,
     "train.loss": "full",
     "train.kernels": "none",
+    "method.kernel": "plain",  # QA-LoRA's base product: our PyTorch dequantization (methods/qalora.py)
     # a whole block: neutral while it is exactly its default (off)
     "eval.forgetting": {"enabled": False, "source": "python_docs", "seq_len": 512, "max_tokens": 4096},
 }
