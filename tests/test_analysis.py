@@ -654,12 +654,15 @@ def test_the_methods_table_says_how_much_of_the_quantization_gap_fine_tuning_rec
         configured(make_record("lora_bf16", ppl=8.5), **{"method.base": "bf16"}),
         configured(make_record("qalora", bits=4, ppl=10.5), **{"method.base": "rtn"}),
         configured(make_record("gptq", bits=4, ppl=10.0), **{"method.base": "gptq"}),
+        configured(make_record("qlora_fp4", ppl=9.05), **{"method.base": "fp4", **untrained}),
+        configured(make_record("qlora_fp4", ppl=8.8), **{"method.base": "fp4"}),
     ]
     table = methods_table(load_runs_from(records))
     trained = table[~table["Settings"].str.contains("max_steps=0")].set_index("Method")["PTQ gap recovered %"]
     assert trained["qlora_nf4"] == "67"
     assert trained["lora_bf16"] == "—"  # a 16-bit base has no quantization gap
     assert trained["qalora"] == "—"  # no RTN run without fine-tuning here, and GPTQ's does not stand in
+    assert trained["qlora_fp4"] == "gap < 1%"  # a base costing 0.05 of 9 (int8's case): 500% would be noise
     assert set(table.loc[table["Settings"].str.contains("max_steps=0"), "PTQ gap recovered %"]) == {"—"}
 
 

@@ -72,12 +72,17 @@ def _untrained_perplexity(untrained: pd.DataFrame, like: pd.Series, stored_as) -
     return float(same["perplexity"].mean()) if len(same) else math.nan
 
 
+SMALLEST_GAP = 0.01  # of the 16-bit perplexity: a smaller quantization gap has no share worth reading
+NO_GAP = "gap < 1%"
+
+
 def recovered(runs: pd.DataFrame, group: pd.DataFrame) -> str:
     """The share of the post-training quantization gap a fine-tuned run on a quantized base closes:
     (ppl_PTQ - ppl_method) / (ppl_PTQ - ppl_16-bit), where PTQ is the same base (quantizer and format: RTN and
     GPTQ store the same INT-k groups) without fine-tuning and 16-bit the 16-bit base without it, on the same
     text; over 100% where fine-tuning lowers the perplexity below the 16-bit base's. "—" where either run is
-    missing, for a 16-bit base, and for untrained rows."""
+    missing, for a 16-bit base, and for untrained rows; "gap < 1%" where quantization cost less than 1% of the
+    16-bit perplexity (the share of so small a gap is noise)."""
     untrained = untrained_runs(runs)
     ok = group[(group["status"] == Status.OK) & group["perplexity"].notna()]
     if ok.empty or ok.index.isin(untrained.index).any():
@@ -90,6 +95,8 @@ def recovered(runs: pd.DataFrame, group: pd.DataFrame) -> str:
     sixteen = _untrained_perplexity(untrained, first, untrained["quant_format"].isin(SIXTEEN_BIT).fillna(False))
     if math.isnan(ptq) or math.isnan(sixteen) or ptq <= sixteen:
         return MISSING
+    if ptq - sixteen < SMALLEST_GAP * sixteen:  # LLM.int8, torchao int8: a share of next to nothing reads 900%
+        return NO_GAP
     return f"{100 * (ptq - ok['perplexity'].mean()) / (ptq - sixteen):.0f}"
 
 
