@@ -16,8 +16,9 @@
 #            where device=auto means the GPU, stopped (with pytest's summary) when the budget runs out;
 #   bench    benchmarks.bench_train on the Llama-2-7B shape (random weights built on the GPU) at the
 #            published anchors' setting, batch 4 x 1024, r=8, then batch 1 x 512 for LoRA bf16, QLoRA
-#            NF4, NF4+DQ, QA-LoRA INT4 and the bare transformers + peft + bitsandbytes loop, each while
-#            the time budget allows (GPU_CHECK_BUDGET_S, default 420 s from the start).
+#            NF4, NF4+DQ, QA-LoRA INT4 and the bare transformers + peft + bitsandbytes loop, then
+#            benchmarks.bench_packing on real data (plain, packed, chunked loss, Liger, bare loop), each
+#            while the time budget allows (GPU_CHECK_BUDGET_S, default 420 s from the start).
 # Before the steps: the wheels of .whl/ installed with no index (when present; not in the dry run) and
 # the bundled model and MMLU file assembled from .gpu_assets/ into the cache (when present).
 # Exit status: 0 when every step that ran passed.
@@ -182,6 +183,7 @@ if wants bench; then
         step "bench 4x1024 r8" bench_b4.log "$PY" -m benchmarks.bench_train "${BENCH[@]}" --batch 4 --seq 64 --rank 8 \
             --methods qlora_nf4 --out "$OUT_DIR"
         step "bench 1x512" bench_b1.log "$PY" -m benchmarks.bench_train "${BENCH[@]}" --seq 32 --out "$OUT_DIR"
+        log "bench real data: skipped in the dry run (benchmarks.bench_packing on the bundled model; tested in the suite)"
     else
         for setting in b4 b1; do
             if [ "$(remaining)" -lt 90 ]; then
@@ -196,6 +198,14 @@ if wants bench; then
                     --out "$OUT_DIR"
             fi
         done
+        # real data (the main job's, on the bundled model): plain, packed, packed + chunked loss, packed + Liger,
+        # and the bare transformers + peft loop, A B C D E E D C B A
+        if [ "$(remaining)" -lt 120 ]; then
+            log "skipping bench real data: ${SECONDS}s used of a ${BUDGET_S}s budget"
+        else
+            step "bench real data" bench_packing.log "$PY" -m benchmarks.bench_packing --device cuda \
+                --methods qlora_nf4 lora_bf16 --out "$OUT_DIR/bench_packing"
+        fi
     fi
 fi
 
