@@ -36,6 +36,7 @@ def _adapter_grads_and_loss(base: str, kernels: str, tiny_spec, batch):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("base", ["bf16", "nf4"])
 def test_liger_kernels_give_the_plain_models_loss_and_adapter_gradients(base, tiny_spec):
     pytest.importorskip("liger_kernel")
