@@ -317,8 +317,13 @@ FIGURES: dict[str, Callable[[], str]] = {
             lambda method=method, setting=setting, key=key, form=form: form.format(_packing_row(method, setting)[key])
         )
         for method in ("lora_bf16", "qlora_nf4")
-        for setting in ("plain", "packed", "packed_chunked")
-        for key, form in (("speedup_vs_plain", "{:.2f}"), ("padded_share", "{:.0%}"), ("tokens_per_second", "{:.0f}"))
+        for setting in ("plain", "packed", "packed_chunked", "bare")
+        for key, form in (
+            ("speedup_vs_plain", "{:.2f}"),
+            ("speedup_vs_bare", "{:.2f}"),
+            ("padded_share", "{:.0%}"),
+            ("tokens_per_second", "{:.0f}"),
+        )
     },
     "gpu.h100.device": lambda: f"**{_gpu_bench('llama2_7b_b1_s512')['device']}**",
     "gpu.h100.versions": lambda: ", ".join(
