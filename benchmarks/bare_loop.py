@@ -19,3 +19,18 @@ def bare_lora(model, lora: dict):
             task_type="CAUSAL_LM",
         ),
     )
+
+
+def bare_step(model, batch: dict, params, optimizer, max_grad_norm: float, scheduler=None) -> float:
+    """One optimizer step as a transformers + peft user writes it: the model's own loss, clipping, the step (and
+    the schedule's); the loss, read with ``.item()``, which synchronizes as the harness's loop does."""
+    import torch
+
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()

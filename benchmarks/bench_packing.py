@@ -113,7 +113,7 @@ def run_bare(method: str, args, device: torch.device, data: dict) -> dict:
     from omegaconf import OmegaConf
     from transformers import BitsAndBytesConfig, get_scheduler
 
-    from benchmarks.bare_loop import bare_lora
+    from benchmarks.bare_loop import bare_lora, bare_step
     from experiments.harness.data import BatchSource
     from methods.loading import load_pretrained
 
@@ -148,13 +148,7 @@ def run_bare(method: str, args, device: torch.device, data: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 6))  # .item() synchronizes, as the harness's loop does
+        losses.append(round(bare_step(model, batch, params, optimizer, cfg.train.max_grad_norm, scheduler), 6))
         real = int(batch["attention_mask"].sum())  # counted as the harness counts: every step, real tokens apart
         tokens, padded = tokens + real, padded + batch["attention_mask"].numel() - real
         if step >= args.warmup:

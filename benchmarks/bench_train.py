@@ -243,7 +243,7 @@ def run_reference(args, device: torch.device, optimizer: str) -> dict:
     from omegaconf import OmegaConf
     from transformers import BitsAndBytesConfig
 
-    from benchmarks.bare_loop import bare_lora
+    from benchmarks.bare_loop import bare_lora, bare_step
     from methods.random_base import build_random_base
 
     cfg = compose("qlora_nf4", args, optimizer)
@@ -287,12 +287,7 @@ def run_reference(args, device: torch.device, optimizer: str) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # .item() synchronizes, as the harness's loop does
+        losses.append(bare_step(model, batch, params, opt, cfg.train.max_grad_norm))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= args.warmup:
