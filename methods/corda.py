@@ -26,6 +26,7 @@ import torch
 from core.errors import ConfigError
 from methods.adapters import LoraAdapter, checked_settings
 from methods.base import take_calibration, training_texts_calibration
+from methods.loading import train_in_float32
 from methods.lora_variants import SIXTEEN_BIT_BASES
 
 MODES = ("ipm",)
@@ -76,9 +77,7 @@ class CordaAdapter(LoraAdapter):
 
         preprocess_corda(model, config, run_model=run_model)
         model = get_peft_model(model, config)
-        for parameter in model.parameters():  # peft writes A and B in float32 already; LoRA's train in float32
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+        train_in_float32(model)
         model.enable_input_require_grads()  # gradient checkpointing on a frozen base needs inputs that require grad
         return model
 

@@ -22,6 +22,7 @@ import torch
 from core.errors import ConfigError
 from methods.adapters import LoraAdapter, checked_settings
 from methods.base import take_calibration, training_texts_calibration
+from methods.loading import train_in_float32
 
 
 class EvaAdapter(LoraAdapter):
@@ -58,9 +59,7 @@ class EvaAdapter(LoraAdapter):
             for rows in ids.split(self.options["batch_size"])
         ]
         initialize_lora_eva_weights(model, batches, show_progress_bar=False)
-        for parameter in model.parameters():  # peft writes A in the activations' dtype: LoRA's train in float32
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+        train_in_float32(model)
         model.enable_input_require_grads()  # gradient checkpointing on a frozen base needs inputs that require grad
         return model
 

@@ -97,3 +97,12 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings):
     # Gradient checkpointing on a frozen base needs inputs that require grad.
     model.enable_input_require_grads()
     return model
+
+
+def train_in_float32(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every trainable parameter in float32, as LoRA's adapters train here (peft writes some
+    starts, EVA's and QA-LoRA's on 16-bit layers, in the activations' dtype)."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from methods.adapters import LoraAdapter
+from methods.storage import ceil_div
 
 
 def _gptq_group_size(model) -> int:
@@ -48,13 +49,11 @@ class PeftQaLoraAdapter(LoraAdapter):
         return cls.kind
 
     def add(self, model):
-        from methods.loading import add_lora
+        from methods.loading import add_lora, train_in_float32
 
         options = (("qalora_group_size", _gptq_group_size(model)), ("use_qalora", True))
         model = add_lora(model, replace(self.lora, peft_options=self.lora.peft_options + options))
-        for parameter in model.parameters():  # LoRA's adapters train in float32, as every other here
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+        train_in_float32(model)
         return model
 
     @classmethod
@@ -75,4 +74,4 @@ class PeftQaLoraAdapter(LoraAdapter):
 
     @classmethod
     def a_inputs(cls, d_in, spec):
-        return -(-d_in // spec.block_size)  # A acts on the group-pooled input: r x D_in / L
+        return ceil_div(d_in, spec.block_size)  # A acts on the group-pooled input: r x D_in / L
