@@ -89,6 +89,9 @@ class CalibrationSettings:
     source: str = "train"  # train: segments of the run's training texts (offline); c4: the papers' (network)
     n_samples: int = 128  # the GPTQ and QA-LoRA papers: 128 segments of 2048 tokens
     seq_len: int = 2048
+    # The draw's own seed, not the run's: every training seed of a sweep gets the same segments, so they share
+    # one quantized base (cached once), and the untrained reference row of "PTQ gap recovered" is that base.
+    seed: int = 0
 
     def __post_init__(self):
         from core.errors import ConfigError
@@ -101,19 +104,21 @@ class CalibrationSettings:
             raise ConfigError(f"method.calibration.n_samples={self.n_samples!r}: must be a positive integer")
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
             raise ConfigError(f"method.calibration.seq_len={self.seq_len!r}: must be a positive integer")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"method.calibration.seed={self.seed!r}: must be a non-negative integer")
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> CalibrationSettings:
         from core.errors import ConfigError
 
         cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - {"source", "n_samples", "seq_len"})
+        unknown = sorted(set(cfg) - {"source", "n_samples", "seq_len", "seed"})
         if unknown:
-            raise ConfigError(f"unknown method.calibration key(s) {unknown}; valid: source, n_samples, seq_len")
+            raise ConfigError(f"unknown method.calibration key(s) {unknown}; valid: source, n_samples, seq_len, seed")
         return cls(**cfg)
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "n_samples": self.n_samples, "seq_len": self.seq_len}
+        return {"source": self.source, "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed}
 
 
 @dataclass

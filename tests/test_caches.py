@@ -103,6 +103,23 @@ def run_job(i: int, tmp_path: Path, *overrides: str) -> list[str]:
 
 @pytest.mark.slow
 @needs_gptqmodel
+def test_the_seeds_of_a_sweep_fine_tune_one_gptq_base_and_a_calibration_seed_makes_another(tmp_path):
+    """A sweep over training seeds compares fine-tuning noise on one base: the seeds share the GPTQ checkpoint
+    (quantized once) and the untrained reference row is that base; method.calibration.seed draws another."""
+    cache = tmp_path / "cache"
+    runs = [("seed=0",), ("seed=1",), ("seed=1", "method.calibration.seed=1")]
+    outputs = []
+    for i, overrides in enumerate(runs):
+        [(status, output)] = run_at_once([run_job(i, tmp_path, "method=qalora_gptq", *overrides)], environment(cache))
+        assert status == 0, output[-3000:]
+        outputs.append(output)
+    assert [builds([output], "gptq-") for output in outputs] == [1, 0, 1]
+    [record] = [read_record(path) for path in (tmp_path / "records2").glob("*.json")]
+    assert record["method"]["calibration"]["seed"] == 1
+
+
+@pytest.mark.slow
+@needs_gptqmodel
 def test_four_array_jobs_on_a_cold_cache_build_the_synthetic_model_and_quantize_it_once(tmp_path):
     cache = tmp_path / "cache"
     results = run_at_once([run_job(i, tmp_path, "method=gptq") for i in range(JOBS)], environment(cache))

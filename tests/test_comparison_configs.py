@@ -16,9 +16,12 @@ def _sweep(experiment: str) -> dict:
     return yaml.safe_load((CONF / "experiment" / f"{experiment}.yaml").read_text())["hydra"]["sweeper"]["params"]
 
 
-def test_both_comparisons_run_the_same_configurations_on_three_seeds():
+def test_both_comparisons_run_the_same_configurations_on_three_seeds_but_eva_on_cpu():
+    """EVA's start does not converge within the small comparison's time on CPU (its config says so)."""
     small, large = _sweep("comparison_small"), _sweep("comparison")
-    assert small["method"] == large["method"] and small["seed"] == large["seed"] == "0,1,2"
+    assert "eva_bf16" in large["method"].split(",")
+    assert [m for m in large["method"].split(",") if m != "eva_bf16"] == small["method"].split(",")
+    assert small["seed"] == large["seed"] == "0,1,2"
 
 
 @pytest.mark.parametrize("experiment", sorted(SHAPES))

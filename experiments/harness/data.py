@@ -232,13 +232,14 @@ def pad_to_width(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.
 
 
 def calibration_segments(
-    settings: CalibrationSettings, examples: list[tuple[str, str]] | None, tokenizer, seed: int = 0
+    settings: CalibrationSettings, examples: list[tuple[str, str]] | None, tokenizer
 ) -> list[list[int]]:
     """Token segments for post-training quantization (GPTQ).
 
     The GPTQ and QA-LoRA papers use 128 random 2048-token segments of C4 (``source: c4``,
     needs network). Offline (``source: train``) we cut random segments out of the run's
-    training texts joined end to end; the record says which and how many.
+    training texts joined end to end; the record says which and how many. The draw
+    follows ``settings.seed``, not the run's seed (methods/base.py says why).
     """
     source, n_samples, seq_len = settings.source, settings.n_samples, settings.seq_len
     if source == "c4":
@@ -253,6 +254,6 @@ def calibration_segments(
         ids += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     if len(ids) < seq_len:
         raise ConfigError(f"calibration source {source!r} has {len(ids)} tokens, fewer than one segment of {seq_len}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=generator).tolist()
     return [ids[start : start + seq_len] for start in starts]

@@ -96,7 +96,7 @@ def execute(plan: RunPlan) -> dict:
         context = LoadContext(device=plan.device, model_spec=plan.model_spec)
         if method.calibration is not None:
             with meter.phase(Phase.CALIBRATION_DATA):
-                context.calibration = calibration_segments(method.calibration, plan.examples, tokenizer, seed=cfg.seed)
+                context.calibration = calibration_segments(method.calibration, plan.examples, tokenizer)
 
         def with_adapters(base):
             torch.manual_seed(cfg.seed)  # adapter initialisation depends on the seed only
@@ -339,7 +339,7 @@ def _run_exports(plan: RunPlan, model, tokenizer, windows, references: dict[str,
 
     calibration = None
     if plan.exports.needs_calibration:
-        calibration = calibration_segments(plan.exports.gptq_calibration, plan.examples, tokenizer, seed=plan.cfg.seed)
+        calibration = calibration_segments(plan.exports.gptq_calibration, plan.examples, tokenizer)
     job = ExportJob(
         plan.exports, plan.method, plan.model_spec, plan.device, folder, calibration, measure, compare, windows
     )

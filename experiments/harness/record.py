@@ -140,6 +140,10 @@ NEUTRAL_DEFAULTS = {
     "train.loss": "full",
     "train.kernels": "none",
     "method.kernel": "plain",  # QA-LoRA's base product: our PyTorch dequantization (methods/qalora.py)
+    # the calibration draw's own seed (methods/base.py); before it, a run's seed drew its segments, so a
+    # record at seed s > 0 of a GPTQ base under the same id was quantized on other segments than a new one
+    "method.calibration.seed": 0,
+    "export.gptq.calibration.seed": 0,
     # a whole block: neutral while it is exactly its default (off)
     "eval.forgetting": {"enabled": False, "source": "python_docs", "seq_len": 512, "max_tokens": 4096},
 }
