@@ -13,7 +13,7 @@
 - ``fidelity_vs_bits``: KL divergence against the 16-bit base by bits per parameter for the
   storage formats without fine-tuning (``analysis.tables.fidelity.datatype_fidelity``'s points),
   Pareto front marked.
-- ``paired_differences``: each configuration's difference from base_bf16 in 5-shot MMLU, perplexity and KL
+- ``paired_differences``: each configuration's difference from base_bf16 in MMLU, perplexity and KL
   divergence with its 95% paired bootstrap interval (``analysis.tables.paired``), hollow where within noise;
   written only where the records pair (they hold per-question marks and per-block sums).
 
@@ -345,13 +345,15 @@ def plot_kl_vs_bits(configs: pd.DataFrame):
 
 def plot_paired_differences(runs: pd.DataFrame):
     """Each configuration's difference from the baseline (``analysis.tables.paired``, base_bf16) with its 95%
-    paired bootstrap interval: 5-shot MMLU (percentage points, over questions), perplexity and mean KL
-    divergence (over blocks of positions). Hollow markers: within noise (the interval covers zero)."""
+    paired bootstrap interval: MMLU (percentage points, over questions; 5-shot where any run has it, else
+    0-shot), perplexity and mean KL divergence (over blocks of positions). Hollow markers: within noise (the
+    interval covers zero)."""
     rows = [row for row in paired_rows(runs) if not row.is_baseline]
     if not any(any(row.mmlu.values()) or row.perplexity or row.kl for row in rows):
         return None  # records without per-unit values, or without a baseline run: nothing to draw
+    shots = 5 if any(row.mmlu[5] for row in rows) else 0
     panels = (
-        ("MMLU 5-shot (points)", lambda row: row.mmlu[5], 100),
+        (f"MMLU {shots}-shot (points)", lambda row: row.mmlu[shots], 100),
         ("Perplexity", lambda row: row.perplexity, 1),
         ("Mean KL vs 16-bit (nats)", lambda row: row.kl, 1),
     )

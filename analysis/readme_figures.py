@@ -335,7 +335,7 @@ FIGURES: dict[str, Callable[[], str]] = {
     **{f"{folder}.environment": _environment(lambda folder=folder: list(records(folder))) for folder in RECORD_FOLDERS},
     **{
         f"{folder}.job_minutes": lambda folder=folder: f"{job_seconds(list(records(folder))) / 60:.0f}"
-        for folder in ("datatypes_small", "deploy_small")
+        for folder in ("datatypes_small", "deploy_small", "comparison_small")
     },
     "fidelity.reference_mib": lambda: f"{_fidelity_reference()['reference_bytes'] / 2**20:.0f}",
     "fidelity.n_positions": lambda: f"{_fidelity_reference()['vs_base']['n_positions']:,}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -183,3 +184,14 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Comp
         _CLI_SERVER = CliServer(env)
     with tempfile.TemporaryDirectory(prefix="run_cli_") as scratch:
         return _CLI_SERVER.run(list(args), Path(cwd), Path(scratch), env, timeout)
+
+
+def run_one(folder: Path, *overrides: str, timeout: int = 600) -> dict:
+    """One run through the CLI (``run_cli``), its results and Hydra folder under ``folder``: its one record,
+    after checking that the process and the run ended well."""
+    done = run_cli(*overrides, f"results_dir={folder / 'results'}", f"hydra.run.dir={folder / 'run'}", timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [path] = (folder / "results").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "ok", record["error"]
+    return record

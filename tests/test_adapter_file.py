@@ -1,14 +1,12 @@
 """The trained adapter kept as a file (experiments/harness/adapter_file.py): it loads back, and its size is recorded."""
 
-import json
-
 import pytest
 import torch
 
 from experiments.harness.adapter_file import save_trained_adapter
 from methods.base import LoadContext
 from methods.compose import build
-from tests.conftest import run_cli, train_losses
+from tests.conftest import run_one, train_losses
 
 
 def test_a_saved_peft_adapter_loads_onto_the_base_and_computes_what_the_trained_model_did(tiny_spec, cpu, tmp_path):
@@ -61,15 +59,7 @@ def test_a_run_keeps_its_adapter_unless_told_not_to_and_the_run_id_is_the_same(
     )
     records = {}
     for save in ("true", "false"):
-        done = run_cli(
-            *common,
-            f"save_adapter={save}",
-            f"results_dir={tmp_path / save / 'results'}",
-            f"hydra.run.dir={tmp_path / save / 'run'}",
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        [path] = (tmp_path / save / "results").glob("*.json")
-        records[save] = json.loads(path.read_text())
+        records[save] = run_one(tmp_path / save, *common, f"save_adapter={save}")
     kept = records["true"]["train"]["adapter_file"]
     assert kept["path"] == str(tmp_path / "true" / "run" / "adapter")
     assert kept["bytes"] == sum(p.stat().st_size for p in (tmp_path / "true" / "run" / "adapter").iterdir())

@@ -678,6 +678,16 @@ def test_the_methods_table_shows_forgetting_where_runs_measured_it_and_leaves_th
     assert row["Forgetting (nats)"].startswith("0.0120 ± ")  # the mean over seeds and its interval
 
 
+def test_the_methods_table_shows_mmlu_at_the_shots_the_sweep_ran():
+    """comparison_small scores MMLU zero-shot: its table must show those accuracies, not an empty 5-shot column."""
+    from analysis.tables.comparison import methods_table
+
+    zero = methods_table(load_runs_from([make_record("lora_bf16", seed=s, acc=0.2, shots=0) for s in (0, 1)]))
+    assert "MMLU 5-shot %" not in zero.columns and zero["MMLU 0-shot %"].iloc[0] == "20.0"
+    five = methods_table(load_runs_from([make_record("lora_bf16", acc=0.3)]))
+    assert "MMLU 0-shot %" not in five.columns and five["MMLU 5-shot %"].iloc[0] == "30.0"
+
+
 def test_the_kl_vs_bits_plot_draws_every_configuration_that_measured_kl_and_nothing_otherwise():
     from analysis.plots import configurations, plot_kl_vs_bits
 

@@ -5,12 +5,10 @@ The model is a tiny random Llama with the bundled tokenizer's vocabulary, so tha
 perplexity run on it (its accuracy means nothing; the evaluation's code path is what runs).
 """
 
-import json
-
 import pytest
 import torch
 
-from tests.conftest import METHOD_CONFIGS, compose_config, run_cli
+from tests.conftest import METHOD_CONFIGS, compose_config, run_one
 
 # Small enough for the tiny model: a rank-4 adapter, 8 calibration segments of 64 tokens.
 TINY_OVERRIDES = {
@@ -46,7 +44,8 @@ def test_every_method_config_runs_through_training_finalize_and_evaluation(
     tiny = [override for key, extra in TINY_OVERRIDES.items() if key in method_cfg for override in extra]
     if compute_dtype is not None:
         tiny.append(f"method.compute_dtype={compute_dtype}")
-    done = run_cli(
+    record = run_one(
+        tmp_path,
         f"method={name}",
         *tiny,
         "model=hf",
@@ -60,13 +59,7 @@ def test_every_method_config_runs_through_training_finalize_and_evaluation(
         "eval.perplexity.seq_len=64",
         "eval.perplexity.max_tokens=256",
         "threads=1",
-        f"results_dir={tmp_path / 'results'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    [path] = (tmp_path / "results").glob("*.json")
-    record = json.loads(path.read_text())
-    assert record["status"] == "ok", record["error"]
     assert record["method"]["name"] == name and record["method"]["family"]
     if compute_dtype is not None:
         assert record["method"]["compute_dtype"] == compute_dtype

@@ -1,12 +1,10 @@
 """Forgetting (experiments/evaluation/forgetting.py): the loss on general text as training starts and after."""
 
-import json
-
 import pytest
 from omegaconf import OmegaConf
 
 from experiments.harness.record import result_config
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config, run_cli, run_one
 
 TINY_RUN = (
     "model=hf",
@@ -25,19 +23,8 @@ TINY_RUN = (
 )
 
 
-def _record(tmp_path, checkpoint, *overrides) -> dict:
-    done = run_cli(
-        *TINY_RUN,
-        f"model.name_or_path={checkpoint}",
-        *overrides,
-        f"results_dir={tmp_path / 'results'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    [path] = (tmp_path / "results").glob("*.json")
-    record = json.loads(path.read_text())
-    assert record["status"] == "ok", record["error"]
-    return record
+def _record(folder, checkpoint, *overrides) -> dict:
+    return run_one(folder, *TINY_RUN, f"model.name_or_path={checkpoint}", *overrides)
 
 
 @pytest.mark.slow

@@ -100,9 +100,9 @@ def recovered(runs: pd.DataFrame, group: pd.DataFrame) -> str:
     return f"{100 * (ptq - ok['perplexity'].mean()) / (ptq - sixteen):.0f}"
 
 
-# Figures only some records hold (eval.forgetting; the adapter file, saved since 2026-12-05): a table
-# without any leaves the column out.
-OPTIONAL_COLUMNS = ("Adapter file MB", "Forgetting (nats)")
+# Figures only some records hold (eval.forgetting; the adapter file, saved since 2026-12-05; MMLU at the
+# shots a sweep ran: 5 in most, 0 in comparison_small): a table without any leaves the column out.
+OPTIONAL_COLUMNS = ("Adapter file MB", "MMLU 0-shot %", "MMLU 5-shot %", "Forgetting (nats)")
 
 
 def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -110,7 +110,6 @@ def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, distinction, group in configuration_groups(runs, LABEL_COLUMNS):
         first = dict(zip(LABEL_COLUMNS, key))
-        five = group[group["mmlu_num_fewshot"] == 5]
         trained = group["train_loss_first"].notna().any()
         loss = f"{cell(group, 'train_loss_first', digits=3)} -> {cell(group, 'train_loss_last', digits=3)}"
         rows.append(
@@ -128,7 +127,10 @@ def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "Loss first -> last": loss if trained else MISSING,
                 "Perplexity": cell(group, "perplexity", digits=2),
                 "PTQ gap recovered %": recovered(runs, group),
-                "MMLU 5-shot %": cell(five, "mmlu_acc", scale=100),
+                **{
+                    f"MMLU {shots}-shot %": cell(group[group["mmlu_num_fewshot"] == shots], "mmlu_acc", scale=100)
+                    for shots in (0, 5)
+                },
                 "KL vs 16-bit": cell(group, "kl_vs_base_mean", digits=KL_DIGITS),
                 "Forgetting (nats)": cell(group, "forgetting", digits=4),
                 "Seeds": marked(str(n_seeds(group)), group),
