@@ -24,7 +24,7 @@ CAPTIONS = {
     "training loss at the first and last step, held-out perplexity, the share (%) of the post-training "
     "quantization gap in perplexity a fine-tuned run on a quantized base closes ((PTQ - run) / (PTQ - 16-bit), "
     "both without fine-tuning, where both ran; 'gap < 1%' where the base loses less than 1% of the 16-bit "
-    "perplexity), 5-shot MMLU accuracy (%), mean KL divergence (nats) of "
+    "perplexity), MMLU accuracy (%) at the shots its column names, mean KL divergence (nats) of "
     "next-token distributions against the 16-bit base.",
     "main": "Method comparison: mean ± the half-width of its 95% t-interval over seeds (Seeds: number of seeds "
     "with an ok run; one seed: no interval). "
