@@ -53,7 +53,7 @@ def test_a_phase_reports_its_own_growth_not_the_process_lifetime_peak():
 
 
 def test_where_the_peak_cannot_be_reset_a_sampler_still_sees_the_phase_and_only_it():
-    """Containers that refuse /proc/self/clear_refs (CI's did): the per-phase peak comes from sampling."""
+    """Containers that refuse /proc/self/clear_refs: the per-phase peak comes from sampling."""
     big, small = _in_a_fresh_process(
         "measure._reset_peak_rss = lambda: False", "print(*_phase_growths(hold_s=0.3)[:2])"
     )

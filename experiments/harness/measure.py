@@ -3,8 +3,8 @@
 Per DESIGN.md: on CUDA we read ``torch.cuda.max_memory_allocated/reserved`` after
 resetting them at the start of each phase; on CPU we read the process's peak resident
 set size (VmHWM), which Linux lets us reset per phase by writing "5" to
-``/proc/self/clear_refs``. Where that reset is not allowed (CI's sandbox refused it on
-2026-12-06), we fall back to a thread that samples the resident set size, so a phase's
+``/proc/self/clear_refs``. Where that reset is not allowed (some container sandboxes),
+we fall back to a thread that samples the resident set size, so a phase's
 peak is never the process's lifetime peak, and take VmHWM itself where the phase raised
 it (then the lifetime peak is the phase's own). Tensor bytes come from the tensors themselves (see methods/storage.py).
 """
@@ -73,7 +73,7 @@ class _RssSampler:
     """Fallback peak-RSS tracker for systems where VmHWM cannot be reset.
 
     Samples the resident set every ``interval_s``: an allocation freed between two samples is missed
-    (a 256 MiB tensor made and freed in ~30 ms was, on CI), unless it raised the process's lifetime
+    (a 256 MiB tensor made and freed within tens of milliseconds can be), unless it raised the process's lifetime
     peak: then VmHWM at the end is this phase's peak, exact at any duration.
     """
 
