@@ -4,9 +4,10 @@ Per DESIGN.md: on CUDA we read ``torch.cuda.max_memory_allocated/reserved`` afte
 resetting them at the start of each phase; on CPU we read the process's peak resident
 set size (VmHWM), which Linux lets us reset per phase by writing "5" to
 ``/proc/self/clear_refs``. Where that reset is not allowed (some container sandboxes),
-we fall back to a thread that samples the resident set size, so a phase's
-peak is never the process's lifetime peak, and take VmHWM itself where the phase raised
-it (then the lifetime peak is the phase's own). Tensor bytes come from the tensors themselves (see methods/storage.py).
+we fall back to a thread that samples the resident set size, so a phase's peak is never
+the process's lifetime peak, and take VmHWM itself where the phase raised it (then the
+lifetime peak is the phase's own). Tensor bytes come from the tensors themselves (see
+methods/storage.py).
 """
 
 from __future__ import annotations
@@ -69,16 +70,20 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+# How often the fallback reads the resident set: a read of /proc/self/status costs microseconds.
+SAMPLE_INTERVAL_S = 0.01
+
+
 class _RssSampler:
     """Fallback peak-RSS tracker for systems where VmHWM cannot be reset.
 
-    Samples the resident set every ``interval_s``: an allocation freed between two samples is missed
-    (a 256 MiB tensor made and freed within tens of milliseconds can be), unless it raised the process's lifetime
+    Samples the resident set every SAMPLE_INTERVAL_S: an allocation freed between two samples is missed (a
+    256 MiB tensor made and freed within tens of milliseconds can be), unless it raised the process's lifetime
     peak: then VmHWM at the end is this phase's peak, exact at any duration.
     """
 
-    def __init__(self, interval_s: float = 0.01):
-        self.interval_s = interval_s
+    def __init__(self):
+        self.interval_s = SAMPLE_INTERVAL_S
         self.peak = current_rss_bytes()
         self._lifetime_peak_at_start = _read_status_kib("VmHWM")
         self._stop = threading.Event()
