@@ -7,6 +7,7 @@ import torch
 
 from experiments.evaluation.fidelity import (
     BLOCK_POSITIONS,
+    PIECE_POSITIONS,
     Reference,
     fidelity,
     kl_divergence,
@@ -41,7 +42,7 @@ def windows(tiny_spec):
 
 def test_a_model_against_itself_has_zero_kl_and_full_agreement(models, windows, tmp_path):
     reference, _ = models
-    logprobs = torch.cat([lp for lp, _ in window_logprobs(reference, windows)])
+    logprobs = torch.cat([lp for _, lp, _ in window_logprobs(reference, windows)])
     assert float(kl_divergence(logprobs, logprobs).abs().max()) == 0.0
     save_reference(reference, windows, tmp_path / "ref")
     result = fidelity(reference, Reference(tmp_path / "ref"), windows)
@@ -52,8 +53,8 @@ def test_a_model_against_itself_has_zero_kl_and_full_agreement(models, windows, 
 
 def test_the_measure_equals_a_direct_computation(models, windows, tmp_path):
     reference, candidate = models
-    ref = torch.cat([lp for lp, _ in window_logprobs(reference, windows)]).double()
-    cand = torch.cat([lp for lp, _ in window_logprobs(candidate, windows)]).double()
+    ref = torch.cat([lp for _, lp, _ in window_logprobs(reference, windows)]).double()
+    cand = torch.cat([lp for _, lp, _ in window_logprobs(candidate, windows)]).double()
     direct = torch.nn.functional.kl_div(cand, ref, log_target=True, reduction="none").sum(-1)
     save_reference(reference, windows, tmp_path / "ref")
     result = fidelity(candidate, Reference(tmp_path / "ref"), windows)
@@ -93,6 +94,34 @@ def test_the_blocks_a_paired_comparison_resamples_add_up_to_the_figures(models, 
     assert sum(blocks["tokens"]) == result["n_positions"] and len(blocks["tokens"]) == len(windows)
     assert sum(blocks["kl"]) / sum(blocks["tokens"]) == pytest.approx(result["kl_mean"], rel=1e-5)
     assert math.exp(sum(blocks["nll"]) / sum(blocks["tokens"])) == pytest.approx(result["perplexity"], rel=1e-5)
+
+
+def test_windows_scored_in_pieces_give_the_figures_of_whole_windows(models, tiny_spec, tmp_path):
+    """Windows longer than a piece (PIECE_POSITIONS) are scored piece by piece: the figures, and the blocks a
+    paired comparison resamples (128 positions of one window, not of one piece), are those of whole windows."""
+    import math
+
+    reference, candidate = models
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, tiny_spec.vocab_size, (500,), generator=generator).tolist()
+    windows = token_windows(ids, seq_len=200)  # 199, 199 and 99 positions: several pieces each, one cut short
+    assert max(len(w) for w in windows) - 1 > 2 * PIECE_POSITIONS
+    pieces = list(window_logprobs(candidate, windows, batch_size=2))
+    assert max(lp.shape[0] for _, lp, _ in pieces) == PIECE_POSITIONS and len(pieces) > len(windows)
+    with torch.no_grad():  # whole windows, one at a time, as a direct computation
+        ref = [torch.log_softmax(reference(input_ids=torch.tensor([w])).logits[0, :-1].float(), -1) for w in windows]
+        cand = [torch.log_softmax(candidate(input_ids=torch.tensor([w])).logits[0, :-1].float(), -1) for w in windows]
+    targets = [torch.tensor(w[1:]) for w in windows]
+    kl = [torch.nn.functional.kl_div(c, r, log_target=True, reduction="none").sum(-1) for r, c in zip(ref, cand)]
+    nll = [-c.gather(-1, t[:, None]).squeeze(-1) for c, t in zip(cand, targets)]
+    save_reference(reference, windows, tmp_path / "ref")
+    result = fidelity(candidate, Reference(tmp_path / "ref"), windows, batch_size=2)
+    assert result["kl_mean"] == pytest.approx(float(torch.cat(kl).double().mean()), rel=1e-3)
+    assert result["perplexity"] == pytest.approx(math.exp(float(torch.cat(nll).double().mean())), rel=1e-5)
+    assert result["blocks"]["tokens"] == [128, 71, 128, 71, 99]
+    expected = position_blocks("x", nll=nll, kl=kl)
+    assert result["blocks"]["nll"] == pytest.approx(expected["nll"], rel=1e-5)
+    assert result["blocks"]["kl"] == pytest.approx(expected["kl"], rel=1e-3, abs=1e-4)
 
 
 def test_a_window_longer_than_a_block_is_cut_into_blocks_in_order():

@@ -341,17 +341,17 @@ def llama_cpp_available() -> bool:
 
 
 def llama_cpp_logprobs(path: Path, windows: list[list[int]], threads: int | None = None):
-    """Per window in order: (log-softmax of llama.cpp's logits at positions 0..L-2, the next tokens),
+    """Per window in order: (its index, log-softmax of llama.cpp's logits at positions 0..L-2, the next tokens),
     the file loaded and run by llama.cpp (llama-cpp-python), one window at a time from an empty cache."""
     from llama_cpp import Llama
 
     width = max(len(w) for w in windows)
     llm = Llama(model_path=str(path), n_ctx=width, n_batch=width, logits_all=True, n_threads=threads, verbose=False)
     try:
-        for window in windows:
+        for index, window in enumerate(windows):
             llm.reset()
             llm.eval(window)
             logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32))
-            yield torch.log_softmax(logits, dim=-1), torch.tensor(window[1:])
+            yield index, torch.log_softmax(logits, dim=-1), torch.tensor(window[1:])
     finally:
         llm.close()

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments.evaluation import mmlu_data
-from experiments.evaluation.fidelity import position_blocks, token_windows, window_logprobs, windows_digest
+from experiments.evaluation.fidelity import by_window, position_blocks, token_windows, window_logprobs, windows_digest
 
 
 def heldout_texts(limit_per_subject: int, mmlu_file: str | None = None) -> list[str]:
@@ -61,12 +61,13 @@ def perplexity(
 ) -> dict:
     """exp(mean next-token NLL) over the texts joined by blank lines, in non-overlapping windows."""
     windows = text_windows(tokenizer, texts, seq_len, max_tokens, vocab_size)
-    nll = []
-    scored = window_logprobs(model, windows, batch_size)
-    for logprobs, targets in tqdm(scored, total=len(windows), desc="perplexity", disable=None if progress else True,
-                                  leave=False):  # fmt: skip
-        nll.append(-logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu())
-    return perplexity_summary(nll, seq_len, windows_digest(windows))
+    nll = [[] for _ in windows]
+    bar = tqdm(total=len(windows), desc="perplexity", disable=None if progress else True, leave=False)
+    for w, logprobs, targets in window_logprobs(model, windows, batch_size):
+        nll[w].append(-logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu())
+        bar.update(w + 1 - bar.n)
+    bar.close()
+    return perplexity_summary(by_window(nll), seq_len, windows_digest(windows))
 
 
 def perplexity_summary(nll: list[torch.Tensor], seq_len: int, digest: str) -> dict:
