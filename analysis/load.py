@@ -152,6 +152,7 @@ def _column_spec() -> dict[str, tuple[str, tuple[str, ...]]]:
         "device": ("string", ("env.device",)),
         "device_name": ("string", ("env.device_name",)),
         "torch_threads": ("Int64", ("env.torch_threads",)),
+        "cpu_heap": ("string", ("env.cpu_heap",)),  # "fast": CPU peaks are upper bounds (measure.set_heap_policy)
         "git_commit": ("string", ("env.git_commit",)),
         "git_dirty": ("boolean", ("env.git_dirty",)),
         "slurm_job_id": ("string", ("slurm.job_id",)),

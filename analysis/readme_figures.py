@@ -182,6 +182,16 @@ def _packing_row(method: str, setting: str) -> dict:
     return next(r for r in rows if r["method"] == method and r["setting"] == setting)
 
 
+def _heap_row(method: str) -> dict:
+    """A method's row of results/bench_heap's summary (benchmarks/bench_heap.py)."""
+    return next(r for r in _bench("bench_heap/bench_heap.json")["summary"] if r["method"] == method)
+
+
+def _heap_environment() -> str:
+    run = _bench("bench_heap/bench_heap.json")
+    return f"`{run['command'].strip()}`, commit {run['commit']}, {run['cpu']} ({run['threads']} threads), {run['date']}"
+
+
 def _packing_environment() -> str:
     run = _bench("bench_packing/bench_packing.json")
     dtype = "native bf16" if run["cpu_native_bf16"] else "no native bf16"
@@ -324,6 +334,14 @@ FIGURES: dict[str, Callable[[], str]] = {
             ("padded_share", "{:.0%}"),
             ("tokens_per_second", "{:.0f}"),
         )
+    },
+    "bench_heap.environment": _heap_environment,
+    **{
+        f"bench_heap.{method}.{key}.fast_over_exact": (
+            lambda method=method, key=key: f"{_heap_row(method)[key]['fast_over_exact']:.2f}"
+        )
+        for method in ("qlora_nf4", "lora_bf16")
+        for key in ("process_s", "train", "eval_mmlu", "forgetting_before", "train_peak_bytes")
     },
     "gpu.h100.device": lambda: f"**{_gpu_bench('llama2_7b_b1_s512')['device']}**",
     "gpu.h100.versions": lambda: ", ".join(

@@ -25,7 +25,7 @@ from analysis.model_shapes import shape_from_config
 from core.tensors import tensor_bytes
 from experiments.evaluation.lm_eval_backend import evaluate_mmlu_lm_eval
 from experiments.evaluation.mmlu import evaluate_mmlu
-from experiments.harness.measure import PhaseMeter, limit_heap_retention
+from experiments.harness.measure import PhaseMeter, set_heap_policy
 from experiments.harness.models import load_tokenizer, resolve_model
 from methods.loading import load_pretrained
 from methods.settings import DTYPES
@@ -93,7 +93,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
     args = parser.parse_args(argv)
-    limit_heap_retention()
+    set_heap_policy("exact")
 
     spec = resolve_model(OmegaConf.create({"name": "smollm2_135m", "kind": "bundled_gguf"}))
     device = torch.device(args.device)

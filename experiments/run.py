@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from core.errors import ConfigError
 from experiments.distribution.ranks import MULTI_PROCESS, Ranks, inside_ranks, join_slurm_tasks, slurm_tasks
-from experiments.harness.measure import limit_heap_retention
+from experiments.harness.measure import set_heap_policy
 from experiments.harness.pipeline import execute, execute_ranks, skip_or_set_aside, write_planned_pointer
 from experiments.harness.plan import RunPlan, plan_run
 from experiments.harness.record import Status
@@ -67,11 +67,11 @@ register_method_name_resolver()  # before Hydra composes conf/ (method names fol
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    limit_heap_retention()
     # bitsandbytes warns on every CPU start that an optional Hub-fetched kernel is missing;
     # that kernel is never reachable offline and nothing is wrong: keep the log readable.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
+        set_heap_policy(cfg.cpu_heap)
         if slurm_tasks() > 1:  # before the plan: it picks this rank's GPU
             join_slurm_tasks(cfg.train.strategy, cfg.train.nproc)
         plan = plan_run(cfg)

@@ -542,6 +542,16 @@ def test_settings_that_do_not_change_results_do_not_split_a_cell():
     assert table["Seeds"].tolist() == ["2"] and "Settings" not in table
 
 
+def test_cpu_peaks_measured_with_the_fast_heap_are_marked_upper_bounds_and_split_no_cell():
+    exact, fast = make_record("lora_bf16", seed=0), make_record("lora_bf16", seed=1)
+    fast["env"]["cpu_heap"] = "fast"
+    fast["config"]["cpu_heap"] = "fast"
+    table = main_table(load_runs_from([exact, fast]))
+    assert table["Seeds"].tolist() == ["2"]  # a way of measuring memory, not another configuration
+    assert table["Peak train GB"].iloc[0].startswith("≤")
+    assert not main_table(load_runs_from([exact]))["Peak train GB"].iloc[0].startswith("≤")
+
+
 def test_the_table_key_leaves_out_exactly_what_the_run_id_leaves_out_and_the_seed():
     from omegaconf import OmegaConf
 

@@ -44,6 +44,7 @@ def records_in(folder):
         (["train.strategy=fsdp", "train.nproc=2", "export.formats=[nf4]"], "use train.strategy=single"),
         (["train.strategy=fsdp", "train.nproc=2", "train.compile=true"], "does not compile yet"),
         (["train.kernels=triton"], "is not one of none, liger"),
+        (["cpu_heap=jemalloc"], "cpu_heap='jemalloc': must be one of exact, fast"),
         (["train.kernels=liger", "device=cpu"], "train.kernels=liger needs a CUDA GPU"),
         (["train.kernels=liger", "train.loss=chunked"], "Liger brings its own fused linear cross-entropy"),
         (

@@ -107,9 +107,9 @@ def test_random_llama_spec_rejects_an_unknown_preset():
 def test_qalora_layer_dequantizes_with_about_two_bytes_per_weight_of_transients(cpu):
     """The frozen INT4 layer's forward + backward on a 4096 x 8192 layer: at most 6 bytes per weight
     of growth (the bf16 weight is 2; the old whole-layer int64 unpacking held about 16)."""
-    from experiments.harness.measure import limit_heap_retention
+    from experiments.harness.measure import set_heap_policy
 
-    limit_heap_retention()
+    set_heap_policy("exact")
     out_features, in_features = 4096, 8192
     codes, scales, zeros = rtn_quantize(torch.randn(out_features, in_features) * 0.02, 4, 64)
     layer = GroupQuantLinear.from_quantized(codes, scales, zeros, 4, 64)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.harness.measure import PhaseMeter, limit_heap_retention
+from experiments.harness.measure import PhaseMeter, set_heap_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _phase_growths(hold_s: float = 0.0) -> tuple[int, int, PhaseMeter]:
     """Two phases: one makes and frees 256 MiB (held ``hold_s``), the next does little. Their growths, and the meter."""
-    limit_heap_retention()
+    set_heap_policy("exact")
     meter = PhaseMeter(torch.device("cpu"))
     with meter.phase("big") as big_stats:
         big = torch.ones(64 * 2**20)  # 256 MiB, touched
@@ -84,3 +84,32 @@ def test_a_phase_cut_short_says_so_in_the_log_instead_of_done(caplog):
     messages = [record.getMessage() for record in caplog.records]
     assert messages[0] == "phase train: started" and messages[1].startswith("phase train: interrupted by SystemExit in")
     assert messages[3].startswith("phase eval_mmlu: done in")
+
+
+def test_under_the_fast_heap_a_phase_does_not_count_what_an_earlier_one_freed_into_the_heap():
+    """cpu_heap=fast keeps freed blocks under 32 MiB in the heap for reuse; the heap is trimmed as each phase
+    starts, so 320 MiB an earlier phase freed there (kept: a block made after them holds the heap's top) is not
+    in use for the next one."""
+    kept, start = _in_a_fresh_process(
+        "import torch",
+        "measure.set_heap_policy('fast')",
+        "meter = measure.PhaseMeter(torch.device('cpu'))",
+        "with meter.phase('first'):",
+        "    blocks = [torch.ones(2 * 2**20) for _ in range(40)]",  # 40 x 8 MiB, in the heap
+        "    top = torch.ones(2**18)",  # 1 MiB, after them: no earlier hole holds it
+        "    before = measure.current_rss_bytes()",
+        "    del blocks",
+        "    kept = measure.current_rss_bytes() - before",
+        "with meter.phase('second'):",
+        "    pass",
+        "print(kept, meter.phases['first'].memory_at_start_bytes - meter.phases['second'].memory_at_start_bytes)",
+    )
+    assert int(kept) > -64 * 2**20  # without the trim, the freed blocks stay resident
+    assert abs(int(start)) < 64 * 2**20  # the second phase starts where the first did
+
+
+def test_the_heap_policies_are_the_ones_named():
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must be one of exact, fast"):
+        set_heap_policy("tcmalloc")

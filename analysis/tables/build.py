@@ -28,7 +28,8 @@ CAPTIONS = {
     "next-token distributions against the 16-bit base.",
     "main": "Method comparison: mean ± the half-width of its 95% t-interval over seeds (Seeds: number of seeds "
     "with an ok run; one seed: no interval). "
-    "MB = 10^6 bytes, GB = 10^9 bytes; MMLU accuracy in %.",
+    "MB = 10^6 bytes, GB = 10^9 bytes; MMLU accuracy in %. ≤: a CPU peak measured with cpu_heap=fast, where "
+    "freed memory the heap keeps for reuse counts (an upper bound).",
     "qlora_table4": "Mean 5-shot MMLU accuracy (%) by data type, model and fine-tuning data, "
     "in the layout of the QLoRA paper's Table 4.",
     "qalora_table1": "MMLU 0-shot and 5-shot accuracy (%) by method and bit width, "

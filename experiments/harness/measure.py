@@ -13,6 +13,7 @@ methods/storage.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -20,29 +21,55 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.errors import ConfigError
 from core.tensors import tensor_bytes
 
 log = logging.getLogger(__name__)
 
 
-def limit_heap_retention() -> None:
-    """Make glibc return freed memory to the system instead of keeping it in the heap.
+HEAP_POLICIES = ("exact", "fast")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
-    Training steps allocate tensors of changing shapes (batches of different lengths);
-    with glibc's default dynamic mmap threshold, freed blocks stay in the heap and the
-    process's resident size only grows (measured on SmolLM2-135M QLoRA: 6.2 GB kept
-    after 8 steps, 1.8 GB with this setting), so every later phase would report the
-    training peak as its own. Large blocks go through mmap and are unmapped on free.
-    """
+
+@functools.cache
+def _glibc():
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
-        return  # not glibc: nothing to tune
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 20)
+        return None  # not glibc: its allocator is not ours to tune
+
+
+def set_heap_policy(policy: str) -> None:
+    """How glibc keeps the memory PyTorch frees on the CPU (config ``cpu_heap``): what CPU peaks mean, and speed.
+
+    ``exact``: every freed block over 1 MiB goes back to the system at once, so a phase's peak resident set
+    is its tensors' own. Training steps allocate tensors of changing shapes (batches of different lengths);
+    with glibc's defaults freed blocks stay in the heap and the resident size only grows (SmolLM2-135M QLoRA:
+    6.2 GB kept after 8 steps, 1.8 GB with this policy), so every later phase would report the training peak
+    as its own. The price: every large tensor is fresh pages from the kernel, page faults by the million.
+
+    ``fast``: blocks up to 32 MiB stay in the heap for reuse, and up to 64 MiB at its top (glibc's own
+    dynamic thresholds at their largest, set from the start); ``PhaseMeter`` trims the heap at every phase's
+    start, so no phase counts what an earlier one freed. A phase's peak then includes what the heap kept
+    within it: an upper bound, which the tables mark. ``python -m benchmarks.bench_heap`` measures both
+    (results/bench_heap). GPU memory is PyTorch's allocator's and does not depend on it."""
+    if policy not in HEAP_POLICIES:
+        raise ConfigError(f"cpu_heap={policy!r}: must be one of {', '.join(HEAP_POLICIES)}")
+    libc = _glibc()
+    if libc is None:
+        return
+    mmap_threshold, trim_threshold = (1 << 20, 1 << 20) if policy == "exact" else (32 << 20, 64 << 20)
+    libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+
+
+def trim_heap() -> None:
+    """Give the system back the free memory the heap keeps (glibc's ``malloc_trim``), before a phase measures."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _read_status_kib(key: str) -> int | None:
@@ -153,6 +180,8 @@ class PhaseMeter:
         if on_cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            trim_heap()  # what an earlier phase freed into the heap is not this phase's (set_heap_policy)
         stats.memory_at_start_bytes = torch.cuda.memory_allocated(self.device) if on_cuda else current_rss_bytes()
         sampler = contextlib.nullcontext() if _reset_peak_rss() else _RssSampler()
         start = time.perf_counter()

@@ -73,7 +73,11 @@ def execute(plan: RunPlan) -> dict:
     record = RunRecord(
         plan.run_id,
         OmegaConf.to_container(cfg, resolve=True),
-        env={**environment(plan.device), "compute_dtype_choice": plan.compute_dtype_choice},
+        env={
+            **environment(plan.device),
+            "compute_dtype_choice": plan.compute_dtype_choice,
+            "cpu_heap": cfg.get("cpu_heap"),  # how CPU peaks were measured (measure.set_heap_policy)
+        },
         slurm=slurm_info(),
         model={**plan.model_spec.as_dict(), "id": model_id, **model_shape(plan.model_spec.path)},
         method=plan.method.method_format().as_record(),  # what ran, even if the run fails

@@ -116,7 +116,7 @@ class RunRecord:
 
 
 # Config keys (dotted) that do not change a run's results: where files go, how progress is
-# logged, CPU threads, the evaluation batch size, how often a run checkpoints and logs.
+# logged, CPU threads and heap, the evaluation batch size, how often a run checkpoints and logs.
 # run_id_of leaves the same keys out of the run id.
 NOT_RESULT_KEYS = (
     "results_dir",
@@ -125,6 +125,7 @@ NOT_RESULT_KEYS = (
     "save_adapter",
     "logger",
     "threads",
+    "cpu_heap",  # how CPU memory is measured, and how fast (the record's env says which)
     "reference_results",
     "eval.batch_size",
     "train.checkpoint_every",
