@@ -20,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import stamp, write_report
+
 POLICIES = ("exact", "fast")
 PHASES = ("forgetting_before", "train", "eval_mmlu", "eval_forgetting", "eval_fidelity")
-GIT_DESCRIBE = ["git", "describe", "--always", "--dirty"]  # the commit, "-dirty" when the tree is not clean
 
 
 def parse_args(argv):
@@ -118,8 +119,6 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from core.cpu import cpu_model_name
-
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     runs = []
@@ -128,21 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
             for policy in (*POLICIES, *POLICIES[::-1]):
                 runs.append(run_cli(method, policy, args, Path(scratch)))
                 print(json.dumps(runs[-1]), flush=True)
-    report = {
-        "command": " ".join(["python -m benchmarks.bench_heap", *argv]),
-        "commit": subprocess.run(GIT_DESCRIBE, capture_output=True, text=True).stdout.strip(),
-        "cpu": cpu_model_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "runs": runs,
-        "summary": summary(runs),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_heap.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "bench_heap.md").write_text(markdown(report))
-    print(markdown(report))
+    report = {**stamp("bench_heap", argv), "threads": torch.get_num_threads(), "runs": runs, "summary": summary(runs)}
+    write_report(args.out, "bench_heap", report, markdown(report))
     return report
 
 

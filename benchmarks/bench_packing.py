@@ -21,12 +21,11 @@ float rounding; Liger's kernels to bf16 rounding).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import time
-from pathlib import Path
 
 import torch
+
+from benchmarks.report import stamp, write_report
 
 SETTINGS = {  # name -> (train.packing, train.loss, train.kernels)
     "plain": (False, "full", "none"),
@@ -35,7 +34,6 @@ SETTINGS = {  # name -> (train.packing, train.loss, train.kernels)
     "packed_liger": (True, "full", "liger"),  # CUDA only
 }
 BARE = "bare"  # transformers + peft on the plain padded batches, no harness code in the step
-GIT_DESCRIBE = ["git", "describe", "--always", "--dirty"]  # the commit, "-dirty" when the tree is not clean
 
 
 def order(device: torch.device, bare: bool) -> list[str]:
@@ -227,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     import sys
 
     from core.compute_dtype import CPU_BF16_FLAGS
-    from core.cpu import cpu_flags, cpu_model_name
+    from core.cpu import cpu_flags
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -240,20 +238,12 @@ def main(argv: list[str] | None = None) -> dict:
         spread = max(abs(a - b) / abs(b) for other in losses for a, b in zip(other, losses[0]))
         print(f"{method}: losses of every setting within {spread:.1e} (relative) of plain's")
     report = {
-        "command": " ".join(["python -m benchmarks.bench_packing", *argv]),
-        "commit": subprocess.run(GIT_DESCRIBE, capture_output=True, text=True).stdout.strip(),
-        "cpu": cpu_model_name(),
+        **stamp("bench_packing", argv),
         "cpu_native_bf16": bool(cpu_flags() & set(CPU_BF16_FLAGS)),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
         "summary": summary(runs),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_packing.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "bench_packing.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "bench_packing", report, markdown(report))
     return report
 
 
