@@ -189,7 +189,9 @@ def _heap_row(method: str) -> dict:
 
 def _heap_environment() -> str:
     run = _bench("bench_heap/bench_heap.json")
-    return f"`{run['command'].strip()}`, commit {run['commit']}, {run['cpu']} ({run['threads']} threads), {run['date']}"
+    native = {True: ", native bf16", False: ", no native bf16", None: ""}[run.get("cpu_native_bf16")]
+    machine = f"{run['cpu']} ({run['threads']} threads{native})"
+    return f"`{run['command'].strip()}`, commit {run['commit']}, {machine}, {run['date']}"
 
 
 def _packing_environment() -> str:

@@ -100,7 +100,8 @@ def summary(runs: list[dict]) -> list[dict]:
 def markdown(report: dict) -> str:
     lines = [
         f"CPU heap policy, whole CLI runs ({report['command']}), commit {report['commit']}, {report['cpu']}, "
-        f"torch {report['torch']}, {report['date']}. Seconds (mean of two runs), fast / exact.",
+        f"torch {report['torch']}, {report['date']}. Seconds, each the mean of two runs: exact / fast = fast over "
+        "exact; training peaks in GB, exact / fast.",
         "",
         "| method | " + " | ".join(("whole process", *PHASES)) + " | training peak GB | figures equal |",
         "|---|" + "---:|" * (len(PHASES) + 2) + "---|",

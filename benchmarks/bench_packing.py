@@ -224,9 +224,6 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     import sys
 
-    from core.compute_dtype import CPU_BF16_FLAGS
-    from core.cpu import cpu_flags
-
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -239,7 +236,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{method}: losses of every setting within {spread:.1e} (relative) of plain's")
     report = {
         **stamp("bench_packing", argv),
-        "cpu_native_bf16": bool(cpu_flags() & set(CPU_BF16_FLAGS)),
         "runs": runs,
         "summary": summary(runs),
     }
