@@ -228,7 +228,7 @@ def plot_throughput(configs: pd.DataFrame):
 def _heap_kept_note(configs: pd.DataFrame) -> str:
     """Said under a peak-memory axis where some run measured it with cpu_heap=fast (an upper bound)."""
     kept = not configs.empty and configs["heap_kept"].any()
-    return "\nCPU, cpu_heap=fast: upper bounds (freed memory kept for reuse counts)" if kept else ""
+    return "\n(cpu_heap=fast: upper bounds)" if kept else ""
 
 
 def plot_memory_breakdown(configs: pd.DataFrame):
