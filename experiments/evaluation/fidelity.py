@@ -36,10 +36,9 @@ from core.cache import build_once, cache_dir, content_key
 U16_LEVELS = 65535
 FORMAT = "qpeft-reference-logprobs/1"
 BLOCK_POSITIONS = 128  # predicted positions per unit of a paired comparison (position_blocks)
-# Log-probabilities are made and read this many positions at a time. A window's full-vocabulary fp32
-# log-softmax is ~100 MB at 49k tokens; allocated whole for every window, glibc maps it fresh from the kernel
-# each time (page faults: system time was 40% of a CPU evaluation), and the KL's passes over it run from
-# memory. In 64-position pieces (12.6 MB) the allocator reuses its memory and the rows stay in cache: on a
+# Log-probabilities are made and read this many positions at a time. A batch's full-vocabulary fp32
+# log-softmax is ~400 MB at 4 x 512 positions and 49k tokens, and the KL's several passes over it ran from
+# main memory; in 64-position pieces (12.6 MB) the rows stay in cache and the peak falls by gigabytes: on a
 # 2-core Zen 4, 0.08 s instead of 0.39 s for a batch's log-softmax, and 0.53 s instead of 1.23 s for its KL.
 PIECE_POSITIONS = 64
 Scored = tuple[int, torch.Tensor, torch.Tensor]  # (window index, log-probabilities, next tokens)
