@@ -41,7 +41,7 @@ from matplotlib.ticker import MaxNLocator
 from analysis.load import NoRecordsError, load_runs
 from analysis.noise import half_interval
 from analysis.tables.fidelity import fidelity_points
-from analysis.tables.grouping import LABEL_COLUMNS, MIXED, configuration_groups, mixed_environment
+from analysis.tables.grouping import LABEL_COLUMNS, MIXED, configuration_groups, heap_kept, mixed_environment
 from analysis.tables.paired import paired_rows
 from experiments.harness.record import Status
 
@@ -98,7 +98,7 @@ def configurations(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, settings, group in configuration_groups(ok, LABEL_COLUMNS):
         row = dict(zip(LABEL_COLUMNS, key), settings=settings, mixed=mixed_environment(group))
-        row["heap_kept"] = bool(((group["device"] == "cpu") & (group["cpu_heap"] == "fast")).fillna(False).any())
+        row["heap_kept"] = heap_kept(group)
         row["n_seeds"] = group["seed"].nunique()
         for shots, at_shots in group.groupby("mmlu_num_fewshot"):
             acc = at_shots["mmlu_acc"].astype("float64").dropna() * 100

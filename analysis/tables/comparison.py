@@ -15,6 +15,7 @@ from analysis.tables.grouping import (
     configuration_groups,
     drop_empty_settings,
     drop_unmeasured,
+    heap_kept,
     marked,
     n_seeds,
     runs_summary,
@@ -55,10 +56,8 @@ def main_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def upper_bound_where_heap_kept(runs: pd.DataFrame, text: str) -> str:
-    """``text`` marked "≤" where a run measured its CPU peak with cpu_heap=fast: freed memory the heap kept
-    for reuse counts in that peak (experiments/harness/measure.py, set_heap_policy)."""
-    kept = (runs["device"] == "cpu") & (runs["cpu_heap"] == "fast")
-    return f"≤{text}" if kept.fillna(False).any() and text != MISSING else text
+    """``text`` marked "≤" where a run's CPU peak is an upper bound (``heap_kept``)."""
+    return f"≤{text}" if heap_kept(runs) and text != MISSING else text
 
 
 def _config_label(group: pd.DataFrame, column: str) -> str:

@@ -144,6 +144,12 @@ def mixed_environment(runs: pd.DataFrame) -> bool:
     return len(code) > 1 or len(device) > 1
 
 
+def heap_kept(runs: pd.DataFrame) -> bool:
+    """Whether a run measured its CPU peak with cpu_heap=fast, where freed memory the heap keeps for reuse
+    counts: an upper bound (experiments/harness/measure.py, set_heap_policy)."""
+    return bool(((runs["device"] == "cpu") & (runs["cpu_heap"] == "fast")).fillna(False).any())
+
+
 def marked(text: str, runs: pd.DataFrame) -> str:
     return text + MIXED if mixed_environment(runs) else text
 
